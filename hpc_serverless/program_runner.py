@@ -1,0 +1,46 @@
+"""Runs a program's entrypoint and records how it ended: ``python -m hpc_serverless.program_runner``.
+
+Used by the local provider (a detached process per job). The exit record is what
+``Job.status()`` reads, so a job that ends while nobody watches is still judged right.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    job_dir, entrypoint = Path(argv[0]), argv[1]
+    started = time.time()
+    print(f"[hpc-serverless] job {job_dir.name}: {sys.executable} {entrypoint}", flush=True)
+    child = subprocess.Popen([sys.executable, entrypoint])
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    code = child.wait()
+    stopped = (job_dir / "stop-requested").exists()
+    if stopped:
+        status, state, reason = "STOPPED", "CANCELLED", "stopped by the user"
+    elif code == 0:
+        status, state, reason = "SUCCEEDED", "COMPLETED", ""
+    else:
+        status, state = "FAILED", "FAILED"
+        reason = (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
+    record = {"status": status, "state": state, "reason": reason, "exit_code": code,
+              "started": started, "ended": time.time()}
+    tmp = job_dir / ".exit.json.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, job_dir / "exit.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,164 @@
+"""The `local` provider: this machine, or inside a batch job the job's own allocation."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from ..calls import find_task_refs, pack_arguments
+from ..errors import HPCServerlessError, ResourceError
+from ..refs import TaskRef
+from ..store import ObjectStore
+from ..target import Target
+from .base import Provider
+from .local_pool import LocalPool, TaskSpec
+from .pool_client import current_client
+
+if TYPE_CHECKING:
+    from ..api import RemoteFunction
+    from ..programs import Job, Program
+
+__all__ = ["LocalProvider", "local_resources", "default_home"]
+
+
+def default_home() -> Path:
+    """Where local state lives: $HPC_SERVERLESS_HOME, else ~/.hpc_serverless."""
+    return Path(os.environ.get("HPC_SERVERLESS_HOME") or Path.home() / ".hpc_serverless")
+
+
+def _int_env(*names: str) -> int | None:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+def local_resources() -> tuple[int, int, int]:
+    """(cores, memory MiB, GPUs) this process may use: the batch allocation if inside one."""
+    cores = _int_env("HPC_SERVERLESS_CPUS", "SLURM_CPUS_ON_NODE", "PBS_NCPUS", "NCPUS")
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+    mem = _int_env("HPC_SERVERLESS_MEM_MIB", "SLURM_MEM_PER_NODE")
+    if mem is None and (per_cpu := _int_env("SLURM_MEM_PER_CPU")):
+        mem = per_cpu * cores
+    if mem is None:
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemTotal:"):
+                        mem = int(line.split()[1]) // 1024
+                        break
+        except OSError:
+            pass
+    gpus_env = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    gpus = len([g for g in gpus_env.split(",") if g.strip()]) if gpus_env else 0
+    return cores, mem or 4096, gpus
+
+
+_pool: LocalPool | None = None
+_pool_lock = threading.Lock()
+
+
+def shared_pool(cpus: int | None = None, mem_mib: int | None = None) -> LocalPool:
+    """The one pool of this process (every LocalProvider instance shares it)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            cores, mem, gpus = local_resources()
+            _pool = LocalPool(cpus or cores, mem_mib or mem, gpus)
+        return _pool
+
+
+class LocalProvider(Provider):
+    """Tasks in a pool of worker processes on this machine; objects in a local directory.
+
+    `cpus`/`mem` (GiB) cap what the pool may use (default: the machine, or inside a batch
+    job its allocation). `store` is the object store directory.
+    """
+
+    def __init__(self, name: str = "local", *, store: str | os.PathLike[str] | None = None,
+                 cpus: int | None = None, mem: float | None = None) -> None:
+        self.name = name
+        root = store or os.environ.get("HPC_SERVERLESS_STORE") or default_home() / "store"
+        self._store = ObjectStore(root)
+        self._cpus = cpus
+        self._mem_mib = int(mem * 1024) if mem else None
+
+    @property
+    def store(self) -> ObjectStore:
+        return self._store
+
+    @property
+    def pool(self) -> LocalPool:
+        return shared_pool(self._cpus, self._mem_mib)
+
+    def capacity(self) -> tuple[int, int, int]:
+        """(cores, memory MiB, GPUs) tasks here can use."""
+        if current_client() is None:
+            p = self.pool
+            return p.slots, p.mem_mib, p.gpus
+        cores, mem, gpus = local_resources()
+        return self._cpus or cores, self._mem_mib or mem, gpus
+
+    def check_target(self, target: Target) -> None:
+        cores, mem, gpus = self.capacity()
+        problems = []
+        if target.cpu > cores:
+            problems.append(f"cpu={target.cpu} but it has {cores} core(s)")
+        if target.mem_mib and target.mem_mib > mem:
+            problems.append(f"mem={target.mem_mib} MiB but it has {mem} MiB")
+        if target.gpu > gpus:
+            problems.append(f"gpu={target.gpu} but it has {gpus} GPU(s)")
+        if target.nodes > 1:
+            problems.append(f"nodes={target.nodes} but it is one machine")
+        if target.mpi > 1:
+            problems.append(f"mpi={target.mpi}, and MPI tasks need a batch provider")
+        if problems:
+            raise ResourceError(f"task asks for more than provider '{self.name}' has: "
+                                + "; ".join(problems))
+
+    def submit(self, fn: "RemoteFunction", args: tuple[Any, ...], kwargs: Mapping[str, Any],
+               target: Target) -> TaskRef:
+        deps = find_task_refs(args, kwargs)
+        blob = pack_arguments(fn.function, args, kwargs)
+        client = current_client()
+        env = dict(target.env) or None
+        if client is not None:  # inside a task: the driver's pool runs it
+            for d in deps:
+                if d.backend_key != client.key:
+                    raise HPCServerlessError(f"{d!r} belongs to provider '{d.provider}'; a local "
+                                             "task can only wait for local tasks")
+            task_id = client.submit_nested(fn.function_bytes, blob, deps, target.cpu,
+                                           target.mem_mib or 0, env, target.time_s, fn.name)
+            return TaskRef(task_id, client.key, self.name, fn.name)
+        pool = self.pool
+        for d in deps:
+            if d.backend_key != pool.key:
+                raise HPCServerlessError(
+                    f"{d!r} belongs to provider '{d.provider}'; a task on '{self.name}' can "
+                    "only depend on tasks of the same provider (pass get(ref) instead)")
+        task_id = pool.submit(TaskSpec(fn.key, fn.function_bytes, blob, deps, target.cpu,
+                                       target.mem_mib or 0, env, target.time_s, fn.name))
+        return pool.track(TaskRef(task_id, pool.key, self.name, fn.name))
+
+    # -- programs -------------------------------------------------------------------------
+    def run_program(self, program: "Program", arguments: Mapping[str, Any] | None = None) -> "Job":
+        from ..programs import LocalJobs
+
+        return LocalJobs(self).run(program, arguments)
+
+    def get_job_by_id(self, job_id: str) -> "Job":
+        from ..programs import LocalJobs
+
+        return LocalJobs(self).get(job_id)
+
+    def jobs(self) -> list["Job"]:
+        from ..programs import LocalJobs
+
+        return LocalJobs(self).list()

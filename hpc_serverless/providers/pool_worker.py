@@ -1,0 +1,49 @@
+"""The process a LocalPool runs tasks in: ``python -m hpc_serverless.providers.pool_worker``.
+
+It reads ("run", ...) messages from its socket, runs each call with
+:func:`hpc_serverless.calls.execute`, and answers ("done", ...).
+"""
+
+from __future__ import annotations
+
+import os
+from multiprocessing.connection import Connection
+from typing import Any, Callable
+
+from ..calls import execute
+from ..refs import register_backend
+from ..serialization import loads, pack_exception
+from .pool_client import PoolClient, set_client
+
+
+def main() -> None:
+    key = os.environ.pop("HPC_SERVERLESS_POOL_KEY")
+    fd = int(os.environ.pop("HPC_SERVERLESS_POOL_FD"))
+    conn = Connection(fd)
+    client = PoolClient(conn, key)
+    set_client(client)
+    register_backend(client)
+    functions: dict[str, Callable[..., Any]] = {}
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg[0] == "exit":
+            return
+        _, task_id, fn_key, fn_bytes, args_blob, deps_raw, env = msg
+        try:
+            fn = functions.get(fn_key)
+            if fn is None:
+                fn = functions[fn_key] = loads(fn_bytes)
+            deps = {tid: loads(payload) for tid, (ok, payload, _name) in deps_raw.items() if ok}
+        except BaseException as exc:  # noqa: BLE001 - reported as the task's failure
+            conn.send(("done", task_id, False, pack_exception(exc)))
+            continue
+        ok, payload = execute(fn, args_blob, deps, env)
+        conn.send(("done", task_id, ok, payload))
+        del deps, args_blob, msg
+
+
+if __name__ == "__main__":
+    main()
