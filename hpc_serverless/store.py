@@ -78,7 +78,16 @@ class ObjectStore:
         if directory in self._checked_dirs:
             return
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            missing = []
+            d = directory
+            while not d.exists():
+                missing.append(d)
+                d = d.parent
+            for d in reversed(missing):  # each level 0700 (mkdir(parents=True) uses the umask)
+                try:
+                    d.mkdir(mode=0o700)
+                except FileExistsError:
+                    pass
         except OSError as exc:
             raise StoreError(f"cannot create store directory {directory}: {exc}") from exc
         self._check_dir(directory)

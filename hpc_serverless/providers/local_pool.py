@@ -30,7 +30,7 @@ import threading
 import time
 import weakref
 from multiprocessing.connection import Connection, wait as wait_connections
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from ..calls import find_task_refs
 from ..errors import (DependencyError, GetTimeoutError, HPCServerlessError, TaskCancelledError,
@@ -68,7 +68,7 @@ class _Task:
         self.dependents: list[_Task] = []
         self.status = TaskStatus.PENDING
         self.ok = False
-        self.payload: bytes = b""
+        self.payload: bytes | BaseException = b""
         self.worker: _Worker | None = None
         self.deadline: float | None = None
         self.started: float | None = None
@@ -246,7 +246,10 @@ class LocalPool:
         except OSError:
             pass  # the dispatcher sees the dead worker and fails the task
 
-    def _finish(self, task: _Task, ok: bool, payload: bytes, status: str, reason: str = "") -> None:
+    def _finish(self, task: _Task, ok: bool, payload: bytes | BaseException, status: str,
+                reason: str = "") -> None:
+        """Record a task's end. `payload` is the pickled value or exception from a worker,
+        or an exception object made here (kept live so its __cause__ survives)."""
         worker = task.worker
         if worker is not None and task.status == TaskStatus.RUNNING:
             self._free_slots += 0 if worker.blocked else task.spec.cpu
@@ -271,7 +274,7 @@ class LocalPool:
 
     def _fail_dependent(self, task: _Task, upstream: _Task) -> None:
         try:
-            cause = unpack_exception(upstream.payload) if upstream.payload else None
+            cause = _exception_of(upstream.payload) if upstream.payload else None
         except Exception:  # noqa: BLE001 - the message below still names the upstream task
             cause = None
         what = f"{type(cause).__name__}: {cause}" if cause else upstream.status.lower()
@@ -279,7 +282,7 @@ class LocalPool:
                               f"did not succeed ({what}), so {task.spec.name or 'this task'} "
                               "did not run")
         err.__cause__ = cause
-        self._finish(task, False, pack_exception(err), TaskStatus.FAILED, "DependencyNeverSatisfied")
+        self._finish(task, False, err, TaskStatus.FAILED, "DependencyNeverSatisfied")
 
     # -- the dispatcher thread ------------------------------------------------------------
     def _dispatch_loop(self) -> None:
@@ -350,7 +353,12 @@ class LocalPool:
             out = []
             for tid in ids:
                 t = self._tasks.get(tid)
-                out.append((t.ok, t.payload, t.status) if t else (False, b"", "UNKNOWN"))
+                if t is None:
+                    out.append((False, b"", "UNKNOWN"))
+                elif isinstance(t.payload, BaseException):
+                    out.append((False, pack_exception(t.payload), t.status))
+                else:
+                    out.append((t.ok, t.payload, t.status))
             worker.conn.send(("reply", out))
         elif kind == "status":
             t = self._tasks.get(msg[1])
@@ -391,10 +399,10 @@ class LocalPool:
             if t is not None and t.deadline is not None and now >= t.deadline:
                 err = TaskTimeoutError(f"task {t.spec.name}#{t.id} ran past its time limit of "
                                        f"{t.spec.time_s} s and was killed")
-                self._replace_worker(w, t, pack_exception(err), TaskStatus.FAILED, "TIMEOUT")
+                self._replace_worker(w, t, err, TaskStatus.FAILED, "TIMEOUT")
         self._check_waiters()
 
-    def _replace_worker(self, worker: _Worker, task: _Task | None, payload: bytes, status: str,
+    def _replace_worker(self, worker: _Worker, task: _Task | None, payload: BaseException, status: str,
                         reason: str) -> None:
         try:
             worker.proc.kill()
@@ -419,12 +427,16 @@ class LocalPool:
     def _worker_died(self, worker: _Worker) -> None:
         if self._closed:
             return
-        code = worker.proc.poll()
+        try:  # its socket closed: the exit status follows within moments
+            code: int | None = worker.proc.wait(1.0)
+        except subprocess.TimeoutExpired:
+            code = None
         task = worker.task
         err = WorkerDiedError(
             f"the worker process running {task.spec.name if task else 'a task'} died "
-            f"(exit code {code}; killed by the out-of-memory killer or a crash in native code?)")
-        self._replace_worker(worker, task, pack_exception(err), TaskStatus.FAILED, "WorkerDied")
+            + (f"(killed by signal {-code}: the out-of-memory killer, or a crash in native code?)"
+               if code is not None and code < 0 else f"(exit code {code})"))
+        self._replace_worker(worker, task, err, TaskStatus.FAILED, "WorkerDied")
 
     def _cancel(self, task_id: str) -> bool:
         task = self._tasks.get(task_id)
@@ -432,12 +444,11 @@ class LocalPool:
             return False
         err = TaskCancelledError(f"task {task.spec.name}#{task.id} was cancelled")
         if task.status == TaskStatus.RUNNING and task.worker is not None:
-            self._replace_worker(task.worker, task, pack_exception(err), TaskStatus.STOPPED,
-                                 "Cancelled")
+            self._replace_worker(task.worker, task, err, TaskStatus.STOPPED, "Cancelled")
         else:
             if task in self._ready:
                 self._ready.remove(task)
-            self._finish(task, False, pack_exception(err), TaskStatus.STOPPED, "Cancelled")
+            self._finish(task, False, err, TaskStatus.STOPPED, "Cancelled")
         self._schedule()
         return True
 
@@ -475,7 +486,7 @@ class LocalPool:
             ok, payload = task.ok, task.payload
         if ok:
             return loads(payload)
-        raise unpack_exception(payload)
+        raise _exception_of(payload)
 
     def task_wait(self, refs: Sequence[TaskRef], num_returns: int,
                   timeout: float | None) -> tuple[list[TaskRef], list[TaskRef]]:
@@ -496,5 +507,5 @@ class LocalPool:
                     "queued": len(self._ready), "tracked": len(self._tasks)}
 
 
-def make_fn_key(fn: Callable[..., Any]) -> str:
-    return f"f:{id(fn)}"
+def _exception_of(payload: bytes | BaseException) -> BaseException:
+    return payload if isinstance(payload, BaseException) else unpack_exception(payload)

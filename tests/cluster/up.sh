@@ -141,7 +141,7 @@ mysql_ok() { mysql -u root -e 'select 1' >/dev/null 2>&1; }
 if ! mysql_ok && pid_alive "$STATE/mysqld_safe.pid" mysqld_safe; then
     # our mysqld_safe is alive: it restarts a crashed server by itself, give it time
     log "waiting for mysqld_safe to restart mariadb"
-    wait_for 30 mariadb mysql_ok || true
+    for _ in $(seq 150); do mysql_ok && break; sleep 0.2; done
 fi
 if ! mysql_ok; then
     log "starting mariadb"
@@ -218,6 +218,7 @@ AccountingStoragePort=6819
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
 JobCompType=jobcomp/none
+MailProg=/bin/true
 NodeName=n[1-4] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=17001-17004 CPUs=2 RealMemory=4000 State=UNKNOWN
 PartitionName=$PARTITION Nodes=n[1-4] Default=YES MaxTime=INFINITE State=UP
 EOF

@@ -1,0 +1,29 @@
+"""Shared fixtures: every test session gets its own HPC_SERVERLESS_HOME (store, jobs)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_home = Path(tempfile.mkdtemp(prefix="hpcs-test-home-"))
+os.chmod(_home, 0o700)
+os.environ["HPC_SERVERLESS_HOME"] = str(_home)
+os.environ["HPC_SERVERLESS_NO_PROGRESS"] = "1"
+
+#: paths with spaces, quotes, ';' and a newline: whatever we build must survive them
+HOSTILE_NAMES = ["with space", "quo'te", 'dq"uote', "semi;colon", "dollar$HOME", "new\nline"]
+
+
+@pytest.fixture
+def home() -> Path:
+    return _home
+
+
+@pytest.fixture
+def hostile_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "a dir; with 'quotes' $x"
+    d.mkdir(mode=0o700)
+    return d

@@ -1,0 +1,90 @@
+"""Programs on the local provider: detached processes with the Job API."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hpc_serverless import Program, QuantumServerless
+from hpc_serverless.errors import JobFailedError, ProgramError
+
+
+def _program(tmp_path, body, name="main.py", title="test program"):
+    wd = tmp_path / "src"
+    wd.mkdir(exist_ok=True)
+    (wd / name).write_text(textwrap.dedent(body))
+    return Program(title=title, entrypoint=name, working_dir=str(wd))
+
+
+def test_program_runs_detached_with_arguments_and_result(tmp_path):
+    program = _program(tmp_path, """
+        from hpc_serverless import get_arguments, save_result, distribute_task, get
+        @distribute_task
+        def double(x):
+            return 2 * x
+        args = get_arguments()
+        print("got", args)
+        save_result({"values": get([double(i) for i in range(args["n"])])})
+    """, title="a title; with $(shell) 'chars'")
+    s = QuantumServerless()
+    job = s.run_program(program, arguments={"n": 3})
+    assert job.result(timeout=60) == {"values": [0, 2, 4]}
+    assert job.status() == "SUCCEEDED"
+    assert "got {'n': 3}" in job.logs()
+    # found again from another process
+    code = (f"from hpc_serverless import QuantumServerless; j = QuantumServerless().get_job_by_id({job.job_id!r});"
+            "print(j.status(), j.result())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "SUCCEEDED {'values': [0, 2, 4]}"
+    assert job.job_id in [j.job_id for j in s.jobs()]
+    assert job.info()["title"] == "a title; with $(shell) 'chars'"
+
+
+def test_failing_program(tmp_path):
+    job = QuantumServerless().run_program(_program(tmp_path, "raise RuntimeError('it broke')\n"))
+    with pytest.raises(JobFailedError, match="(?s)FAILED.*it broke"):
+        job.result(timeout=60)
+    assert job.status() == "FAILED"
+    assert "Traceback" in job.logs()
+
+
+def test_stop_running_program(tmp_path):
+    job = QuantumServerless().run_program(_program(tmp_path, "import time\nprint('start', flush=True)\ntime.sleep(60)\n"))
+    import time
+    for _ in range(100):
+        if "start" in job.logs():
+            break
+        time.sleep(0.1)
+    assert job.status() == "RUNNING"
+    assert job.stop() is True
+    assert job.status() == "STOPPED"
+    assert job.stop() is False
+
+
+def test_missing_entrypoint_is_refused_before_anything_runs(tmp_path):
+    wd = tmp_path / "empty"
+    wd.mkdir()
+    with pytest.raises(ProgramError, match="entrypoint 'nope.py' not found"):
+        QuantumServerless().run_program(Program("t", "nope.py", working_dir=str(wd)))
+    with pytest.raises(ProgramError, match="not a directory"):
+        QuantumServerless().run_program(Program("t", "x.py", working_dir=str(tmp_path / "nowhere")))
+    with pytest.raises(ProgramError, match="inside working_dir"):
+        Program("t", "../escape.py")
+    with pytest.raises(ProgramError, match="title"):
+        Program("", "x.py")
+
+
+def test_missing_dependency_is_named(tmp_path):
+    p = _program(tmp_path, "print(1)\n")
+    p2 = Program(p.title, p.entrypoint, p.working_dir, dependencies=["surely-not-installed-pkg>=1"])
+    with pytest.raises(ProgramError, match="surely-not-installed-pkg"):
+        QuantumServerless().run_program(p2)
+
+
+def test_unknown_job_id():
+    from hpc_serverless.errors import HPCServerlessError
+    with pytest.raises(HPCServerlessError, match="no job"):
+        QuantumServerless().get_job_by_id("20000101-000000-abcdef")
+    with pytest.raises(HPCServerlessError, match="invalid job id"):
+        QuantumServerless().get_job_by_id("../etc")
