@@ -9,7 +9,7 @@ pickled by the user) it carries the backend's key and rebinds on arrival.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from .errors import HPCServerlessError
@@ -97,21 +97,28 @@ class ObjectRef:
         return f"ObjectRef({self.object_id[:12]}, provider={self.provider!r})"
 
 
-@dataclass(eq=False)
 class TaskRef:
     """A handle to a submitted task: `get(ref)` (or `.result()`) returns its value."""
 
-    task_id: str
-    backend_key: str
-    provider: str = "local"
-    function: str = ""
-    job_id: str | None = None
-    _backend: TaskBackend | None = field(default=None, repr=False, compare=False)
+    __slots__ = ("task_id", "backend_key", "provider", "function", "_job_id", "_backend", "__weakref__")
+
+    def __init__(self, task_id: str, backend_key: str, provider: str = "local", function: str = "",
+                 job_id: str | None = None, backend: TaskBackend | None = None) -> None:
+        self.task_id, self.backend_key, self.provider, self.function = task_id, backend_key, provider, function
+        self._job_id = job_id
+        self._backend = backend
 
     def _b(self) -> TaskBackend:
         if self._backend is None:
             self._backend = backend_for(self.backend_key)
         return self._backend
+
+    @property
+    def job_id(self) -> str | None:
+        """The scheduler's job id (None for local tasks); submits a queued task first."""
+        if self._job_id is None and self.backend_key.startswith("batch:"):
+            self._job_id = self._b().task_info(self).get("job_id")
+        return self._job_id
 
     def status(self) -> str:
         """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
@@ -139,8 +146,8 @@ class TaskRef:
         return hash(self.task_id)
 
     def __reduce__(self) -> Any:
-        return (TaskRef, (self.task_id, self.backend_key, self.provider, self.function, self.job_id))
+        return (TaskRef, (self.task_id, self.backend_key, self.provider, self.function, self._job_id))
 
     def __repr__(self) -> str:
-        job = f", job_id={self.job_id!r}" if self.job_id else ""
+        job = f", job_id={self._job_id!r}" if self._job_id else ""
         return f"TaskRef({self.function or 'task'}#{self.task_id}{job})"

@@ -124,14 +124,18 @@ class ObjectStore:
             self._checked_dirs.add(d)
 
     # -- write ------------------------------------------------------------------------
-    def put(self, obj: Any, key: str, *, what: str = "object", overwrite: bool = False) -> int:
-        """Serialize `obj` under `key`, atomically; returns the bytes written."""
+    def put(self, obj: Any, key: str, *, what: str = "object", overwrite: bool = False,
+            meta: dict[str, Any] | None = None) -> int:
+        """Serialize `obj` under `key`, atomically; returns the bytes written.
+
+        `meta` (small, JSON) goes in the header, readable with :meth:`header` without
+        loading the object (a task result's ok flag, say)."""
         data, buffers = dumps_oob(obj, what=what)
         raws = [memoryview(data)] + [b.raw() for b in buffers]
-        return self.write_parts(key, raws, overwrite=overwrite, type_name=_type_name(obj))
+        return self.write_parts(key, raws, overwrite=overwrite, type_name=_type_name(obj), meta=meta)
 
     def write_parts(self, key: str, parts: list[memoryview], *, overwrite: bool = False,
-                    type_name: str = "") -> int:
+                    type_name: str = "", meta: dict[str, Any] | None = None) -> int:
         path = self.path_of(key)
         self._ensure_dir(path.parent)
         header = json.dumps({
@@ -140,6 +144,7 @@ class ObjectStore:
             "type": type_name,
             "written": time.time(),
             "host": os.uname().nodename if hasattr(os, "uname") else "",
+            "meta": meta or {},
         }, separators=(",", ":")).encode()
         head = MAGIC + struct.pack("<Q", len(header)) + header
         total = len(head) + sum(p.nbytes for p in parts) + _TRAILER.size
@@ -187,6 +192,22 @@ class ObjectStore:
     # -- read -------------------------------------------------------------------------
     def exists(self, key: str) -> bool:
         return self.path_of(key).exists()
+
+    def header(self, key: str) -> dict[str, Any] | None:
+        """The header of the object under `key` (None if there is none): cheap, no payload read."""
+        path = self.path_of(key)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(16)
+                if len(head) < 16 or head[:8] != MAGIC:
+                    raise CorruptObjectError(f"{path} is not a stored object (bad magic): damaged")
+                (hlen,) = struct.unpack("<Q", head[8:])
+                header: dict[str, Any] = json.loads(f.read(min(hlen, 1 << 20)))
+                return header
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError) as exc:
+            raise CorruptObjectError(f"{path} has a damaged header: {exc}") from None
 
     def get(self, key: str) -> Any:
         """Load the object under `key`, checking size and checksum first."""

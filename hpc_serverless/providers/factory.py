@@ -2,13 +2,53 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from ..config import CONNECTION_KEYS
 from ..errors import ConfigError
 from .base import Provider
+
+if TYPE_CHECKING:
+    from ..site import Site
+
+
+def provider_for_site(site: "Site", name: str | None = None, password: str | None = None) -> Provider:
+    if site.scheduler == "slurm":
+        from .slurm import SlurmProvider
+
+        return SlurmProvider(name or site.name, site=site, password=password)
+    from .pbs import PBSProvider
+
+    return PBSProvider(name or site.name, site=site, password=password)
 
 
 def provider_from_entry(entry: dict[str, Any], *, source: str | None = None,
                         where: tuple[Any, ...] = ()) -> Provider:
-    raise ConfigError("cluster providers (Slurm, PBS) are not available in this version yet",
-                      file=source, key=".".join(map(str, where)) or None)
+    """A provider entry: `site` (a path, relative to the config file) and/or inline site keys,
+    plus connection overrides (host, port, username, password, key_filename, python)."""
+    from ..config import read_config_file
+    from ..site import site_from_mapping
+
+    entry = dict(entry)
+    name = entry.pop("name")
+    password = entry.pop("password", None)
+    site_ref = entry.pop("site", None)
+    data: dict[str, Any] = {}
+    site_source = source
+    base: tuple[Any, ...] = where
+    if site_ref is not None:
+        if not isinstance(site_ref, str):
+            raise ConfigError("'site' must be a path to a site file", file=source,
+                              key=".".join(map(str, (*where, "site"))))
+        path = Path(site_ref).expanduser()
+        if not path.is_absolute() and source and not path.exists():
+            path = Path(source).parent / path
+        data = read_config_file(path)
+        site_source, base = str(path), ()
+    overrides = {k: entry.pop(k) for k in list(entry) if k in CONNECTION_KEYS}
+    data.update(entry)  # inline site keys win over the file's
+    data.update(overrides)
+    data.setdefault("name", name)
+    site = site_from_mapping(data, source=site_source if not entry else source, base=base)
+    return provider_for_site(site, name, password)

@@ -1,0 +1,502 @@
+"""Tasks as batch jobs: the part that is the same for every scheduler.
+
+A batch provider is a composition: a :class:`~hpc_serverless.site.Site`, a transport
+(commands here or over SSH), an object store on the site's shared filesystem, and a
+:class:`Scheduler` (Slurm, PBS) that knows how to submit, poll and cancel.
+
+:class:`BatchBackend` is the engine behind TaskRefs of such a provider. One thread per
+provider does all scheduler traffic, so the scheduler sees a bounded rate whatever the
+user does:
+
+* submission: calls made within ``array_linger`` seconds of each other with the same
+  target become one job array (split at the site's MaxArraySize); a task whose
+  arguments hold TaskRefs is submitted with an ``afterok`` dependency on their jobs;
+* status: one command per poll for all of the provider's unfinished jobs, at
+  ``poll_interval``, backing off to ``max_poll_interval`` while nothing changes.
+  A task is finished when its result object is in the store; the scheduler's word is
+  needed only for tasks that ended without one (time limit, out of memory, cancelled,
+  node failure), and a job that vanished from the queue is judged by its result file.
+"""
+
+from __future__ import annotations
+
+import abc
+import atexit
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from ..calls import find_task_refs, pack_arguments
+from ..errors import (DependencyError, GetTimeoutError, HPCServerlessError, SchedulerError,
+                      TaskCancelledError, TaskTimeoutError, WorkerDiedError)
+from ..refs import ObjectRef, TaskRef, TaskStatus, register_backend
+from ..schedulers.common import JobState
+from ..serialization import loads, unpack_exception
+from ..store import ObjectStore
+from ..target import Target
+from ..worker import function_key, result_key, task_key, versions
+from .base import Provider
+
+if TYPE_CHECKING:
+    from ..api import RemoteFunction
+    from ..programs import Job, Program
+    from ..site import Site
+    from ..transport.base import Transport
+
+log = logging.getLogger("hpc_serverless")
+
+#: how long a job the scheduler calls finished may go without its result file appearing
+#: before we judge it by the scheduler's state (shared filesystems publish files late)
+RESULT_GRACE_S = 5.0
+
+
+@dataclass(eq=False)
+class BatchTask:
+    """A task as the backend tracks it."""
+
+    ref: TaskRef
+    target: Target
+    deps: list[str]
+    name: str
+    job_id: str | None = None
+    state: JobState | None = None
+    status: str = TaskStatus.PENDING
+    error: BaseException | None = None   # a failure known without a result object
+    result_ok: bool | None = None        # set once the result object is seen
+    final_seen: float | None = None      # when the scheduler first called it finished
+    submitted: float = field(default_factory=time.time)
+
+    @property
+    def settled(self) -> bool:
+        return self.error is not None or self.result_ok is not None
+
+
+class Scheduler(abc.ABC):
+    """What the backend needs from a scheduler: submit, poll, cancel (all batched)."""
+
+    name: str
+
+    @abc.abstractmethod
+    def submit(self, tasks: Sequence[BatchTask], target: Target, after: Sequence[str]) -> list[str]:
+        """Submit tasks that share a target (as an array if several); their job ids."""
+
+    @abc.abstractmethod
+    def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        """States of these jobs, in as few commands as possible (one, normally)."""
+
+    @abc.abstractmethod
+    def cancel(self, job_ids: Sequence[str]) -> None: ...
+
+    @abc.abstractmethod
+    def max_array_size(self) -> int: ...
+
+    def check_target(self, target: Target) -> None:
+        """Raise ResourceError for what the site can never run."""
+
+
+class BatchBackend:
+    """TaskRef backend of one batch provider: queues, submits, polls, collects."""
+
+    def __init__(self, provider: "BatchProvider") -> None:
+        self.provider = provider
+        self.site = provider.site
+        self.store = provider.store
+        self.scheduler = provider.scheduler
+        self.key = f"batch:{self.site.name}:{self.store.root}"
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        self._tasks: dict[str, BatchTask] = {}
+        self._queue: list[BatchTask] = []
+        self._queued_since: float | None = None
+        self._thread: threading.Thread | None = None
+        self._interval = self.site.poll_interval
+        self._next_poll = 0.0
+        self._closed = False
+        self._functions_written: set[str] = set()
+        self.polls = 0
+        register_backend(self)
+
+    # -- submission side (user threads) ----------------------------------------------------
+    def ensure_function(self, fn_key: str, fn_bytes: bytes) -> None:
+        if fn_key in self._functions_written:
+            return
+        key = function_key(fn_key)
+        if not self.store.exists(key):
+            self.store.put(fn_bytes, key, what="the task function", overwrite=True)
+        self._functions_written.add(fn_key)
+
+    def enqueue(self, task: BatchTask) -> None:
+        with self._lock:
+            self._tasks[task.ref.task_id] = task
+            self._queue.append(task)
+            if self._queued_since is None:
+                self._queued_since = time.monotonic()
+            self._start()
+            self._cv.notify_all()
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=f"hpc-serverless-{self.site.name}",
+                                            daemon=True)
+            self._thread.start()
+            atexit.register(self.flush)
+
+    def flush(self) -> None:
+        """Submit everything queued now (also at exit: fire-and-forget tasks still go out)."""
+        with self._lock:
+            self._submit_queue()
+
+    # -- the engine thread ------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._closed:
+            with self._lock:
+                now = time.monotonic()
+                if self._queue and self._queued_since is not None and (
+                        now - self._queued_since >= self.site.array_linger
+                        or len(self._queue) >= self.scheduler.max_array_size()):
+                    self._submit_queue()
+                    continue
+                active = [t for t in self._tasks.values() if t.job_id and not t.settled]
+                if active and now >= self._next_poll:
+                    self._poll(active)
+                    continue
+                waits = []
+                if self._queue and self._queued_since is not None:
+                    waits.append(self._queued_since + self.site.array_linger - now)
+                if active:
+                    waits.append(self._next_poll - now)
+                self._cv.wait(max(0.01, min(waits)) if waits else None)
+
+    def _submit_queue(self) -> None:
+        """Submit queued tasks: arrays by target; dependent tasks one by one (lock held)."""
+        queue, self._queue, self._queued_since = self._queue, [], None
+        groups: dict[Target, list[BatchTask]] = {}
+        ordered: list[tuple[Target, list[BatchTask], list[str]]] = []
+        for task in queue:
+            if task.settled:
+                continue
+            after, failed = self._upstream_jobs(task)
+            if failed is not None:
+                task.error = failed
+                task.status = TaskStatus.FAILED
+                continue
+            if after or task.deps:
+                ordered.append((task.target, [task], after))
+            else:
+                if task.target not in groups:
+                    groups[task.target] = []
+                    ordered.append((task.target, groups[task.target], []))
+                groups[task.target].append(task)
+        limit = max(1, self.scheduler.max_array_size())
+        for target, tasks, after in ordered:
+            for i in range(0, len(tasks), limit):
+                self._submit_chunk(tasks[i:i + limit], target, after)
+        self._next_poll = min(self._next_poll, time.monotonic() + self.site.poll_interval)
+        self._interval = self.site.poll_interval
+        self._cv.notify_all()
+
+    def _submit_chunk(self, chunk: list[BatchTask], target: Target, after: list[str]) -> None:
+        delay = 1.0
+        for attempt in range(6):
+            try:
+                job_ids = self.scheduler.submit(chunk, target, after)
+                break
+            except SchedulerError as exc:
+                if exc.transient and attempt < 5:
+                    log.warning("%s: scheduler busy or down (%s); retrying in %.0f s",
+                                self.site.name, exc, delay)
+                    self._cv.wait(delay)
+                    delay *= 2
+                    continue
+                for t in chunk:
+                    t.error, t.status = exc, TaskStatus.FAILED
+                self._cv.notify_all()
+                return
+        now = time.time()
+        for t, job_id in zip(chunk, job_ids):
+            t.job_id, t.submitted = job_id, now
+            t.ref._job_id = job_id
+
+    def _upstream_jobs(self, task: BatchTask) -> tuple[list[str], BaseException | None]:
+        """Job ids to wait for (afterok), or the failure that makes the task pointless."""
+        after: list[str] = []
+        for dep_id in task.deps:
+            up = self._tasks.get(dep_id)
+            ok = self._result_ok(dep_id) if up is None or up.result_ok is None else up.result_ok
+            if up is not None and up.error is not None:
+                return [], self._dependency_error(task, up, up.error)
+            if ok is True:
+                continue
+            if ok is False:
+                return [], self._dependency_error(task, up, None, dep_id)
+            if up is None or up.job_id is None:
+                return [], DependencyError(f"{task.name}: upstream task {dep_id} is not known to this "
+                                           "process and has no result yet")
+            after.append(up.job_id)
+        return after, None
+
+    def _dependency_error(self, task: BatchTask, up: BatchTask | None, cause: BaseException | None,
+                          dep_id: str = "") -> DependencyError:
+        if cause is None:
+            try:
+                ok, payload, _ = self.store.get(result_key(up.ref.task_id if up else dep_id))
+                cause = unpack_exception(payload) if not ok else None
+            except HPCServerlessError as exc:
+                cause = exc
+        name = f"{up.name}#{up.ref.task_id}" if up else dep_id
+        err = DependencyError(f"upstream task {name} did not succeed"
+                              + (f" ({type(cause).__name__}: {cause})" if cause else "")
+                              + f", so {task.name} did not run")
+        err.__cause__ = cause
+        return err
+
+    def _result_ok(self, task_id: str) -> bool | None:
+        header = self.store.header(result_key(task_id))
+        if header is None:
+            return None
+        return bool(header.get("meta", {}).get("ok"))
+
+    def _poll(self, active: list[BatchTask]) -> None:
+        """One look at the store, then one scheduler command for what is still open."""
+        changed = False
+        open_tasks = []
+        for t in active:
+            ok = self._result_ok(t.ref.task_id)
+            if ok is None:
+                open_tasks.append(t)
+            else:
+                t.result_ok, changed = ok, True
+                t.status = TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED
+        if open_tasks:
+            try:
+                self.polls += 1
+                states = self.scheduler.poll([t.job_id for t in open_tasks if t.job_id])
+            except SchedulerError as exc:
+                log.warning("%s: cannot read job states (%s); retrying in %.0f s",
+                            self.site.name, exc, self._interval)
+                states = None
+            now = time.monotonic()
+            for t in open_tasks if states is not None else []:
+                st = states.get(t.job_id or "")
+                changed |= self._apply_state(t, st, now)
+        self._interval = self.site.poll_interval if changed else min(
+            self._interval * 1.5, self.site.max_poll_interval)
+        self._next_poll = time.monotonic() + self._interval
+        if changed:
+            self._cv.notify_all()
+
+    def _apply_state(self, t: BatchTask, st: JobState | None, now: float) -> bool:
+        before = (t.status, t.state)
+        if st is None:  # vanished from the queue (no accounting): the result file decides
+            if time.time() - t.submitted < 2 * self.site.poll_interval + RESULT_GRACE_S:
+                return False  # a brand-new job may not be listed yet
+            st = JobState(t.job_id or "", "VANISHED", TaskStatus.FAILED,
+                          "the job left the queue without a result")
+        t.state = st
+        if st.final:
+            t.final_seen = t.final_seen or now
+            if now - t.final_seen >= RESULT_GRACE_S:
+                self.store.exists(result_key(t.ref.task_id))  # refresh directory caches
+                ok = self._result_ok(t.ref.task_id)
+                if ok is not None:
+                    t.result_ok = ok
+                    t.status = TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED
+                else:
+                    t.error = self._error_from_state(t, st)
+                    t.status = TaskStatus.STOPPED if st.status == TaskStatus.STOPPED else TaskStatus.FAILED
+            else:
+                self._next_poll = min(self._next_poll, now + RESULT_GRACE_S)
+        else:
+            t.status = st.status
+        return (t.status, t.state) != before
+
+    def _error_from_state(self, t: BatchTask, st: JobState) -> BaseException:
+        for dep_id in t.deps:
+            up = self._tasks.get(dep_id)
+            if (up is not None and (up.error is not None or up.result_ok is False)) or \
+                    self._result_ok(dep_id) is False:
+                return self._dependency_error(t, up, up.error if up else None, dep_id)
+        from ..schedulers.slurm import FAILURE_TEXT
+
+        why = FAILURE_TEXT.get(st.state, st.reason or st.state.lower())
+        where = f"{self.scheduler.name} job {t.job_id}"
+        detail = f"{where} ended {st.state}" + (f" ({st.reason})" if st.reason else "") + f": {why}"
+        if st.state == "TIMEOUT":
+            return TaskTimeoutError(f"task {t.name}: {detail}")
+        if st.state in ("CANCELLED", "REVOKED"):
+            return TaskCancelledError(f"task {t.name}: {detail}")
+        return WorkerDiedError(f"task {t.name}: {detail}, without storing a result. Its log: "
+                               f"{self.provider.log_path_hint(t.job_id or '')}")
+
+    # -- TaskBackend ----------------------------------------------------------------------------
+    def _task(self, ref: TaskRef) -> BatchTask:
+        t = self._tasks.get(ref.task_id)
+        if t is None:  # a ref from another process: track it from its result object
+            t = BatchTask(ref, Target(), [], ref.function or "task", job_id=ref._job_id)
+            self._tasks[ref.task_id] = t
+        return t
+
+    def task_status(self, ref: TaskRef) -> str:
+        with self._lock:
+            t = self._task(ref)
+            if not t.settled:
+                ok = self._result_ok(ref.task_id)
+                if ok is not None:
+                    t.result_ok = ok
+                    t.status = TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED
+            return t.status
+
+    def task_info(self, ref: TaskRef) -> dict[str, Any]:
+        with self._lock:
+            t = self._task(ref)
+            if t in self._queue:
+                self._submit_queue()
+            status = self.task_status(ref)
+            st = t.state
+            return {"status": status, "state": st.state if st else ("QUEUED" if not t.job_id else "SUBMITTED"),
+                    "reason": (st.reason if st else "") or (str(t.error) if t.error else ""),
+                    "job_id": t.job_id, "nodes": st.nodes if st else "",
+                    "exit_code": st.exit_code if st else ""}
+
+    def task_cancel(self, ref: TaskRef) -> bool:
+        with self._lock:
+            t = self._task(ref)
+            if t.settled:
+                return False
+            if t in self._queue:
+                self._queue.remove(t)
+            elif t.job_id:
+                self.scheduler.cancel([t.job_id])
+            t.error = TaskCancelledError(f"task {t.name} was cancelled")
+            t.status = TaskStatus.STOPPED
+            self._cv.notify_all()
+            return True
+
+    def task_result(self, ref: TaskRef, timeout: float | None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            with self._lock:
+                t = self._task(ref)
+                error = t.error
+            if error is not None:
+                raise error
+            header = self.store.header(result_key(ref.task_id))
+            if header is not None:
+                ok, payload, _info = self.store.get(result_key(ref.task_id))
+                with self._lock:
+                    t.result_ok = ok
+                    t.status = TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED
+                if ok:
+                    return loads(payload)
+                raise unpack_exception(payload)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise GetTimeoutError(f"{ref!r} did not finish within {timeout} s (it is {t.status}"
+                                      + (f", {t.state.state} {t.state.reason}" if t.state else "") + ")")
+            with self._lock:
+                if t in self._queue or (t.job_id and not t.settled):
+                    self._start()
+                self._cv.wait(delay if remaining is None else min(delay, remaining))
+            delay = min(delay * 1.5, 0.5)
+
+    def task_wait(self, refs: Sequence[TaskRef], num_returns: int,
+                  timeout: float | None) -> tuple[list[TaskRef], list[TaskRef]]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            done = [r for r in refs if self.task_status(r) in TaskStatus.FINAL]
+            if len(done) >= num_returns or (deadline is not None and time.monotonic() >= deadline):
+                ids = {r.task_id for r in done}
+                return done, [r for r in refs if r.task_id not in ids]
+            with self._lock:
+                self._cv.wait(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            self._cv.notify_all()
+
+
+class BatchProvider(Provider):
+    """A provider whose tasks are batch jobs on a site (Slurm, PBS)."""
+
+    site: "Site"
+    transport: "Transport"
+    scheduler: Scheduler
+
+    def __init__(self, name: str, site: "Site", transport: "Transport", scheduler: Scheduler) -> None:
+        self.name = name
+        self.site = site
+        self.transport = transport
+        self.scheduler = scheduler
+        self._store = ObjectStore(site.storage_path / "store")
+        self.backend = BatchBackend(self)
+
+    @property
+    def store(self) -> ObjectStore:
+        return self._store
+
+    def put(self, obj: Any) -> ObjectRef:
+        return super().put(obj)
+
+    def effective_target(self, target: Target) -> Target:
+        return target.merged_over(self.site.defaults)
+
+    def check_target(self, target: Target) -> None:
+        self.scheduler.check_target(self.effective_target(target))
+
+    def submit(self, fn: "RemoteFunction", args: tuple[Any, ...], kwargs: Mapping[str, Any],
+               target: Target) -> TaskRef:
+        target = self.effective_target(target)
+        deps = find_task_refs(args, kwargs)
+        for d in deps:
+            if d.backend_key != self.backend.key:
+                raise HPCServerlessError(
+                    f"{d!r} belongs to provider '{d.provider}'; a task on '{self.name}' can only "
+                    "depend on tasks of the same provider (pass get(ref) instead)")
+        blob = pack_arguments(fn.function, args, kwargs)
+        self.backend.ensure_function(fn.key, fn.function_bytes)
+        task_id = secrets.token_hex(12)
+        spec = {"task_id": task_id, "name": fn.name, "fn_key": fn.key, "args": blob,
+                "deps": [(d.task_id, d.function) for d in deps], "env": dict(target.env) or None,
+                "mpi": target.mpi, "versions": versions(), **self.mpi_launch(target)}
+        self.store.put(spec, task_key(task_id), what=f"the call of {fn.name}()")
+        ref = TaskRef(task_id, self.backend.key, self.name, fn.name, backend=self.backend)
+        self.backend.enqueue(BatchTask(ref, target, [d.task_id for d in deps], fn.name))
+        return ref
+
+    def mpi_launch(self, target: Target) -> dict[str, Any]:
+        if target.mpi <= 1:
+            return {}
+        return {"launcher": self.site.mpi.argv(target.mpi), "launcher_env": dict(self.site.mpi.env)}
+
+    def log_path_hint(self, job_id: str) -> str:
+        return str(self.site.storage_path / "jobs" / job_id)
+
+    def stats(self) -> dict[str, int]:
+        """Commands run on the site so far, by program name (sbatch, sacct, ...)."""
+        return dict(self.transport.counts)
+
+    # programs: see programs_batch (the Programs issue)
+    def run_program(self, program: "Program", arguments: Mapping[str, Any] | None = None) -> "Job":
+        from ..programs_batch import BatchJobs
+
+        return BatchJobs(self).run(program, arguments)
+
+    def get_job_by_id(self, job_id: str) -> "Job":
+        from ..programs_batch import BatchJobs
+
+        return BatchJobs(self).get(job_id)
+
+    def jobs(self) -> list["Job"]:
+        from ..programs_batch import BatchJobs
+
+        return BatchJobs(self).list()
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.scheduler.name} site '{self.site.name}' via {self.transport.describe()})"

@@ -1,0 +1,229 @@
+"""Slurm sites: tasks become sbatch jobs (arrays where possible) through submitit.
+
+submitit writes the batch script and the pickle that names our worker function; its
+sbatch command goes through our transport, so it is counted, rate-bounded and (with
+a `host`) can run over SSH. Status is ours: one sacct (or squeue) call per poll.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import shlex
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from ..errors import ConfigError, SchedulerError
+from ..schedulers import slurm as S
+from ..schedulers.common import JobState
+from ..target import Target
+from .batch import BatchProvider, BatchTask, Scheduler
+
+if TYPE_CHECKING:
+    from ..site import Site
+    from ..transport.base import Transport
+
+log = logging.getLogger("hpc_serverless")
+
+
+def _submitit() -> Any:
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("Slurm sites need submitit: pip install 'hpc-serverless[slurm]'") from None
+    return submitit
+
+
+@functools.lru_cache(maxsize=None)
+def _executor_class() -> type:
+    """A submitit SlurmExecutor whose sbatch runs through our transport."""
+    submitit = _submitit()
+    from submitit.core import utils as su
+    from submitit.slurm.slurm import SlurmJob
+
+    class TransportSlurmExecutor(submitit.SlurmExecutor):  # type: ignore[misc,name-defined]
+        def __init__(self, folder: Path, python: str, transport: "Transport") -> None:
+            self._transport = transport
+            super().__init__(folder, python=python)
+            self._throttling = 0.0  # our engine batches and bounds the rate itself
+
+        @classmethod
+        def affinity(cls) -> int:  # sbatch may be remote: do not look for it here
+            return 2
+
+        def _submit_command(self, command: str) -> Any:
+            uid = uuid.uuid4().hex
+            folder = su.JobPaths.get_first_id_independent_folder(self.folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            script = folder / f".submission_file_{uid}.sh"
+            script.write_text(self._make_submission_file_text(command, uid))
+            result = self._transport.run(["sbatch", "--parsable", str(script)])
+            if not result.ok:
+                script.unlink(missing_ok=True)
+                raise SchedulerError(f"Slurm refused the job: {result.describe()}",
+                                     transient=S.is_transient(result.stderr))
+            job_id = S.parse_sbatch(result.stdout)
+            job = SlurmJob(folder=self.folder, job_id=job_id, tasks=list(range(self._num_tasks())))
+            job.paths.move_temporary_file(script, "submission_file", keep_as_symlink=True)
+            return job
+
+        def _internal_process_submissions(self, delayed: list[Any]) -> list[Any]:
+            if len(delayed) == 1:
+                return super()._internal_process_submissions(delayed)
+            # an array: one pickle per element, one sbatch --array for all of them
+            folder = su.JobPaths.get_first_id_independent_folder(self.folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            pickles = []
+            for d in delayed:
+                path = folder / f"{uuid.uuid4().hex}.pkl"
+                d.set_timeout(self.parameters.get("time", 5), self.max_num_timeout)
+                d.dump(path)
+                pickles.append(path)
+            saved = dict(self.parameters)
+            self.parameters["map_count"] = len(delayed)
+            try:
+                first = self._submit_command(self._submitit_command_str)
+            finally:
+                self.parameters.clear()
+                self.parameters.update(saved)
+            jobs = [SlurmJob(folder=self.folder, job_id=f"{first.job_id}_{i}", tasks=[0])
+                    for i in range(len(delayed))]
+            for job, path in zip(jobs, pickles):
+                job.paths.move_temporary_file(path, "submitted_pickle")
+            return jobs
+
+    return TransportSlurmExecutor
+
+
+class SlurmScheduler(Scheduler):
+    """Submit with submitit (arrays, dependencies), poll with sacct or squeue, cancel with scancel."""
+
+    name = "Slurm"
+
+    def __init__(self, site: "Site", transport: "Transport", store_root: str) -> None:
+        self.site, self.transport, self.store_root = site, transport, store_root
+        self.folder = site.storage_path / "jobs" / "%j"
+        self._use_squeue = site.accounting == "squeue"
+        self._sacct_retry_in = 0
+        self._partitions: dict[str, S.Partition] | None = None
+        self._max_array: int | None = site.max_array_size
+
+    # -- facts about the site, asked once ---------------------------------------------------
+    def partitions(self) -> dict[str, S.Partition]:
+        if self._partitions is None:
+            result = self.transport.run(S.SINFO_ARGV)
+            self._partitions = S.parse_sinfo(result.stdout) if result.ok else {}
+        return self._partitions
+
+    def max_array_size(self) -> int:
+        if self._max_array is None:
+            result = self.transport.run(S.MAX_ARRAY_ARGV)
+            found = S.parse_max_array_size(result.stdout) if result.ok else None
+            # MaxArraySize bounds the index: indices 0..N-1 fit
+            self._max_array = max(1, (found or 1001) - 1)
+        return self._max_array
+
+    def check_target(self, target: Target) -> None:
+        S.check_fits(target, self.partitions(), self.site.name)
+
+    # -- submission -------------------------------------------------------------------------------
+    def setup_lines(self, target: Target) -> list[str]:
+        lines = list(self.site.setup)
+        env = {**self.site.env, "HPC_SERVERLESS_STORE": self.store_root}
+        lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+        return lines
+
+    def executor(self, target: Target, name: str, after: Sequence[str]) -> Any:
+        ex = _executor_class()(self.folder, shlex.quote(self.site.python), self.transport)
+        params = S.submitit_parameters(target, directives=self.site.directives)
+        extra = dict(params.pop("additional_parameters", {}))
+        if after:
+            params["dependency"] = "afterok:" + ":".join(after)
+            extra["kill-on-invalid-dep"] = "yes"
+        minutes = params.get("time", 60)
+        params["signal_delay_s"] = int(min(90, max(10, minutes * 60 // 4)))
+        ex.update_parameters(job_name=_job_name(name), setup=self.setup_lines(target),
+                             additional_parameters=extra or None, **params)
+        return ex
+
+    def submit(self, tasks: Sequence[BatchTask], target: Target, after: Sequence[str]) -> list[str]:
+        from .. import worker
+
+        name = tasks[0].name if len({t.name for t in tasks}) == 1 else "tasks"
+        ex = self.executor(target, name, after)
+        if len(tasks) == 1:
+            return [ex.submit(worker.run, self.store_root, tasks[0].ref.task_id).job_id]
+        with ex.batch():
+            jobs = [ex.submit(worker.run, self.store_root, t.ref.task_id) for t in tasks]
+        return [j.job_id for j in jobs]
+
+    # -- status -------------------------------------------------------------------------------------
+    def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        # array elements are asked for by their array's id: one entry covers all of them
+        ids = sorted({j.split("_", 1)[0] for j in job_ids}, key=lambda x: int(x) if x.isdigit() else 0)
+        if not self._use_squeue or self._sacct_retry_in <= 0:
+            result = self.transport.run(S.sacct_argv(ids))
+            if result.ok:
+                self._use_squeue = False
+                return S.parse_sacct(result.stdout)
+            if S.is_transient(result.stderr) and "slurmdbd" not in result.stderr:
+                raise SchedulerError(result.describe(), transient=True)
+            if not self._use_squeue:
+                log.warning("%s: sacct does not answer (%s); reading job states from squeue",
+                            self.site.name, result.describe())
+            self._use_squeue, self._sacct_retry_in = True, 20
+        self._sacct_retry_in -= 1
+        result = self.transport.run(S.squeue_argv(ids))
+        if not result.ok and "Invalid job id" not in result.stderr:
+            raise SchedulerError(result.describe(), transient=S.is_transient(result.stderr))
+        return S.parse_squeue(result.stdout)
+
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        result = self.transport.run(S.scancel_argv(job_ids))
+        if not result.ok and "already completing or completed" not in result.stderr:
+            raise SchedulerError(f"could not cancel: {result.describe()}",
+                                 transient=S.is_transient(result.stderr))
+
+
+def _job_name(name: str) -> str:
+    return "hpcs-" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40] or "task")
+
+
+class SlurmProvider(BatchProvider):
+    """A Slurm site. With no `host`, scheduler commands run here (we are on the login node).
+
+    ``SlurmProvider(name="cluster", site="site_configs/x.yaml")``, or with ``host=``,
+    ``username=``, ``password=``, ``key_filename=``, ``port=`` to reach it over SSH.
+    """
+
+    def __init__(self, name: str = "cluster", host: str | None = None, username: str | None = None,
+                 password: str | None = None, key_filename: str | None = None, port: int = 22,
+                 site: "str | os.PathLike[str] | Site | Mapping[str, Any] | None" = None,
+                 python: str | None = None, transport: "Transport | None" = None) -> None:
+        from ..site import Site, load_site, site_from_mapping
+
+        if site is None:
+            raise ConfigError(f"SlurmProvider {name!r} needs a site (a site_configs/*.yaml path)")
+        if isinstance(site, Site):
+            s = site
+        elif isinstance(site, Mapping):
+            s = site_from_mapping({"scheduler": "slurm", **site}, name=name)
+        else:
+            s = load_site(site)
+        overrides = {k: v for k, v in {"host": host, "username": username, "key_filename": key_filename,
+                                       "python": python}.items() if v is not None}
+        if port != 22:
+            overrides["port"] = port
+        if overrides:
+            s = s.model_copy(update=overrides)
+        if s.scheduler != "slurm":
+            raise ConfigError(f"site '{s.name}' is a {s.scheduler} site; use PBSProvider",
+                              file=s.source, key="scheduler")
+        if transport is None:
+            from ..transport import connect
+
+            transport = connect(s, password=password)
+        super().__init__(name, s, transport, SlurmScheduler(s, transport, str(s.storage_path / "store")))

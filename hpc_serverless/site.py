@@ -1,0 +1,183 @@
+"""Site configurations: one YAML file per cluster, loaded once into a frozen, typed object.
+
+A site says which scheduler runs there, how to reach it, where the shared storage is,
+which python to use on the compute side, what to run before it (module loads, venv
+activation), the defaults of every job, and how MPI programs are launched. Unknown keys
+fail with the list of valid ones and the file and line they came from; units are
+converted here; ``$VAR``, ``${VAR}`` and ``${VAR:-default}`` expand (``~`` too).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .config import key_line, read_config_file
+from .errors import ConfigError, TargetError
+from .target import Target
+
+__all__ = ["Site", "MpiLauncher", "PilotSettings", "load_site", "site_from_mapping", "expand"]
+
+_VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
+
+
+def expand(value: str) -> str:
+    """Expand ~, $VAR, ${VAR} and ${VAR:-default} from this process's environment."""
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group("braced") or m.group("plain")
+        got = os.environ.get(name)
+        if got is None or (got == "" and m.group("default") is not None):
+            if m.group("default") is not None:
+                return expand(m.group("default"))
+            return m.group(0)  # left for the remote shell (e.g. $SCRATCH on the cluster)
+        return got
+
+    return os.path.expanduser(_VAR.sub(sub, value))
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MpiLauncher(_Frozen):
+    """How ranks are started: `command` plus `args`; the rank count follows `count_flag`."""
+
+    command: str = "srun"
+    args: tuple[str, ...] = ()
+    count_flag: str = "-n"
+    env: Mapping[str, str] = Field(default_factory=dict)
+
+    def argv(self, ranks: int) -> list[str]:
+        return [self.command, *self.args, self.count_flag, str(ranks)]
+
+
+class PilotSettings(_Frozen):
+    """Pilot-worker mode (many small tasks through a few long jobs)."""
+
+    workers: int = 1
+    target: Mapping[str, Any] = Field(default_factory=dict)
+    adaptive_min: int = 0
+    adaptive_max: int | None = None
+
+
+class Site(_Frozen):
+    """A cluster as hpc_serverless sees it. Build with :func:`load_site`."""
+
+    name: str
+    scheduler: Literal["slurm", "pbs"]
+    pbs_flavor: Literal["pbspro", "torque"] = "pbspro"
+    description: str = ""
+    host: str | None = None
+    port: int = 22
+    username: str | None = None
+    key_filename: str | None = None
+    trust_unknown_hosts: bool = False
+    storage: str
+    python: str = Field(default_factory=lambda: sys.executable)
+    setup: tuple[str, ...] = ()
+    env: Mapping[str, str] = Field(default_factory=dict)
+    defaults: Target = Field(default_factory=Target)
+    directives: tuple[str, ...] = ()
+    mpi: MpiLauncher = Field(default_factory=MpiLauncher)
+    poll_interval: float = Field(default=5.0, gt=0)
+    max_poll_interval: float = Field(default=60.0, gt=0)
+    max_array_size: int | None = Field(default=None, ge=1)
+    array_linger: float = Field(default=0.1, ge=0)
+    accounting: Literal["auto", "sacct", "squeue"] = "auto"
+    mode: Literal["jobs", "pilot"] = "jobs"
+    pilot: PilotSettings = Field(default_factory=PilotSettings)
+    source: str | None = None
+
+    @field_validator("defaults", mode="before")
+    @classmethod
+    def _target(cls, v: Any) -> Target:
+        try:
+            return Target.of(v)
+        except TargetError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("storage", "python", "key_filename")
+    @classmethod
+    def _expand(cls, v: str | None) -> str | None:
+        return expand(v) if isinstance(v, str) else v
+
+    @field_validator("setup", "directives", mode="before")
+    @classmethod
+    def _lines(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, (list, tuple)):
+            for line in v:
+                if not isinstance(line, str):
+                    raise ValueError(f"each line must be a string, not {line!r}")
+                if "\n" in line:
+                    raise ValueError(f"a line may not contain a newline: {line!r}")
+        return v
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env(cls, v: Any) -> Any:
+        if isinstance(v, Mapping):
+            bad = [k for k in v if not isinstance(k, str) or not k.isidentifier()]
+            if bad:
+                raise ValueError(f"{bad[0]!r} is not an environment variable name")
+            return {k: str(val) for k, val in v.items()}
+        return v
+
+    @property
+    def remote(self) -> bool:
+        return self.host is not None
+
+    @property
+    def storage_path(self) -> Path:
+        return Path(self.storage)
+
+
+def _valid_keys(model: type[BaseModel]) -> list[str]:
+    return [k for k in model.model_fields if k != "source"]
+
+
+def site_from_mapping(data: Mapping[str, Any], *, source: str | None = None,
+                      base: tuple[Any, ...] = (), name: str | None = None) -> Site:
+    """Validate a mapping as a Site; errors name the file, the key and the line."""
+    raw = dict(data)
+    if name and "name" not in raw:
+        raw["name"] = name
+    if source and "name" not in raw:
+        raw["name"] = Path(source).stem
+    raw["source"] = source
+    try:
+        return Site(**raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        model: type[BaseModel] = Site
+        if loc and loc[0] == "mpi":
+            model = MpiLauncher
+        elif loc and loc[0] == "pilot":
+            model = PilotSettings
+        if err["type"] == "extra_forbidden":
+            msg = (f"unknown key {loc[-1]!r}; valid keys are: {', '.join(_valid_keys(model))}")
+        elif err["type"] == "missing":
+            msg = f"required key {loc[-1]!r} is missing"
+        elif err["type"] == "literal_error":
+            msg = f"must be one of {err['ctx']['expected']}, not {err['input']!r}"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+        full = base + loc
+        key = ".".join(map(str, full))
+        if err["type"] == "missing":
+            full = base
+        raise ConfigError(msg, file=source, key=key, line=key_line(source, full)) from None
+
+
+def load_site(path: str | os.PathLike[str]) -> Site:
+    """Read and validate a site file."""
+    p = str(path)
+    return site_from_mapping(read_config_file(p), source=p)

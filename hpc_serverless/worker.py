@@ -1,0 +1,185 @@
+"""What runs inside a batch job (and inside local MPI tasks).
+
+A task lives in the site's object store as three objects: its function
+(``functions/<key>``, shared by every call), its spec (``tasks/<id>``: arguments,
+dependencies, environment, MPI ranks, the client's versions) and, once it ran, its
+result (``results/<id>``: ok flag and pickled value or exception). This module turns a
+spec into a result. It is what you see in a job's log:
+
+    python -m hpc_serverless.worker run  STORE TASK_ID     # one task (what submitit calls)
+    python -m hpc_serverless.worker rank STORE TASK_ID     # one MPI rank of a task
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any
+
+from .calls import execute
+from .errors import DependencyError, SerializationError, TaskError, TaskTimeoutError, WorkerDiedError
+from .serialization import loads, pack_exception, unpack_exception
+from .store import ObjectStore
+
+RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID", "MV2_COMM_WORLD_RANK")
+
+
+def task_key(task_id: str) -> str:
+    return f"tasks/{task_id[:2]}/{task_id}"
+
+
+def result_key(task_id: str) -> str:
+    return f"results/{task_id[:2]}/{task_id}"
+
+
+def function_key(fn_key: str) -> str:
+    return f"functions/{fn_key.replace(':', '_')}"
+
+
+def versions() -> dict[str, str]:
+    """What must match between the client and the compute side for pickles to load."""
+    import cloudpickle
+
+    from . import __version__
+
+    return {"python": platform.python_version(), "cloudpickle": cloudpickle.__version__,
+            "hpc_serverless": __version__}
+
+
+def version_problem(client: dict[str, str]) -> str | None:
+    """A sentence if the client's versions cannot work with ours, else None."""
+    here = versions()
+    py_c, py_h = client.get("python", ""), here["python"]
+    if py_c.split(".")[:2] != py_h.split(".")[:2]:
+        return (f"the client runs Python {py_c} but the compute side runs Python {py_h} "
+                f"({sys.executable}); functions pickled by one cannot load in the other. Set the "
+                "site's 'python' to an interpreter of the same version")
+    for name in ("cloudpickle", "hpc_serverless"):
+        if client.get(name) and client[name] != here[name]:
+            print(f"[hpc-serverless] warning: client has {name} {client[name]}, compute side has "
+                  f"{here[name]}", file=sys.stderr, flush=True)
+    return None
+
+
+class TaskFailed(Exception):
+    """Raised after a failed task's result is stored, so the job itself ends FAILED."""
+
+
+def _write_result(store: ObjectStore, task_id: str, ok: bool, payload: bytes, started: float) -> None:
+    info = {"host": platform.node(), "started": started, "ended": time.time(),
+            "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID") or ""}
+    store.put((ok, payload, info), result_key(task_id), what="the task's result", overwrite=True,
+              meta={"ok": ok})
+
+
+def _load_call(store: ObjectStore, spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The function and the values of the task's dependencies (DependencyError if one failed)."""
+    fn = loads(store.get(function_key(spec["fn_key"])))
+    deps: dict[str, Any] = {}
+    for dep_id, dep_name in spec.get("deps", []):
+        ok, payload, _info = store.get(result_key(dep_id))
+        if not ok:
+            cause = unpack_exception(payload)
+            raise DependencyError(f"upstream task {dep_name}#{dep_id} failed with "
+                                  f"{type(cause).__name__}: {cause}") from cause
+        deps[dep_id] = loads(payload)
+    return fn, deps
+
+
+def run(store_root: str, task_id: str) -> bool:
+    """Run one stored task and store its result; raises TaskFailed if the task failed."""
+    started = time.time()
+    store = ObjectStore(store_root)
+    spec = store.get(task_key(task_id))
+    name = spec.get("name", "task")
+    print(f"[hpc-serverless] task {name}#{task_id} on {platform.node()} "
+          f"(job {os.environ.get('SLURM_JOB_ID') or os.environ.get('PBS_JOBID') or '-'})", flush=True)
+    _quiet_time_limit_signal()
+    problem = version_problem(spec.get("versions", {}))
+    if problem:
+        ok, payload = False, pack_exception(SerializationError(problem))
+    elif spec.get("mpi", 1) > 1:
+        ok, payload = _run_ranks(store_root, task_id, spec)
+    else:
+        try:
+            fn, deps = _load_call(store, spec)
+        except BaseException as exc:  # noqa: BLE001 - reported as the task's failure
+            ok, payload = False, pack_exception(exc)
+        else:
+            ok, payload = execute(fn, spec["args"], deps, spec.get("env"))
+    _write_result(store, task_id, ok, payload, started)
+    if not ok:
+        exc = unpack_exception(payload)
+        print(f"[hpc-serverless] task {name}#{task_id} raised {type(exc).__name__}: {exc}\n"
+              "(the exception goes back to the caller's get())", file=sys.stderr, flush=True)
+        raise TaskFailed(f"{type(exc).__name__}: {exc}")
+    print(f"[hpc-serverless] task {name}#{task_id} done in {time.time() - started:.2f} s", flush=True)
+    return True
+
+
+def _quiet_time_limit_signal() -> None:
+    """submitit turns the 'time nearly up' signal into an error; we let Slurm end the job
+    instead, so it shows as TIMEOUT with that reason (and a retry can be decided later)."""
+    if hasattr(signal, "SIGUSR2"):
+        def note(_signum: int, _frame: Any) -> None:
+            print("[hpc-serverless] the job's time limit is near", file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGUSR2, note)
+
+
+def _run_ranks(store_root: str, task_id: str, spec: dict[str, Any]) -> tuple[bool, bytes]:
+    """Start the task's MPI ranks through the site's launcher and wait for them."""
+    argv = [*spec["launcher"], sys.executable, "-m", "hpc_serverless.worker", "rank", store_root, task_id]
+    env = {**os.environ, **spec.get("launcher_env", {})}
+    print(f"[hpc-serverless] launching {spec['mpi']} ranks: {shlex.join(argv)}", flush=True)
+    proc = subprocess.run(argv, env=env)
+    store = ObjectStore(store_root)
+    key = result_key(task_id)
+    if store.exists(key):  # rank 0 wrote it
+        ok, payload, _info = store.get(key)
+        return ok, payload
+    return False, pack_exception(WorkerDiedError(
+        f"the MPI launcher `{shlex.join(spec['launcher'])}` exited {proc.returncode} before rank 0 "
+        "stored a result (see the job's log)"))
+
+
+def rank_main(store_root: str, task_id: str) -> int:
+    """One MPI rank: every rank runs the function; rank 0 stores the value."""
+    rank = next((int(os.environ[v]) for v in RANK_VARS if os.environ.get(v, "").isdigit()), 0)
+    started = time.time()
+    store = ObjectStore(store_root)
+    spec = store.get(task_key(task_id))
+    try:
+        fn, deps = _load_call(store, spec)
+    except BaseException as exc:  # noqa: BLE001
+        ok, payload = False, pack_exception(exc)
+    else:
+        ok, payload = execute(fn, spec["args"], deps, spec.get("env"))
+    if rank == 0:
+        _write_result(store, task_id, ok, payload, started)
+    elif not ok:
+        print(f"[hpc-serverless] rank {rank} failed:\n{unpack_exception(payload)!r}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[0] not in ("run", "rank"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    if argv[0] == "rank":
+        return rank_main(argv[1], argv[2])
+    try:
+        run(argv[1], argv[2])
+    except TaskFailed:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
