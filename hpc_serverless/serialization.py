@@ -61,13 +61,17 @@ def function_bytes(fn: Callable[..., Any]) -> bytes:
         raise SerializationError(f"cannot serialize task function {name}: {exc}") from exc
 
 
-def pack_exception(exc: BaseException) -> bytes:
-    """The exception with its formatted traceback, pickled for the other side.
+def pack_exception(exc: BaseException, _depth: int = 0) -> bytes:
+    """The exception with its formatted traceback (and its cause), pickled for the other side.
 
     If the exception itself cannot be pickled (or unpickled), it is replaced by a
     RemoteTaskError that keeps its type name and message.
     """
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    cause = exc.__cause__
+    cause_blob = None
+    if cause is not None and not isinstance(cause, RemoteTraceback) and _depth < 3:
+        cause_blob = pack_exception(cause, _depth + 1)
     exc.__traceback__ = None
     try:
         blob = _cloudpickle().dumps(exc, protocol=PROTOCOL)
@@ -75,15 +79,21 @@ def pack_exception(exc: BaseException) -> bytes:
     except Exception:
         blob = _cloudpickle().dumps(
             RemoteTaskError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"), protocol=PROTOCOL)
-    return pickle.dumps((blob, tb), protocol=PROTOCOL)
+    return pickle.dumps((blob, tb, cause_blob), protocol=PROTOCOL)
 
 
 def unpack_exception(data: bytes) -> BaseException:
-    """The original exception, with the remote traceback as its ``__cause__``."""
-    blob, tb = pickle.loads(data)
+    """The original exception. Its ``__cause__`` is the remote traceback, or, if it was
+    raised from another exception, that exception (whose cause is its own traceback);
+    the full remote traceback is also in its ``remote_traceback`` attribute."""
+    blob, tb, cause_blob = pickle.loads(data)
     try:
         exc = pickle.loads(blob)
     except Exception as err:  # a class missing on this side
         exc = RemoteTaskError(f"a task raised an exception that cannot be loaded here ({err})")
-    exc.__cause__ = RemoteTraceback(tb)
+    exc.__cause__ = unpack_exception(cause_blob) if cause_blob is not None else RemoteTraceback(tb)
+    try:
+        exc.remote_traceback = tb  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
     return exc

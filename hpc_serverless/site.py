@@ -88,6 +88,7 @@ class Site(_Frozen):
     poll_interval: float = Field(default=5.0, gt=0)
     max_poll_interval: float = Field(default=60.0, gt=0)
     max_array_size: int | None = Field(default=None, ge=1)
+    arrays: bool = True
     array_linger: float = Field(default=0.1, ge=0)
     accounting: Literal["auto", "sacct", "squeue"] = "auto"
     mode: Literal["jobs", "pilot"] = "jobs"

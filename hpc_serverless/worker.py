@@ -19,11 +19,10 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from typing import Any
 
 from .calls import execute
-from .errors import DependencyError, SerializationError, TaskError, TaskTimeoutError, WorkerDiedError
+from .errors import DependencyError, SerializationError, WorkerDiedError
 from .serialization import loads, pack_exception, unpack_exception
 from .store import ObjectStore
 
@@ -133,11 +132,13 @@ def _quiet_time_limit_signal() -> None:
         signal.signal(signal.SIGUSR2, note)
 
 
-def _run_ranks(store_root: str, task_id: str, spec: dict[str, Any]) -> tuple[bool, bytes]:
+def _run_ranks(store_root: str, task_id: str, spec: dict[str, Any],
+               verbose: bool = True) -> tuple[bool, bytes]:
     """Start the task's MPI ranks through the site's launcher and wait for them."""
     argv = [*spec["launcher"], sys.executable, "-m", "hpc_serverless.worker", "rank", store_root, task_id]
     env = {**os.environ, **spec.get("launcher_env", {})}
-    print(f"[hpc-serverless] launching {spec['mpi']} ranks: {shlex.join(argv)}", flush=True)
+    if verbose:
+        print(f"[hpc-serverless] launching {spec['mpi']} ranks: {shlex.join(argv)}", flush=True)
     proc = subprocess.run(argv, env=env)
     store = ObjectStore(store_root)
     key = result_key(task_id)
@@ -147,6 +148,45 @@ def _run_ranks(store_root: str, task_id: str, spec: dict[str, Any]) -> tuple[boo
     return False, pack_exception(WorkerDiedError(
         f"the MPI launcher `{shlex.join(spec['launcher'])}` exited {proc.returncode} before rank 0 "
         "stored a result (see the job's log)"))
+
+
+def local_mpi_launcher(ranks: int) -> list[str]:
+    """mpirun on this machine (the local provider's MPI tasks)."""
+    import shutil
+
+    mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
+    if mpirun is None:
+        from .errors import ResourceError
+
+        raise ResourceError("MPI tasks on the local provider need mpirun (install Open MPI or MPICH)")
+    argv = [mpirun]
+    if os.path.basename(mpirun) == "mpirun" and hasattr(os, "geteuid") and os.geteuid() == 0:
+        argv.append("--allow-run-as-root")
+    return [*argv, "--oversubscribe", "-np", str(ranks)]
+
+
+def run_mpi_here(fn_bytes: bytes, args_blob: bytes, deps: dict[str, Any], env: dict[str, str] | None,
+                 ranks: int) -> tuple[bool, bytes]:
+    """Run a call on `ranks` MPI ranks on this machine (from a local pool worker)."""
+    import secrets
+    import shutil
+    import tempfile
+
+    from .serialization import dumps
+
+    tmp = tempfile.mkdtemp(prefix="hpcs-mpi-")
+    try:
+        store = ObjectStore(tmp)
+        task_id = secrets.token_hex(12)
+        store.put(fn_bytes, function_key("local"), what="the task function")
+        for dep_id, value in deps.items():
+            store.put((True, dumps(value), {}), result_key(dep_id), meta={"ok": True})
+        store.put({"task_id": task_id, "name": "mpi task", "fn_key": "local", "args": args_blob,
+                   "deps": [(d, d) for d in deps], "env": env, "mpi": ranks,
+                   "launcher": local_mpi_launcher(ranks), "versions": versions()}, task_key(task_id))
+        return _run_ranks(tmp, task_id, store.get(task_key(task_id)), verbose=False)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def rank_main(store_root: str, task_id: str) -> int:

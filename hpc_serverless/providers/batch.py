@@ -174,24 +174,25 @@ class BatchBackend:
         """Submit queued tasks: arrays by target; dependent tasks one by one (lock held)."""
         queue, self._queue, self._queued_since = self._queue, [], None
         groups: dict[Target, list[BatchTask]] = {}
-        ordered: list[tuple[Target, list[BatchTask], list[str]]] = []
+        ordered: list[tuple[Target, list[BatchTask]]] = []
         for task in queue:
             if task.settled:
                 continue
-            after, failed = self._upstream_jobs(task)
-            if failed is not None:
-                task.error = failed
-                task.status = TaskStatus.FAILED
-                continue
-            if after or task.deps:
-                ordered.append((task.target, [task], after))
+            if task.deps or not self.site.arrays:  # alone (after its upstream jobs, if any)
+                ordered.append((task.target, [task]))
             else:
                 if task.target not in groups:
                     groups[task.target] = []
-                    ordered.append((task.target, groups[task.target], []))
+                    ordered.append((task.target, groups[task.target]))
                 groups[task.target].append(task)
         limit = max(1, self.scheduler.max_array_size())
-        for target, tasks, after in ordered:
+        for target, tasks in ordered:
+            after: list[str] = []
+            if tasks[0].deps:
+                after, failed = self._upstream_jobs(tasks[0])
+                if failed is not None:
+                    tasks[0].error, tasks[0].status = failed, TaskStatus.FAILED
+                    continue
             for i in range(0, len(tasks), limit):
                 self._submit_chunk(tasks[i:i + limit], target, after)
         self._next_poll = min(self._next_poll, time.monotonic() + self.site.poll_interval)
@@ -253,6 +254,19 @@ class BatchBackend:
         err.__cause__ = cause
         return err
 
+    def _settle(self, t: BatchTask, ok: bool) -> None:
+        """Its result object is there. A failure also settles the tasks waiting on it
+        (Slurm cancels their jobs itself: they were submitted with kill-on-invalid-dep)."""
+        t.result_ok = ok
+        t.status = TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED
+        if not ok:
+            for other in self._tasks.values():
+                if t.ref.task_id in other.deps and not other.settled:
+                    other.error = self._dependency_error(other, t, None)
+                    other.status = TaskStatus.FAILED
+                    if other in self._queue:
+                        self._queue.remove(other)
+
     def _result_ok(self, task_id: str) -> bool | None:
         header = self.store.header(result_key(task_id))
         if header is None:
@@ -268,8 +282,8 @@ class BatchBackend:
             if ok is None:
                 open_tasks.append(t)
             else:
-                t.result_ok, changed = ok, True
-                t.status = TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED
+                self._settle(t, ok)
+                changed = True
         if open_tasks:
             try:
                 self.polls += 1
@@ -302,8 +316,7 @@ class BatchBackend:
                 self.store.exists(result_key(t.ref.task_id))  # refresh directory caches
                 ok = self._result_ok(t.ref.task_id)
                 if ok is not None:
-                    t.result_ok = ok
-                    t.status = TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED
+                    self._settle(t, ok)
                 else:
                     t.error = self._error_from_state(t, st)
                     t.status = TaskStatus.STOPPED if st.status == TaskStatus.STOPPED else TaskStatus.FAILED
@@ -345,8 +358,7 @@ class BatchBackend:
             if not t.settled:
                 ok = self._result_ok(ref.task_id)
                 if ok is not None:
-                    t.result_ok = ok
-                    t.status = TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED
+                    self._settle(t, ok)
             return t.status
 
     def task_info(self, ref: TaskRef) -> dict[str, Any]:
@@ -388,8 +400,8 @@ class BatchBackend:
             if header is not None:
                 ok, payload, _info = self.store.get(result_key(ref.task_id))
                 with self._lock:
-                    t.result_ok = ok
-                    t.status = TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED
+                    self._settle(t, ok)
+                    self._cv.notify_all()
                 if ok:
                     return loads(payload)
                 raise unpack_exception(payload)

@@ -109,8 +109,9 @@ class LocalProvider(Provider):
     def check_target(self, target: Target) -> None:
         cores, mem, gpus = self.capacity()
         problems = []
-        if target.cpu > cores:
-            problems.append(f"cpu={target.cpu} but it has {cores} core(s)")
+        if target.cpu * target.mpi > cores:
+            what = f"cpu={target.cpu}" + (f" x mpi={target.mpi}" if target.mpi > 1 else "")
+            problems.append(f"{what} but it has {cores} core(s)")
         if target.mem_mib and target.mem_mib > mem:
             problems.append(f"mem={target.mem_mib} MiB but it has {mem} MiB")
         if target.gpu > gpus:
@@ -118,7 +119,9 @@ class LocalProvider(Provider):
         if target.nodes > 1:
             problems.append(f"nodes={target.nodes} but it is one machine")
         if target.mpi > 1:
-            problems.append(f"mpi={target.mpi}, and MPI tasks need a batch provider")
+            from ..worker import local_mpi_launcher
+
+            local_mpi_launcher(target.mpi)  # raises if there is no mpirun here
         if problems:
             raise ResourceError(f"task asks for more than provider '{self.name}' has: "
                                 + "; ".join(problems))
@@ -135,7 +138,7 @@ class LocalProvider(Provider):
                     raise HPCServerlessError(f"{d!r} belongs to provider '{d.provider}'; a local "
                                              "task can only wait for local tasks")
             task_id = client.submit_nested(fn.function_bytes, blob, deps, target.cpu,
-                                           target.mem_mib or 0, env, target.time_s, fn.name)
+                                           target.mem_mib or 0, env, target.time_s, fn.name, target.mpi)
             return TaskRef(task_id, client.key, self.name, fn.name)
         pool = self.pool
         for d in deps:
@@ -144,7 +147,7 @@ class LocalProvider(Provider):
                     f"{d!r} belongs to provider '{d.provider}'; a task on '{self.name}' can "
                     "only depend on tasks of the same provider (pass get(ref) instead)")
         task_id = pool.submit(TaskSpec(fn.key, fn.function_bytes, blob, deps, target.cpu,
-                                       target.mem_mib or 0, env, target.time_s, fn.name))
+                                       target.mem_mib or 0, env, target.time_s, fn.name, target.mpi))
         return pool.track(TaskRef(task_id, pool.key, self.name, fn.name))
 
     # -- programs -------------------------------------------------------------------------

@@ -48,14 +48,19 @@ class TaskSpec:
     """One call as the pool needs it: function key, pickled arguments, resources."""
 
     __slots__ = ("fn_key", "fn_bytes", "args_blob", "deps", "cpu", "mem_mib", "env",
-                 "time_s", "name")
+                 "time_s", "name", "mpi")
 
     def __init__(self, fn_key: str, fn_bytes: bytes, args_blob: bytes, deps: Sequence[TaskRef],
                  cpu: int = 1, mem_mib: int = 0, env: dict[str, str] | None = None,
-                 time_s: int | None = None, name: str = "") -> None:
+                 time_s: int | None = None, name: str = "", mpi: int = 1) -> None:
         self.fn_key, self.fn_bytes, self.args_blob = fn_key, fn_bytes, args_blob
         self.deps, self.cpu, self.mem_mib, self.env = list(deps), cpu, mem_mib, env or None
-        self.time_s, self.name = time_s, name
+        self.time_s, self.name, self.mpi = time_s, name, mpi
+
+    @property
+    def slots(self) -> int:
+        """Cores the task holds: cpu per rank, times its ranks."""
+        return self.cpu * self.mpi
 
 
 class _Task:
@@ -211,7 +216,7 @@ class LocalPool:
 
     # -- scheduling (lock held) ---------------------------------------------------------
     def _fits(self, spec: TaskSpec) -> bool:
-        return spec.cpu <= self._free_slots and spec.mem_mib <= self._free_mem
+        return spec.slots <= self._free_slots and spec.mem_mib <= self._free_mem
 
     def _schedule(self) -> None:
         """Start queued tasks on idle workers; a big task may be passed by smaller ones."""
@@ -239,10 +244,11 @@ class LocalPool:
             task.deadline = time.monotonic() + spec.time_s
             self._wake()
         worker.task = task
-        self._free_slots -= spec.cpu
+        self._free_slots -= spec.slots
         self._free_mem -= spec.mem_mib
         try:
-            worker.conn.send(("run", task.id, spec.fn_key, fn_bytes, spec.args_blob, deps, spec.env))
+            worker.conn.send(("run", task.id, spec.fn_key, fn_bytes, spec.args_blob, deps, spec.env,
+                              spec.mpi))
         except OSError:
             pass  # the dispatcher sees the dead worker and fails the task
 
@@ -252,7 +258,7 @@ class LocalPool:
         or an exception object made here (kept live so its __cause__ survives)."""
         worker = task.worker
         if worker is not None and task.status == TaskStatus.RUNNING:
-            self._free_slots += 0 if worker.blocked else task.spec.cpu
+            self._free_slots += 0 if worker.blocked else task.spec.slots
             self._free_mem += task.spec.mem_mib
             worker.task = None
             worker.blocked = False
@@ -329,12 +335,12 @@ class LocalPool:
                 self._finish(task, ok, payload, TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED)
                 self._idle.append(worker)
         elif kind == "submit":  # a task submitting a task
-            _, fn_bytes, args_blob, dep_ids, cpu, mem, env, time_s, name = msg
+            _, fn_bytes, args_blob, dep_ids, cpu, mem, env, time_s, name, mpi = msg
             fn_key = "n:" + hashlib.sha1(fn_bytes).hexdigest()
             deps = [TaskRef(d, self.key) for d in dep_ids]
             try:
                 task_id = self.submit(TaskSpec(fn_key, fn_bytes, args_blob, deps, cpu, mem, env,
-                                               time_s, name))
+                                               time_s, name, mpi))
                 reply: Any = (True, task_id)
             except HPCServerlessError as exc:
                 reply = (False, pack_exception(exc))
@@ -345,7 +351,7 @@ class LocalPool:
             worker.waiter = ("wait", list(ids), num_returns, deadline)
             if worker.task is not None and not worker.blocked:
                 worker.blocked = True
-                self._free_slots += worker.task.spec.cpu
+                self._free_slots += worker.task.spec.slots
                 self._add_worker_if_starved()
             self._check_waiters()
         elif kind == "fetch":
@@ -377,7 +383,7 @@ class LocalPool:
                 w.waiter = None
                 if w.blocked and w.task is not None:
                     w.blocked = False
-                    self._free_slots -= w.task.spec.cpu
+                    self._free_slots -= w.task.spec.slots
                 try:
                     w.conn.send(("reply", done))
                 except OSError:

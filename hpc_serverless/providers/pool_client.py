@@ -32,9 +32,10 @@ class PoolClient:
         return reply
 
     def submit_nested(self, fn_bytes: bytes, args_blob: bytes, deps: Sequence[TaskRef], cpu: int,
-                      mem_mib: int, env: dict[str, str] | None, time_s: int | None, name: str) -> str:
+                      mem_mib: int, env: dict[str, str] | None, time_s: int | None, name: str,
+                      mpi: int = 1) -> str:
         ok, value = self._ask("submit", fn_bytes, args_blob, [d.task_id for d in deps], cpu,
-                              mem_mib, env, time_s, name)
+                              mem_mib, env, time_s, name, mpi)
         if not ok:
             raise unpack_exception(value)
         return str(value)

@@ -24,6 +24,7 @@ def main() -> None:
     set_client(client)
     register_backend(client)
     functions: dict[str, Callable[..., Any]] = {}
+    fn_raw: dict[str, bytes] = {}  # kept for MPI tasks, whose ranks load the function themselves
     while True:
         try:
             msg = conn.recv()
@@ -31,16 +32,22 @@ def main() -> None:
             return
         if msg[0] == "exit":
             return
-        _, task_id, fn_key, fn_bytes, args_blob, deps_raw, env = msg
+        _, task_id, fn_key, fn_bytes, args_blob, deps_raw, env, mpi = msg
         try:
             fn = functions.get(fn_key)
             if fn is None:
                 fn = functions[fn_key] = loads(fn_bytes)
+                fn_raw[fn_key] = fn_bytes
             deps = {tid: loads(payload) for tid, (ok, payload, _name) in deps_raw.items() if ok}
         except BaseException as exc:  # noqa: BLE001 - reported as the task's failure
             conn.send(("done", task_id, False, pack_exception(exc)))
             continue
-        ok, payload = execute(fn, args_blob, deps, env)
+        if mpi > 1:
+            from ..worker import run_mpi_here
+
+            ok, payload = run_mpi_here(fn_raw[fn_key], args_blob, deps, env, mpi)
+        else:
+            ok, payload = execute(fn, args_blob, deps, env)
         conn.send(("done", task_id, ok, payload))
         del deps, args_blob, msg
 

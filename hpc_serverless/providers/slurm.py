@@ -169,8 +169,8 @@ class SlurmScheduler(Scheduler):
             if result.ok:
                 self._use_squeue = False
                 return S.parse_sacct(result.stdout)
-            if S.is_transient(result.stderr) and "slurmdbd" not in result.stderr:
-                raise SchedulerError(result.describe(), transient=True)
+            if not S.accounting_missing(result.stderr):
+                raise SchedulerError(result.describe(), transient=S.is_transient(result.stderr))
             if not self._use_squeue:
                 log.warning("%s: sacct does not answer (%s); reading job states from squeue",
                             self.site.name, result.describe())

@@ -44,9 +44,13 @@ TRANSIENT = ("Unable to contact slurm controller", "Socket timed out", "Connecti
              "Resource temporarily unavailable", "temporarily unable", "Zero Bytes were transmitted",
              "Slurm backup controller in standby mode", "Connection timed out", "Transport endpoint")
 
-# stderr of sacct when there is no accounting: fall back to squeue
+# stderr of sacct when there is no accounting (or slurmdbd is down): fall back to squeue
 NO_ACCOUNTING = ("accounting storage is disabled", "slurmdbd", "Problem talking to the database",
-                 "Connection refused", "Unable to contact slurm controller")
+                 "persistent connection", "accounting_storage")
+
+
+def accounting_missing(stderr: str) -> bool:
+    return any(t.lower() in stderr.lower() for t in NO_ACCOUNTING)
 
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "Reason", "NodeList")
 

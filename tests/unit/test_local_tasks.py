@@ -237,3 +237,20 @@ def test_decorator_misuse():
         distribute_task({"cpu": 2})
     with pytest.raises(HPCServerlessError, match="get\\(\\) takes"):
         get(42)
+
+
+def test_mpi_task_on_local_provider():
+    pytest.importorskip("mpi4py")
+    import shutil
+
+    if not shutil.which("mpirun"):
+        pytest.skip("no mpirun on this machine")
+
+    @distribute_task(target={"mpi": 2})
+    def ranks(offset):
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        return comm.allreduce(comm.Get_rank() + offset)
+
+    assert get(ranks(10), timeout=120) == 21  # (0 + 10) + (1 + 10), rank 0's value
