@@ -125,17 +125,21 @@ class ObjectStore:
 
     # -- write ------------------------------------------------------------------------
     def put(self, obj: Any, key: str, *, what: str = "object", overwrite: bool = False,
-            meta: dict[str, Any] | None = None) -> int:
+            meta: dict[str, Any] | None = None, durable: bool | None = None) -> int:
         """Serialize `obj` under `key`, atomically; returns the bytes written.
 
         `meta` (small, JSON) goes in the header, readable with :meth:`header` without
         loading the object (a task result's ok flag, say)."""
         data, buffers = dumps_oob(obj, what=what)
         raws = [memoryview(data)] + [b.raw() for b in buffers]
-        return self.write_parts(key, raws, overwrite=overwrite, type_name=_type_name(obj), meta=meta)
+        return self.write_parts(key, raws, overwrite=overwrite, type_name=_type_name(obj), meta=meta,
+                                durable=durable)
 
     def write_parts(self, key: str, parts: list[memoryview], *, overwrite: bool = False,
-                    type_name: str = "", meta: dict[str, Any] | None = None) -> int:
+                    type_name: str = "", meta: dict[str, Any] | None = None,
+                    durable: bool | None = None) -> int:
+        """Write an object from raw parts. `durable` (default: objects under FSYNC_BELOW)
+        fsyncs before the rename, so it survives a crash of the writing node."""
         path = self.path_of(key)
         self._ensure_dir(path.parent)
         header = json.dumps({
@@ -166,7 +170,7 @@ class ObjectStore:
                 finally:
                     value = crc.result()
                 f.write(_TRAILER.pack(value, END))
-                if total < FSYNC_BELOW:
+                if durable if durable is not None else total < FSYNC_BELOW:
                     os.fsync(f.fileno())
             if overwrite:
                 os.replace(tmp, path)

@@ -8,8 +8,8 @@ A batch provider is a composition: a :class:`~hpc_serverless.site.Site`, a trans
 provider does all scheduler traffic, so the scheduler sees a bounded rate whatever the
 user does:
 
-* submission: calls made within ``array_linger`` seconds of each other with the same
-  target become one job array (split at the site's MaxArraySize); a task whose
+* submission: calls made less than ``array_linger`` seconds apart with the same target
+  become one job array (split at the site's MaxArraySize; at most MAX_LINGER_S held); a task whose
   arguments hold TaskRefs is submitted with an ``afterok`` dependency on their jobs;
 * status: one command per poll for all of the provider's unfinished jobs, at
   ``poll_interval``, backing off to ``max_poll_interval`` while nothing changes.
@@ -51,6 +51,9 @@ log = logging.getLogger("hpc_serverless")
 #: how long a job the scheduler calls finished may go without its result file appearing
 #: before we judge it by the scheduler's state (shared filesystems publish files late)
 RESULT_GRACE_S = 5.0
+#: a loop of calls is gathered into one array while calls keep coming `array_linger`
+#: apart, but never held back longer than this
+MAX_LINGER_S = 2.0
 
 
 @dataclass(eq=False)
@@ -110,7 +113,8 @@ class BatchBackend:
         self._cv = threading.Condition(self._lock)
         self._tasks: dict[str, BatchTask] = {}
         self._queue: list[BatchTask] = []
-        self._queued_since: float | None = None
+        self._queued_since: float | None = None   # first call in the queue
+        self._last_enqueue = 0.0
         self._thread: threading.Thread | None = None
         self._interval = self.site.poll_interval
         self._next_poll = 0.0
@@ -132,8 +136,9 @@ class BatchBackend:
         with self._lock:
             self._tasks[task.ref.task_id] = task
             self._queue.append(task)
+            self._last_enqueue = time.monotonic()
             if self._queued_since is None:
-                self._queued_since = time.monotonic()
+                self._queued_since = self._last_enqueue
             self._start()
             self._cv.notify_all()
 
@@ -155,7 +160,8 @@ class BatchBackend:
             with self._lock:
                 now = time.monotonic()
                 if self._queue and self._queued_since is not None and (
-                        now - self._queued_since >= self.site.array_linger
+                        now - self._last_enqueue >= self.site.array_linger
+                        or now - self._queued_since >= MAX_LINGER_S
                         or len(self._queue) >= self.scheduler.max_array_size()):
                     self._submit_queue()
                     continue
@@ -165,7 +171,8 @@ class BatchBackend:
                     continue
                 waits = []
                 if self._queue and self._queued_since is not None:
-                    waits.append(self._queued_since + self.site.array_linger - now)
+                    waits.append(min(self._last_enqueue + self.site.array_linger,
+                                     self._queued_since + MAX_LINGER_S) - now)
                 if active:
                     waits.append(self._next_poll - now)
                 self._cv.wait(max(0.01, min(waits)) if waits else None)
@@ -303,6 +310,8 @@ class BatchBackend:
             self._cv.notify_all()
 
     def _apply_state(self, t: BatchTask, st: JobState | None, now: float) -> bool:
+        if t.settled:  # settled meanwhile (an upstream failed earlier in this poll)
+            return True
         before = (t.status, t.state)
         if st is None:  # vanished from the queue (no accounting): the result file decides
             if time.time() - t.submitted < 2 * self.site.poll_interval + RESULT_GRACE_S:
@@ -477,7 +486,8 @@ class BatchProvider(Provider):
         spec = {"task_id": task_id, "name": fn.name, "fn_key": fn.key, "args": blob,
                 "deps": [(d.task_id, d.function) for d in deps], "env": dict(target.env) or None,
                 "mpi": target.mpi, "versions": versions(), **self.mpi_launch(target)}
-        self.store.put(spec, task_key(task_id), what=f"the call of {fn.name}()")
+        # not fsync'ed: if this process dies before submitting, the task is lost with it anyway
+        self.store.put(spec, task_key(task_id), what=f"the call of {fn.name}()", durable=False)
         ref = TaskRef(task_id, self.backend.key, self.name, fn.name, backend=self.backend)
         self.backend.enqueue(BatchTask(ref, target, [d.task_id for d in deps], fn.name))
         return ref
