@@ -33,11 +33,12 @@ import sys
 import threading
 import time
 import zlib
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any, BinaryIO
 
 from .errors import (CorruptObjectError, ObjectNotFoundError, SerializationError, StoreError,
                      UnsafeStoreError)
+from .fs import FS, LOCAL
 from .serialization import dumps_oob, loads
 
 __all__ = ["ObjectStore", "new_object_id"]
@@ -61,38 +62,31 @@ def new_object_id() -> str:
 class ObjectStore:
     """Objects under one root directory, addressed by relative keys ("objects/ab/abcd...")."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(os.path.expandvars(os.path.expanduser(str(root)))).absolute()
-        self._checked_dirs: set[Path] = set()
+    def __init__(self, root: str | os.PathLike[str], fs: FS | None = None) -> None:
+        self.fs = fs or LOCAL
+        raw = str(root) if self.fs.remote else os.path.expandvars(os.path.expanduser(str(root)))
+        self.root = PurePosixPath(raw if self.fs.remote else os.path.abspath(raw))
+        self._checked_dirs: set[PurePosixPath] = set()
 
     def __repr__(self) -> str:
         return f"ObjectStore({str(self.root)!r})"
 
     # -- paths and safety -------------------------------------------------------------
-    def path_of(self, key: str) -> Path:
+    def path_of(self, key: str) -> PurePosixPath:
         if not _KEY_RE.match(key) or ".." in key.split("/"):
             raise StoreError(f"invalid object key {key!r}")
         return self.root / key
 
-    def _ensure_dir(self, directory: Path) -> None:
+    def _ensure_dir(self, directory: PurePosixPath) -> None:
         if directory in self._checked_dirs:
             return
         try:
-            missing = []
-            d = directory
-            while not d.exists():
-                missing.append(d)
-                d = d.parent
-            for d in reversed(missing):  # each level 0700 (mkdir(parents=True) uses the umask)
-                try:
-                    d.mkdir(mode=0o700)
-                except FileExistsError:
-                    pass
+            self.fs.makedirs(str(directory), 0o700)  # each level 0700, not the umask's choice
         except OSError as exc:
             raise StoreError(f"cannot create store directory {directory}: {exc}") from exc
         self._check_dir(directory)
 
-    def _check_dir(self, directory: Path) -> None:
+    def _check_dir(self, directory: PurePosixPath) -> None:
         """Refuse directories (from the root down) that others can write or that we do not own."""
         if directory in self._checked_dirs:
             return
@@ -107,20 +101,21 @@ class ObjectStore:
             if d in self._checked_dirs:
                 continue
             try:
-                st = d.stat()
+                st = self.fs.stat(str(d))
             except FileNotFoundError:
                 raise
             except OSError as exc:
                 raise StoreError(f"cannot read store directory {d}: {exc}") from exc
-            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            if st.mode & (stat.S_IWGRP | stat.S_IWOTH):
                 raise UnsafeStoreError(
                     f"store directory {d} is writable by other users (mode "
-                    f"{stat.filemode(st.st_mode)}); refusing to load pickled objects from it. "
+                    f"{stat.filemode(st.mode)}); refusing to load pickled objects from it. "
                     f"Fix with: chmod go-w {d}")
-            if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+            owner = self.fs.owner_uid()
+            if owner is not None and st.uid != owner:
                 raise UnsafeStoreError(
-                    f"store directory {d} belongs to uid {st.st_uid}, not to you "
-                    f"(uid {os.geteuid()}); refusing to load pickled objects from it")
+                    f"store directory {d} belongs to uid {st.uid}, not to you "
+                    f"(uid {owner}); refusing to load pickled objects from it")
             self._checked_dirs.add(d)
 
     # -- write ------------------------------------------------------------------------
@@ -152,13 +147,13 @@ class ObjectStore:
         }, separators=(",", ":")).encode()
         head = MAGIC + struct.pack("<Q", len(header)) + header
         total = len(head) + sum(p.nbytes for p in parts) + _TRAILER.size
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            f = self.fs.open_new(tmp, 0o600)
         except OSError as exc:
             raise StoreError(f"cannot write to the object store at {path.parent}: {exc}") from exc
         try:
-            with os.fdopen(fd, "wb", buffering=0) as f:
+            with f:
                 crc = _Crc(zlib.crc32(head), total)
                 try:
                     _write_all(f, memoryview(head))
@@ -171,37 +166,29 @@ class ObjectStore:
                     value = crc.result()
                 f.write(_TRAILER.pack(value, END))
                 if durable if durable is not None else total < FSYNC_BELOW:
-                    os.fsync(f.fileno())
+                    self.fs.sync(f)
             if overwrite:
-                os.replace(tmp, path)
+                self.fs.replace(tmp, str(path))
             else:
-                # link() fails if the key exists: objects are immutable, first writer wins
+                # objects are immutable: the first writer wins, a second is refused
                 try:
-                    os.link(tmp, path)
+                    self.fs.link_noreplace(tmp, str(path))
                 except FileExistsError:
                     raise StoreError(f"object {key} already exists (objects are immutable)") from None
-                except OSError:  # filesystems without hard links
-                    os.replace(tmp, path)
-                finally:
-                    if tmp.exists():
-                        os.unlink(tmp)
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            self.fs.unlink(tmp)
             raise
         return total
 
     # -- read -------------------------------------------------------------------------
     def exists(self, key: str) -> bool:
-        return self.path_of(key).exists()
+        return self.fs.exists(str(self.path_of(key)))
 
     def header(self, key: str) -> dict[str, Any] | None:
         """The header of the object under `key` (None if there is none): cheap, no payload read."""
         path = self.path_of(key)
         try:
-            with open(path, "rb") as f:
+            with self.fs.open_read(str(path)) as f:
                 head = f.read(16)
                 if len(head) < 16 or head[:8] != MAGIC:
                     raise CorruptObjectError(f"{path} is not a stored object (bad magic): damaged")
@@ -228,7 +215,7 @@ class ObjectStore:
     def read_parts(self, key: str) -> tuple[Any, list[Any], dict[str, Any]]:
         path = self.path_of(key)
         try:
-            f = open(path, "rb", buffering=0)
+            f = self.fs.open_read(str(path))
         except FileNotFoundError:
             raise ObjectNotFoundError(
                 f"object {key} is not in the store at {self.root} (deleted, never written, "
@@ -237,7 +224,7 @@ class ObjectStore:
             raise StoreError(f"cannot read {path}: {exc}") from exc
         with f:
             self._check_dir(path.parent)
-            size = os.fstat(f.fileno()).st_size
+            size = self.fs.stat(str(path)).size
             head = f.read(16)
             if len(head) < 16 or head[:8] != MAGIC:
                 raise CorruptObjectError(f"{path} is not a stored object (bad magic): damaged")
@@ -276,10 +263,7 @@ class ObjectStore:
         return parts[0], parts[1:], header
 
     def delete(self, key: str) -> None:
-        try:
-            os.unlink(self.path_of(key))
-        except FileNotFoundError:
-            pass
+        self.fs.unlink(str(self.path_of(key)))
 
 
 def _buffer(n: int) -> Any:

@@ -2,6 +2,7 @@ import os
 import pickle
 import stat
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -19,9 +20,9 @@ def store(tmp_path):
 def test_roundtrip_and_permissions(store):
     store.put({"a": [1, 2, 3]}, "objects/ab/abc")
     assert store.get("objects/ab/abc") == {"a": [1, 2, 3]}
-    path = store.path_of("objects/ab/abc")
+    path = Path(store.path_of("objects/ab/abc"))
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    for d in (store.root, path.parent):
+    for d in (Path(store.root), path.parent):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
@@ -53,7 +54,7 @@ def test_missing_object(store):
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
 def test_damaged_objects_are_detected(store, damage):
     store.put(list(range(1000)), "x/obj")
-    path = store.path_of("x/obj")
+    path = Path(store.path_of("x/obj"))
     data = bytearray(path.read_bytes())
     if damage == "truncate":
         data = data[:-20]
@@ -87,7 +88,7 @@ def test_crash_mid_write_leaves_no_valid_object(store, monkeypatch):
     with pytest.raises(Boom):
         store.put(b"x" * 100_000, "x/half")
     assert not store.exists("x/half")
-    assert not list(store.path_of("x/half").parent.iterdir())
+    assert not list(Path(store.path_of("x/half")).parent.iterdir())
 
 
 def test_refuses_world_writable_store(tmp_path):

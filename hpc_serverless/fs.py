@@ -1,0 +1,151 @@
+"""Filesystems the object store and job records live on: this machine's, or a remote one
+over SFTP. The store is written against this small interface, so `put`/`get` work the
+same on a login node and on a laptop that reaches the cluster over SSH.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import secrets
+import stat as stat_mod
+from typing import IO, NamedTuple
+
+
+class StatResult(NamedTuple):
+    mode: int
+    uid: int
+    size: int
+
+
+class FS(abc.ABC):
+    """The operations the store needs. Paths are absolute POSIX strings."""
+
+    remote = False
+
+    @abc.abstractmethod
+    def open_new(self, path: str, mode: int = 0o600) -> IO[bytes]:
+        """Create `path` (must not exist) for writing, with permissions `mode`."""
+
+    @abc.abstractmethod
+    def open_read(self, path: str) -> IO[bytes]:
+        """Open for reading; FileNotFoundError if missing."""
+
+    @abc.abstractmethod
+    def stat(self, path: str) -> StatResult:
+        """FileNotFoundError if missing."""
+
+    @abc.abstractmethod
+    def mkdir(self, path: str, mode: int = 0o700) -> None:
+        """One level; FileExistsError if it exists."""
+
+    @abc.abstractmethod
+    def link_noreplace(self, src: str, dst: str) -> None:
+        """Give `src` the name `dst` as well; FileExistsError if `dst` exists."""
+
+    @abc.abstractmethod
+    def replace(self, src: str, dst: str) -> None: ...
+
+    @abc.abstractmethod
+    def unlink(self, path: str) -> None:
+        """Remove a file; no error if it is already gone."""
+
+    @abc.abstractmethod
+    def listdir(self, path: str) -> list[str]: ...
+
+    def sync(self, f: IO[bytes]) -> None:
+        """Make what was written to `f` durable (fsync)."""
+
+    def owner_uid(self) -> int | None:
+        """The uid files we write get (to check a store's directories are ours)."""
+        return os.geteuid() if hasattr(os, "geteuid") else None
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.stat(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def is_dir(self, path: str) -> bool:
+        try:
+            return stat_mod.S_ISDIR(self.stat(path).mode)
+        except FileNotFoundError:
+            return False
+
+    def makedirs(self, path: str, mode: int = 0o700) -> None:
+        """Create `path` and missing parents, each with `mode` (not the umask's choice)."""
+        missing = []
+        p = path.rstrip("/") or "/"
+        while not self.exists(p):
+            missing.append(p)
+            parent = os.path.dirname(p)
+            if parent == p:
+                break
+            p = parent
+        for d in reversed(missing):
+            try:
+                self.mkdir(d, mode)
+            except FileExistsError:
+                pass
+
+    def read_bytes(self, path: str, offset: int = 0) -> bytes:
+        with self.open_read(path) as f:
+            if offset:
+                f.seek(offset)
+            return f.read()
+
+    def write_atomic(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        """Small files (records, markers): write a temporary name, then rename over."""
+        tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{secrets.token_hex(4)}.tmp"
+        with self.open_new(tmp, mode) as f:
+            f.write(data)
+        self.replace(tmp, path)
+
+
+class LocalFS(FS):
+    """This machine's filesystem (a login node's view of the shared filesystem)."""
+
+    def open_new(self, path: str, mode: int = 0o600) -> IO[bytes]:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        return os.fdopen(fd, "wb", buffering=0)
+
+    def open_read(self, path: str) -> IO[bytes]:
+        return open(path, "rb", buffering=0)
+
+    def stat(self, path: str) -> StatResult:
+        st = os.stat(path)
+        return StatResult(st.st_mode, st.st_uid, st.st_size)
+
+    def mkdir(self, path: str, mode: int = 0o700) -> None:
+        os.mkdir(path, mode)
+
+    def link_noreplace(self, src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links: check, then rename
+            if os.path.exists(dst):
+                raise FileExistsError(dst) from None
+            os.replace(src, dst)
+            return
+        os.unlink(src)
+
+    def replace(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+    def unlink(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def sync(self, f: IO[bytes]) -> None:
+        os.fsync(f.fileno())
+
+
+LOCAL = LocalFS()
