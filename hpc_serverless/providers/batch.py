@@ -99,6 +99,15 @@ class Scheduler(abc.ABC):
     def check_target(self, target: Target) -> None:
         """Raise ResourceError for what the site can never run."""
 
+    @abc.abstractmethod
+    def program_script(self, target: Target, *, job_name: str, job_id: str, job_dir: str,
+                       env: Mapping[str, str], workdir: str, command: Sequence[str]) -> str:
+        """The batch script of a Program (from the scheduler's template in jobscripts/)."""
+
+    @abc.abstractmethod
+    def submit_script(self, path: str) -> str:
+        """Submit a script already on the site's filesystem; its job id."""
+
 
 class BatchBackend:
     """TaskRef backend of one batch provider: queues, submits, polls, collects."""
@@ -120,6 +129,7 @@ class BatchBackend:
         self._next_poll = 0.0
         self._closed = False
         self._functions_written: set[str] = set()
+        self._job_cache: dict[str, tuple[float, JobState | None]] = {}
         self.polls = 0
         register_backend(self)
 
@@ -353,6 +363,26 @@ class BatchBackend:
         return WorkerDiedError(f"task {t.name}: {detail}, without storing a result. Its log: "
                                f"{self.provider.log_path_hint(t.job_id or '')}")
 
+    def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState | None]:
+        """States of program jobs, from a cache no older than poll_interval: however often
+        job.status() is called, the scheduler sees at most one command per interval, and
+        that command also covers every open task of the provider."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [j for j in job_ids
+                     if j not in self._job_cache or now - self._job_cache[j][0] >= self.site.poll_interval]
+            if stale:
+                active = [t for t in self._tasks.values() if t.job_id and not t.settled]
+                ids = list(dict.fromkeys([*stale, *(t.job_id for t in active if t.job_id)]))
+                self.polls += 1
+                states = self.scheduler.poll(ids)
+                for j in stale:
+                    self._job_cache[j] = (now, states.get(j))
+                for t in active:
+                    self._apply_state(t, states.get(t.job_id or ""), now)
+                self._cv.notify_all()
+            return {j: self._job_cache[j][1] for j in job_ids}
+
     # -- TaskBackend ----------------------------------------------------------------------------
     def _task(self, ref: TaskRef) -> BatchTask:
         t = self._tasks.get(ref.task_id)
@@ -455,7 +485,8 @@ class BatchProvider(Provider):
         self.site = site
         self.transport = transport
         self.scheduler = scheduler
-        self._store = ObjectStore(site.storage_path / "store")
+        self.fs = transport.filesystem()
+        self._store = ObjectStore(site.storage_path / "store", fs=self.fs)
         self.backend = BatchBackend(self)
 
     @property
@@ -499,6 +530,12 @@ class BatchProvider(Provider):
 
     def log_path_hint(self, job_id: str) -> str:
         return str(self.site.storage_path / "jobs" / job_id)
+
+    def render_program(self, program: "Program", arguments: Mapping[str, Any] | None = None) -> str:
+        """The batch script run_program would submit (for `hpc-serverless run --dry-run`)."""
+        from ..programs_batch import BatchJobs
+
+        return BatchJobs(self).render(program, "DRY-RUN-JOB-ID")
 
     def stats(self) -> dict[str, int]:
         """Commands run on the site so far, by program name (sbatch, sacct, ...)."""

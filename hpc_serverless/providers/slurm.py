@@ -160,6 +160,27 @@ class SlurmScheduler(Scheduler):
             jobs = [ex.submit(worker.run, self.store_root, t.ref.task_id) for t in tasks]
         return [j.job_id for j in jobs]
 
+    # -- programs ----------------------------------------------------------------------------------
+    def program_script(self, target: Target, *, job_name: str, job_id: str, job_dir: str,
+                       env: Mapping[str, str], workdir: str, command: Sequence[str]) -> str:
+        from ..jobscript import command_line, export_lines, render
+
+        options = {"job-name": _job_name(job_name), "output": f"{job_dir}/output.log",
+                   "open-mode": "append", **S.sbatch_options(target, directives=self.site.directives)}
+        return render("slurm.sh", {
+            "DIRECTIVES": "\n".join(S.directive_lines(options)),
+            "JOB_ID": job_id, "JOB_DIR": shlex.quote(job_dir),
+            "SETUP": "\n".join(self.site.setup) or "# (none)",
+            "ENVIRONMENT": export_lines({**self.site.env, **env}),
+            "WORKDIR": shlex.quote(workdir), "COMMAND": command_line(command)})
+
+    def submit_script(self, path: str) -> str:
+        result = self.transport.run(["sbatch", "--parsable", path])
+        if not result.ok:
+            raise SchedulerError(f"Slurm refused the job: {result.describe()}",
+                                 transient=S.is_transient(result.stderr))
+        return S.parse_sbatch(result.stdout)
+
     # -- status -------------------------------------------------------------------------------------
     def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
         # array elements are asked for by their array's id: one entry covers all of them

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -64,34 +65,59 @@ def status_of(state: str) -> str:
 
 
 # -- targets --------------------------------------------------------------------------------------
-def submitit_parameters(target: Target, *, directives: Iterable[str] = ()) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters for a target (site defaults already merged in)."""
-    ranks = target.mpi
-    per_node = max(1, math.ceil(ranks / target.nodes))
-    params: dict[str, Any] = {
-        "nodes": target.nodes,
-        "ntasks_per_node": per_node,
-        "cpus_per_task": target.cpu,
-        "use_srun": False,  # our worker starts the ranks itself, through the site's launcher
-        "stderr_to_stdout": True,
-    }
+def sbatch_options(target: Target, *, directives: Iterable[str] = ()) -> dict[str, Any]:
+    """The sbatch long options (name -> value, True for a bare flag) for a target, site
+    defaults already merged in. The one place the target-to-Slurm mapping lives."""
+    per_node = max(1, math.ceil(target.mpi / target.nodes))
+    opts: dict[str, Any] = {"nodes": target.nodes, "ntasks-per-node": per_node,
+                            "cpus-per-task": target.cpu}
     if target.time_s:
-        params["time"] = max(1, math.ceil(target.time_s / 60))
+        opts["time"] = max(1, math.ceil(target.time_s / 60))
     if target.mem_mib:
-        params["mem"] = f"{target.mem_mib}M"
+        opts["mem"] = f"{target.mem_mib}M"
     if target.gpu:
-        params["gpus_per_node"] = target.gpu
+        opts["gpus-per-node"] = target.gpu
     for key in ("partition", "account", "qos", "constraint"):
         value = getattr(target, key)
         if value:
-            params[key] = value
-    extra: dict[str, Any] = {}
+            opts[key] = value
     for line in [*directives, *target.directives]:
         key, value = parse_directive(line)
-        extra[key] = value
+        opts[key] = value
+    return opts
+
+
+#: sbatch options submitit takes as its own parameters (with _ for -); the rest go to
+#: its `additional_parameters`
+_SUBMITIT_NATIVE = {"nodes", "ntasks-per-node", "cpus-per-task", "time", "mem", "gpus-per-node",
+                    "partition", "account", "qos", "constraint"}
+
+
+def submitit_parameters(target: Target, *, directives: Iterable[str] = ()) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters for a target (site defaults already merged in)."""
+    opts = sbatch_options(target, directives=directives)
+    params: dict[str, Any] = {"use_srun": False,  # our worker starts MPI ranks itself
+                              "stderr_to_stdout": True}
+    extra: dict[str, Any] = {}
+    for key, value in opts.items():
+        if key in _SUBMITIT_NATIVE:
+            params[key.replace("-", "_")] = value
+        else:
+            extra[key] = value
     if extra:
         params["additional_parameters"] = extra
     return params
+
+
+def directive_lines(options: Mapping[str, Any]) -> list[str]:
+    """'#SBATCH --name=value' lines, values quoted (they come from users)."""
+    lines = []
+    for key, value in options.items():
+        if value is True:
+            lines.append(f"#SBATCH --{key}")
+        else:
+            lines.append(f"#SBATCH --{key}={shlex.quote(str(value))}")
+    return lines
 
 
 def parse_directive(line: str) -> tuple[str, Any]:

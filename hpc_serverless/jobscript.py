@@ -1,0 +1,44 @@
+"""Rendering batch scripts from the templates in ``jobscripts/`` (one helper, one place).
+
+Every value that came from a user is quoted here; templates only have @SLOTS@.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from importlib import resources
+from typing import Mapping, Sequence
+
+_SLOT = re.compile(r"@([A-Z_]+)@")
+
+
+def template(name: str) -> str:
+    """The text of jobscripts/<name> (from the installed package)."""
+    return resources.files("hpc_serverless.jobscripts").joinpath(name).read_text()
+
+
+def render(name: str, slots: Mapping[str, str]) -> str:
+    """Fill a template's @SLOTS@; a slot left unfilled is a bug, not a silent blank."""
+    text = template(name)
+    missing = sorted(set(_SLOT.findall(text)) - set(slots))
+    if missing:
+        raise KeyError(f"template {name} has unfilled slots: {', '.join(missing)}")
+    return _SLOT.sub(lambda m: slots[m.group(1)], text)
+
+
+def export_lines(env: Mapping[str, str]) -> str:
+    """`export NAME=value` lines, values shell-quoted (names are checked identifiers)."""
+    for k in env:
+        if not k.isidentifier():
+            raise ValueError(f"{k!r} is not an environment variable name")
+    return "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in env.items())
+
+
+def command_line(argv: Sequence[str]) -> str:
+    return "exec " + shlex.join(argv)
+
+
+def comment_safe(text: str) -> str:
+    """A user string made safe to sit in a `#` comment line (no newline escapes it)."""
+    return re.sub(r"[\r\n]+", " ", text)[:200]
