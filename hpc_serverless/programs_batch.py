@@ -121,6 +121,9 @@ class BatchJobs:
             info.update(status=TaskStatus.PENDING, state="SUBMITTED", reason="not listed by the scheduler yet")
         elif not state.final:
             info.update(status=state.status, state=state.state, reason=state.reason, nodes=state.nodes)
+            if state.status == TaskStatus.PENDING and self.fs.exists(posixpath.join(job_dir, "output.log")):
+                # its log exists: it started since the (cached, rate-bounded) scheduler answer
+                info.update(status=TaskStatus.RUNNING, state="RUNNING", reason="")
         else:
             # ended without the runner's exit record: time limit, memory, cancel, node failure
             from .schedulers.slurm import FAILURE_TEXT

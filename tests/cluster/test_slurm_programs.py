@@ -1,0 +1,161 @@
+"""Programs on the real Slurm test cluster: submit, forget, find again, stop; and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from hpc_serverless import Program, QuantumServerless
+from hpc_serverless.errors import JobFailedError
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def config(site_path, tmp_path):
+    cfg = tmp_path / "serverless.yaml"
+    cfg.write_text(f"providers:\n  - name: local\n  - name: cluster\n    site: {site_path}\ndefault: cluster\n")
+    return cfg
+
+
+@pytest.fixture
+def serverless(config):
+    return QuantumServerless.load_configuration(config)
+
+
+def _src(tmp_path, body, name="main.py"):
+    wd = tmp_path / "source files"
+    wd.mkdir(exist_ok=True)
+    (wd / name).write_text(textwrap.dedent(body))
+    return wd
+
+
+def test_program_runs_and_is_found_from_another_process(serverless, config, tmp_path):
+    wd = _src(tmp_path, """
+        import os
+        from hpc_serverless import QuantumServerless, distribute_task, get, get_arguments, save_result
+
+        @distribute_task
+        def square(x):
+            return x * x
+
+        args = get_arguments()
+        print("allocation cores:", os.environ.get("SLURM_CPUS_ON_NODE"), flush=True)
+        save_result({"squares": get([square(i) for i in range(args["n"])])})
+    """)
+    program = Program(title="squares $(whoami); 'quoted' \"title\"", entrypoint="main.py",
+                      working_dir=str(wd), target={"cpu": 2})
+    job = serverless.run_program(program, arguments={"n": 5})
+    assert job.status() in ("PENDING", "RUNNING", "SUCCEEDED")
+    code = textwrap.dedent(f"""
+        from hpc_serverless import QuantumServerless
+        s = QuantumServerless.load_configuration({str(config)!r})
+        job = s.get_job_by_id({job.job_id!r})
+        print(repr(job.result(timeout=180)))
+        print(job.status())
+        print(job.logs())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "{'squares': [0, 1, 4, 9, 16]}" and lines[1] == "SUCCEEDED"
+    assert "allocation cores: 2" in out.stdout
+    info = job.info()
+    assert info["title"] == program.title and info["scheduler_job_id"]
+    assert job.job_id in [j.job_id for j in serverless.jobs()]
+
+
+def test_failing_program_says_why(serverless, tmp_path):
+    wd = _src(tmp_path, "def solve():\n    raise ArithmeticError('matrix is singular')\nsolve()\n")
+    job = serverless.run_program(Program("fails", "main.py", working_dir=str(wd)))
+    with pytest.raises(JobFailedError, match=r"(?s)FAILED.*matrix is singular"):
+        job.result(timeout=180)
+    assert job.status() == "FAILED"
+    assert "Traceback" in job.logs() and "ArithmeticError" in job.logs()
+
+
+def test_stop_running_program(serverless, tmp_path):
+    wd = _src(tmp_path, "import time\nprint('started', flush=True)\ntime.sleep(600)\n")
+    job = serverless.run_program(Program("sleeper", "main.py", working_dir=str(wd)))
+    deadline = time.time() + 120
+    while "started" not in job.logs() and time.time() < deadline:
+        time.sleep(0.5)
+    assert job.status() == "RUNNING"
+    assert job.stop() is True
+    deadline = time.time() + 60
+    while job.status() not in ("STOPPED", "FAILED") and time.time() < deadline:
+        time.sleep(1)
+    assert job.status() == "STOPPED"
+    with pytest.raises(JobFailedError, match="STOPPED"):
+        job.result(timeout=5)
+
+
+def test_missing_entrypoint_is_refused_before_submission(serverless, tmp_path):
+    from hpc_serverless.errors import ProgramError
+
+    provider = serverless.provider("cluster")
+    before = dict(provider.transport.counts)
+    with pytest.raises(ProgramError, match="not found"):
+        serverless.run_program(Program("t", "nope.py", working_dir=str(tmp_path)))
+    assert provider.transport.counts.get("sbatch", 0) == before.get("sbatch", 0)
+
+
+def test_benchmark_example_as_a_program(serverless):
+    pytest.importorskip("qiskit_aer")
+    program = Program(title="benchmark_program", entrypoint="benchmark.py",
+                      working_dir=str(ROOT / "examples"), description="Benchmark program",
+                      target={"cpu": 2})
+    job = serverless.run_program(program, arguments={"n_graphs": 2, "n_backends": 2})
+    result = job.result(timeout=300)
+    assert result["execution_time"] > 0
+    assert "Execution time:" in job.logs()
+
+
+def test_cli_end_to_end(config, tmp_path):
+    wd = _src(tmp_path, """
+        import time
+        from hpc_serverless import get_arguments, save_result
+        for i in range(3):
+            print("step", i, flush=True)
+            time.sleep(0.5)
+        save_result({"echo": get_arguments()})
+    """, name="prog.py")
+    cli = [sys.executable, "-m", "hpc_serverless.cli", "--config", str(config)]
+    env = {**os.environ, "HPC_SERVERLESS_NO_PROGRESS": "1"}
+
+    def run(*args, check=True):
+        out = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=300, env=env)
+        if check:
+            assert out.returncode == 0, out.stderr
+        return out
+
+    dry = run("run", str(wd / "prog.py"), "--dry-run", "--target", '{"cpu": 2}')
+    assert "#SBATCH --cpus-per-task=2" in dry.stdout
+    job_id = run("run", str(wd / "prog.py"), "--arg", "n=3", "--arg", "name=H2 molecule").stdout.strip()
+    follow = run("logs", "--follow", "--interval", "0.5", job_id)
+    assert "step 2" in follow.stdout
+    assert run("status", job_id).stdout.strip() == "SUCCEEDED"
+    assert json.loads(run("result", job_id).stdout) == {"echo": {"n": 3, "name": "H2 molecule"}}
+    assert job_id in run("jobs").stdout
+    assert run("stop", job_id).stdout.startswith("not running")
+    bad = run("status", "no-such-job", check=False)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: no job 'no-such-job'")
+    assert len(bad.stderr.strip().splitlines()) == 1
+    for sub in ("run", "status", "logs", "result", "stop", "jobs"):
+        assert run(sub, "--help").stdout.startswith("usage:")
+
+
+def test_sites_check(site_path):
+    out = subprocess.run([sys.executable, "-m", "hpc_serverless.cli", "sites", "check", site_path],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "valid" in out.stdout and "sinfo" in out.stdout
