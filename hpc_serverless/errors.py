@@ -22,6 +22,8 @@ builtin fits, the error also subclasses it, so generic handlers keep working::
     ├── GetTimeoutError(TimeoutError)    get()/wait()/result() ran out of time
     ├── SchedulerError(RuntimeError)     the batch scheduler refused or failed a command
     ├── TransportError(ConnectionError)  running a command or moving a file failed
+    │   ├── HostKeyError                 an SSH host key unknown or changed: refused
+    │   └── AuthenticationError          SSH login refused (key, password, one-time code)
     ├── ProgramError(ValueError)         a Program that cannot be run (missing entrypoint)
     └── JobFailedError(RuntimeError)     job.result() of a program that failed or was stopped
 
@@ -136,6 +138,18 @@ class TransportError(HPCServerlessError, ConnectionError):
     """A command could not be run or a file moved on the provider's host."""
 
     transient = True
+
+
+class HostKeyError(TransportError):
+    """An SSH server whose host key is not known, or differs from the known one: refused."""
+
+    transient = False
+
+
+class AuthenticationError(TransportError):
+    """The SSH server refused every way we had to log in."""
+
+    transient = False
 
 
 class ProgramError(HPCServerlessError, ValueError):

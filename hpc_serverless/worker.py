@@ -18,6 +18,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -125,7 +126,7 @@ def run(store_root: str, task_id: str) -> bool:
 def _quiet_time_limit_signal() -> None:
     """submitit turns the 'time nearly up' signal into an error; we let Slurm end the job
     instead, so it shows as TIMEOUT with that reason (and a retry can be decided later)."""
-    if hasattr(signal, "SIGUSR2"):
+    if hasattr(signal, "SIGUSR2") and threading.current_thread() is threading.main_thread():
         def note(_signum: int, _frame: Any) -> None:
             print("[hpc-serverless] the job's time limit is near", file=sys.stderr, flush=True)
 

@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import shlex
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -45,8 +47,12 @@ def _executor_class() -> type:
     from submitit.slurm.slurm import SlurmJob
 
     class TransportSlurmExecutor(submitit.SlurmExecutor):  # type: ignore[misc,name-defined]
-        def __init__(self, folder: Path, python: str, transport: "Transport") -> None:
+        def __init__(self, folder: Path, python: str, transport: "Transport",
+                     remote_folder: str | None = None) -> None:
             self._transport = transport
+            # over SSH submitit writes into a local staging folder; its paths in the script
+            # are rewritten to the site's, and the files follow in one upload
+            self._paths = (str(folder).replace("/%j", ""), remote_folder) if remote_folder else None
             super().__init__(folder, python=python)
             self._throttling = 0.0  # our engine batches and bounds the rate itself
 
@@ -59,8 +65,16 @@ def _executor_class() -> type:
             folder = su.JobPaths.get_first_id_independent_folder(self.folder)
             folder.mkdir(parents=True, exist_ok=True)
             script = folder / f".submission_file_{uid}.sh"
-            script.write_text(self._make_submission_file_text(command, uid))
-            result = self._transport.run(["sbatch", "--parsable", str(script)])
+            text = self._make_submission_file_text(command, uid)
+            script.write_text(text)
+            target = str(script)
+            if self._paths is not None:
+                local, remote = self._paths
+                target = f"{remote}/.submission_file_{uid}.sh"
+                fs = self._transport.filesystem()
+                fs.makedirs(remote, 0o700)
+                fs.write_atomic(target, text.replace(local, remote).encode(), mode=0o700)
+            result = self._transport.run(["sbatch", "--parsable", target])
             if not result.ok:
                 script.unlink(missing_ok=True)
                 raise SchedulerError(f"Slurm refused the job: {result.describe()}",
@@ -131,13 +145,15 @@ class SlurmScheduler(Scheduler):
 
     # -- submission -------------------------------------------------------------------------------
     def setup_lines(self, target: Target) -> list[str]:
-        lines = list(self.site.setup)
-        env = {**self.site.env, "HPC_SERVERLESS_STORE": self.store_root}
-        lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-        return lines
+        from ..jobscript import export_lines
 
-    def executor(self, target: Target, name: str, after: Sequence[str]) -> Any:
-        ex = _executor_class()(self.folder, shlex.quote(self.site.python), self.transport)
+        env = {**self.site.env, "HPC_SERVERLESS_STORE": self.store_root}
+        return [*self.site.setup, export_lines(env)]
+
+    def executor(self, target: Target, name: str, after: Sequence[str], staging: Path | None = None) -> Any:
+        folder = self.folder if staging is None else staging / "jobs" / "%j"
+        remote = None if staging is None else str(self.site.storage_path / "jobs")
+        ex = _executor_class()(folder, shlex.quote(self.site.python), self.transport, remote)
         params = S.submitit_parameters(target, directives=self.site.directives)
         extra = dict(params.pop("additional_parameters", {}))
         if after:
@@ -153,12 +169,24 @@ class SlurmScheduler(Scheduler):
         from .. import worker
 
         name = tasks[0].name if len({t.name for t in tasks}) == 1 else "tasks"
-        ex = self.executor(target, name, after)
-        if len(tasks) == 1:
-            return [ex.submit(worker.run, self.store_root, tasks[0].ref.task_id).job_id]
-        with ex.batch():
-            jobs = [ex.submit(worker.run, self.store_root, t.ref.task_id) for t in tasks]
-        return [j.job_id for j in jobs]
+        remote = self.transport.filesystem().remote
+        staging = Path(tempfile.mkdtemp(prefix="hpcs-submitit-")) if remote else None
+        try:
+            ex = self.executor(target, name, after, staging)
+            if len(tasks) == 1:
+                job_ids = [ex.submit(worker.run, self.store_root, tasks[0].ref.task_id).job_id]
+            else:
+                with ex.batch():
+                    jobs = [ex.submit(worker.run, self.store_root, t.ref.task_id) for t in tasks]
+                job_ids = [j.job_id for j in jobs]
+            if staging is not None:  # the pickles the jobs wait for (submitit allows them 60 s)
+                for link in [p for p in (staging / "jobs").rglob("*") if p.is_symlink()]:
+                    link.unlink()
+                self.transport.upload_tree(str(staging / "jobs"), str(self.site.storage_path / "jobs"))
+            return job_ids
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
 
     # -- programs ----------------------------------------------------------------------------------
     def program_script(self, target: Target, *, job_name: str, job_id: str, job_dir: str,

@@ -1,0 +1,175 @@
+"""The batch engine (arrays, dependencies, polling bounds, vanished jobs) against a fake
+scheduler that runs each job's real worker code in a thread: the parts of a Slurm site
+that are ours, without Slurm. The real cluster tests cover the real scheduler."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Sequence
+
+import pytest
+
+from hpc_serverless import QuantumServerless, distribute_task, get
+from hpc_serverless.errors import DependencyError, SchedulerError, WorkerDiedError
+from hpc_serverless.providers.batch import BatchProvider, BatchTask, Scheduler
+from hpc_serverless.schedulers.common import JobState
+from hpc_serverless.site import site_from_mapping
+from hpc_serverless.target import Target
+from hpc_serverless.transport import MockTransport
+from hpc_serverless import worker
+
+
+class FakeScheduler(Scheduler):
+    """Jobs run hpc_serverless.worker.run in threads; states as a scheduler would report."""
+
+    name = "Fake"
+
+    def __init__(self, store_root: str, *, lose: set[str] | None = None, refuse: bool = False) -> None:
+        self.store_root = store_root
+        self.states: dict[str, str] = {}
+        self.submits: list[tuple[int, tuple[str, ...]]] = []
+        self.poll_times: list[float] = []
+        self.lose = lose or set()  # task names whose jobs die without a result
+        self.refuse = refuse
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def submit(self, tasks: Sequence[BatchTask], target: Target, after: Sequence[str]) -> list[str]:
+        if self.refuse:
+            raise SchedulerError("Fake refused the job: invalid account")
+        with self._lock:
+            self._n += 1
+            base = str(self._n)
+        ids = [base if len(tasks) == 1 else f"{base}_{i}" for i in range(len(tasks))]
+        self.submits.append((len(tasks), tuple(after)))
+        for job_id, task in zip(ids, tasks):
+            self.states[job_id] = "PENDING"
+            threading.Thread(target=self._run, args=(job_id, task, list(after)), daemon=True).start()
+        return ids
+
+    def _run(self, job_id: str, task: BatchTask, after: list[str]) -> None:
+        while any(self.states.get(a) not in ("COMPLETED",) for a in after):
+            if any(self.states.get(a) in ("FAILED", "CANCELLED") for a in after):
+                self.states[job_id] = "CANCELLED"
+                return
+            time.sleep(0.01)
+        self.states[job_id] = "RUNNING"
+        if task.name in self.lose:
+            self.states[job_id] = "NODE_FAIL"
+            return
+        try:
+            worker.run(self.store_root, task.ref.task_id)
+            self.states[job_id] = "COMPLETED"
+        except worker.TaskFailed:
+            self.states[job_id] = "FAILED"
+
+    def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        from hpc_serverless.schedulers.slurm import status_of
+
+        self.poll_times.append(time.monotonic())
+        return {j: JobState(j, self.states[j], status_of(self.states[j])) for j in job_ids if j in self.states}
+
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        for j in job_ids:
+            self.states[j] = "CANCELLED"
+
+    def max_array_size(self) -> int:
+        return 8
+
+    def program_script(self, *a, **k) -> str:  # programs are tested on the real cluster
+        raise NotImplementedError
+
+    def submit_script(self, path: str) -> str:
+        raise NotImplementedError
+
+
+@pytest.fixture
+def fake(tmp_path):
+    tmp_path.chmod(0o700)
+
+    def make(**kw):
+        site = site_from_mapping({"scheduler": "slurm", "storage": str(tmp_path / "site"),
+                                  "poll_interval": 0.05, "max_poll_interval": 0.2,
+                                  "array_linger": 0.05}, name="fake")
+        transport = MockTransport(lambda argv, inp: (0, "", ""))
+        sched = FakeScheduler(str(site.storage_path / "store"), **kw)
+        provider = BatchProvider("fake", site, transport, sched)
+        s = QuantumServerless().add_provider(provider)
+        return provider, sched, s
+
+    return make
+
+
+@distribute_task
+def double(x):
+    return 2 * x
+
+
+@distribute_task
+def explode(msg):
+    raise OverflowError(msg)
+
+
+@distribute_task
+def lost():
+    return 1
+
+
+def test_loop_becomes_arrays_split_at_max_size(fake):
+    provider, sched, s = fake()
+    with s.context("fake"):
+        refs = [double(i) for i in range(20)]
+        assert get(refs, timeout=30) == [2 * i for i in range(20)]
+    assert [n for n, _ in sched.submits] == [8, 8, 4]
+    assert refs[0].job_id == "1_0" and refs[19].job_id == "3_3"
+
+
+def test_dependencies_wait_and_failures_propagate(fake):
+    provider, sched, s = fake()
+    with s.context("fake"):
+        a = double(1)
+        b = double(a)
+        c = double(b)
+        assert get(c, timeout=30) == 8
+        assert sched.submits[1][1] == (a.job_id,) and sched.submits[2][1] == (b.job_id,)
+        up = explode("too big")
+        down = double(up)
+        with pytest.raises(DependencyError, match="explode") as e:
+            get(down, timeout=30)
+        assert isinstance(e.value.__cause__, OverflowError)
+        with pytest.raises(OverflowError):
+            get(up)
+
+
+def test_job_lost_without_result_reports_scheduler_state(fake, monkeypatch):
+    import hpc_serverless.providers.batch as batch
+
+    monkeypatch.setattr(batch, "RESULT_GRACE_S", 0.2)
+    provider, sched, s = fake(lose={"lost"})
+    with s.context("fake"):
+        with pytest.raises(WorkerDiedError, match="NODE_FAIL.*node it ran on failed"):
+            get(lost(), timeout=30)
+
+
+def test_refused_submission_fails_the_task_with_the_reason(fake):
+    provider, sched, s = fake(refuse=True)
+    with s.context("fake"):
+        ref = double(1)
+        with pytest.raises(SchedulerError, match="invalid account"):
+            get(ref, timeout=10)
+        assert ref.status() == "FAILED"
+
+
+def test_polling_is_batched_and_rate_bounded(fake):
+    provider, sched, s = fake()
+    with s.context("fake"):
+        slow = distribute_task(lambda t: time.sleep(t) or t)
+        refs = [slow(0.6) for _ in range(6)]
+        t0 = time.monotonic()
+        get(refs, timeout=30)
+        elapsed = time.monotonic() - t0
+    # one poll covers all open jobs; never more often than poll_interval
+    gaps = [b - a for a, b in zip(sched.poll_times, sched.poll_times[1:])]
+    assert all(g >= 0.045 for g in gaps), gaps
+    assert len(sched.poll_times) <= elapsed / 0.05 + 2
