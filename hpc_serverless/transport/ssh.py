@@ -1,0 +1,1522 @@
+"""Commands and files on a remote site, over one SSH connection (paramiko).
+
+    t = SSHTransport("login.example.org", username="alice")
+    t.run(["squeue", "-h", "-u", "alice"])
+    store = ObjectStore("/scratch/alice/hpcs", fs=SFTPFS(t))
+
+It behaves as OpenSSH's ``ssh`` would, so a site that works from a terminal works here:
+
+* ``~/.ssh/config`` (or ``ssh_config=``) is read: HostName, User, Port, IdentityFile,
+  IdentitiesOnly, ProxyJump (chains too; each hop's ``direct-tcpip`` channel is the
+  socket of the next), ProxyCommand, UserKnownHostsFile, GlobalKnownHostsFile,
+  HostKeyAlias, StrictHostKeyChecking=accept-new, ServerAliveInterval, Compression.
+  Arguments given to the constructor win over the file.
+* Host keys are checked against the system's and the user's known_hosts. An unknown key
+  is refused (:class:`HostKeyError` with its SHA256 fingerprint and how to accept it)
+  unless ``trust_unknown_hosts``, which records it on first use; a changed key is always
+  refused.
+* Login: keys (files, ssh-agent, ``~/.ssh/id_*``), then the password, then
+  keyboard-interactive (one-time codes) through ``interactive_handler``.
+* One connection (through every hop) carries every command, each on its own channel
+  (they may run concurrently), and one SFTP session. A dropped connection is reopened
+  with exponential backoff and the interrupted step is retried, unless a command had
+  already started: that is reported (TransportError, transient), never run twice.
+
+Every user value reaches the remote shell quoted (``shlex.join``). Passwords and answers
+are never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import getpass
+import hashlib
+import io
+import logging
+import os
+import re
+import shlex
+import socket
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import IO, Any, TypeVar
+
+from ..errors import AuthenticationError, ConfigError, HostKeyError, TransportError
+from ..fs import FS, StatResult
+from .base import CommandResult, Transport
+
+try:  # this module is imported only for sites with a host; paramiko stays optional
+    import paramiko
+    from paramiko.sftp import (CMD_DATA, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_READ, CMD_STATUS,
+                               CMD_WRITE, SFTPError, int64)
+except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
+    paramiko = None
+
+__all__ = ["SFTPFS", "SSHTransport", "terminal_prompt"]
+
+log = logging.getLogger(__name__)
+# paramiko logs a dropped socket at ERROR; we handle drops, so its records go under our
+# logger (visible to whoever configures logging) instead of Python's last-resort stderr.
+_PARAMIKO_LOG = f"{__name__}.paramiko"
+logging.getLogger(_PARAMIKO_LOG).addHandler(logging.NullHandler())
+
+#: a handler for keyboard-interactive logins: (title, instructions, [(prompt, echo)]) -> answers
+InteractiveHandler = Callable[[str, str, "list[tuple[str, bool]]"], "Sequence[str]"]
+_T = TypeVar("_T")
+
+_DEFAULT_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
+_USER_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
+_SYSTEM_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
+#: concurrent command channels per connection (OpenSSH's MaxSessions defaults to 10,
+#: and the SFTP session takes one)
+_MAX_CHANNELS = 8
+#: SSH flow-control window per channel (room for the SFTP requests in flight below), and
+#: the largest packet we accept (big packets cost Python less per byte)
+_WINDOW_BYTES = 8 * 1024 * 1024
+_MAX_PACKET = 256 * 1024
+#: SFTP read/write request size: 32 KiB (what every server takes), or up to _SFTP_MAX_CHUNK
+#: when the server says it takes more (limits@openssh.com); ~_SFTP_IN_FLIGHT_BYTES in flight
+_SFTP_CHUNK = 32 * 1024
+_SFTP_MAX_CHUNK = 128 * 1024
+_SFTP_IN_FLIGHT_BYTES = 6 * 1024 * 1024
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _require_paramiko() -> None:
+    if paramiko is None:
+        raise ConfigError("sites with a 'host' are reached over SSH, which needs paramiko: "
+                          "pip install 'hpc-serverless[ssh]'")
+
+
+class _Lost(Exception):
+    """The connection (or the SFTP channel) went away before the step took effect: retry."""
+
+
+class _Busy(Exception):
+    """The server refused a new channel on a live connection (MaxSessions): wait, retry."""
+
+
+# ---------------------------------------------------------------------------------------
+# where to connect: ~/.ssh/config, ProxyJump chains
+# ---------------------------------------------------------------------------------------
+@dataclass
+class _Hop:
+    """One SSH connection of the route (jump hosts first, the site last)."""
+
+    alias: str
+    hostname: str
+    port: int
+    username: str
+    key_files: list[str]
+    explicit_keys: list[str]
+    identities_only: bool
+    known_hosts: list[str]
+    system_known_hosts: list[str]
+    hostkey_alias: str | None
+    proxy_command: str | None
+    trust_new: bool
+    keepalive: int
+    compression: bool
+    password: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.username}@{self.hostname}:{self.port}"
+
+    @property
+    def key_name(self) -> str:
+        """The name of this host in known_hosts: `host`, or `[host]:port` off port 22."""
+        name = self.hostkey_alias or self.hostname
+        return name if self.port == 22 else f"[{name}]:{self.port}"
+
+
+def _load_ssh_config(path: str | None) -> Any:
+    explicit = path is not None
+    full = os.path.expanduser(path or "~/.ssh/config")
+    if not os.path.exists(full):
+        if explicit:
+            raise ConfigError(f"ssh config file {full} does not exist")
+        return paramiko.SSHConfig()
+    try:
+        return paramiko.SSHConfig.from_path(full)
+    except (OSError, ValueError, paramiko.SSHException) as exc:
+        raise ConfigError(f"cannot read the ssh config {full}: {exc}") from exc
+
+
+def _parse_jumps(value: str | None, source: str) -> list[tuple[str, str | None, int | None]]:
+    """ProxyJump `[user@]host[:port],...` (ssh:// URIs and [v6]:port too)."""
+    if not value or value.strip().lower() == "none":
+        return []
+    jumps = []
+    for raw in value.split(","):
+        part = raw.strip().removeprefix("ssh://")
+        user = None
+        if "@" in part:
+            user, part = part.rsplit("@", 1)
+        port: int | None = None
+        try:
+            if part.startswith("["):
+                host, _, rest = part[1:].partition("]")
+                if rest.startswith(":"):
+                    port = int(rest[1:])
+            elif part.count(":") == 1:
+                host, p = part.split(":")
+                port = int(p)
+            else:
+                host = part
+        except ValueError:
+            raise ConfigError(f"ProxyJump {value!r} in {source}: bad port in {raw.strip()!r}") from None
+        if not host:
+            raise ConfigError(f"ProxyJump {value!r} in {source}: empty host in {raw.strip()!r}")
+        jumps.append((host, user or None, port))
+    return jumps
+
+
+def _files(value: str | None) -> list[str]:
+    return [os.path.expanduser(p) for p in (value or "").split()]
+
+
+# ---------------------------------------------------------------------------------------
+# known_hosts
+# ---------------------------------------------------------------------------------------
+@dataclass
+class _KnownKey:
+    hosts: str
+    key: Any
+    marker: str | None
+    where: str
+
+
+def _read_known_hosts(paths: Sequence[str]) -> list[_KnownKey]:
+    """Every key line of these files (missing files are fine; bad lines are skipped)."""
+    known = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = f.readlines()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("cannot read known hosts file %s: %s", path, exc)
+            continue
+        for n, line in enumerate(lines, 1):
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            marker = None
+            if fields[0].startswith("@"):
+                marker, fields = fields[0], fields[1:]
+            if len(fields) < 3:
+                continue
+            try:
+                key = paramiko.PKey.from_type_string(fields[1], base64.b64decode(fields[2]))
+            except (ValueError, TypeError, paramiko.SSHException):
+                continue  # a key type paramiko does not know, or a damaged line
+            known.append(_KnownKey(fields[0], key, marker, f"{path}:{n}"))
+    return known
+
+
+def _host_matches(hosts: str, name: str) -> bool:
+    """known_hosts host field (hashed, or patterns with * ? and !negation) against a name."""
+    if hosts.startswith("|1|"):
+        try:
+            return bool(paramiko.HostKeys.hash_host(name, hosts) == hosts)
+        except (ValueError, TypeError, IndexError):
+            return False
+    hit = False
+    for pattern in hosts.split(","):
+        negated = pattern.startswith("!")
+        if _glob(pattern.lstrip("!")).match(name):
+            if negated:
+                return False
+            hit = True
+    return hit
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    """An OpenSSH host pattern: only * and ? are special (not [ ], as in fnmatch)."""
+    parts = ("." if c == "?" else ".*" if c == "*" else re.escape(c) for c in pattern)
+    return re.compile("".join(parts) + r"\Z", re.IGNORECASE)
+
+
+def fingerprint(key: Any) -> str:
+    """OpenSSH's SHA256 fingerprint of a public key: "SHA256:..."."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def _algorithms(key_type: str) -> list[str]:
+    return ["rsa-sha2-512", "rsa-sha2-256"] if key_type == "ssh-rsa" else [key_type]
+
+
+# ---------------------------------------------------------------------------------------
+# keyboard-interactive
+# ---------------------------------------------------------------------------------------
+def terminal_prompt(title: str, instructions: str, prompts: list[tuple[str, bool]]) -> list[str]:
+    """The default keyboard-interactive handler: ask on the terminal (hidden input for
+    prompts that do not echo, such as passwords and one-time codes)."""
+    if not (sys.stdin is not None and sys.stdin.isatty()):
+        raise AuthenticationError(
+            "the SSH server asks for keyboard-interactive answers (a password or a one-time "
+            "code) and there is no terminal to ask on: log in with a key (ssh-agent), or "
+            "pass interactive_handler= to answer from Python")
+    for line in (title, instructions):
+        if line:
+            print(line, file=sys.stderr)
+    return [getpass.getpass(text) if not echo else input(text) for text, echo in prompts]
+
+
+class _Answers:
+    """Wraps the user's handler: fills password prompts with the password we were given,
+    asks the handler for the rest, and keeps its exception (paramiko calls this on its
+    own thread, where an exception would only be logged)."""
+
+    def __init__(self, handler: InteractiveHandler, password: str | None, where: str) -> None:
+        self.handler, self.password, self.where = handler, password, where
+        self.error: BaseException | None = None
+        self.asked = 0
+
+    def __call__(self, title: str, instructions: str, prompts: Sequence[Any]) -> list[str]:
+        pairs = [(str(p[0]), bool(p[1])) for p in prompts]
+        answers: list[str] = [""] * len(pairs)
+        if self.error is not None:
+            return answers
+        try:
+            ask = []
+            for i, (text, echo) in enumerate(pairs):
+                if self.password is not None and not echo and "password" in text.lower():
+                    answers[i] = self.password
+                else:
+                    ask.append(i)
+            if ask:
+                self.asked += 1
+                got = list(self.handler(title, instructions, [pairs[i] for i in ask]))
+                if len(got) != len(ask):
+                    raise AuthenticationError(
+                        f"interactive_handler gave {len(got)} answers to {len(ask)} prompts")
+                for i, answer in zip(ask, got, strict=True):
+                    answers[i] = str(answer)
+        except BaseException as exc:  # noqa: BLE001 - kept and re-raised on the caller's thread
+            self.error = exc
+        return answers
+
+
+# ---------------------------------------------------------------------------------------
+# the transport
+# ---------------------------------------------------------------------------------------
+class SSHTransport(Transport):
+    """Runs commands and moves files on `host` over one SSH connection, reopened if it drops.
+
+    It connects on first use (or :meth:`open`). `port=None` and `username=None` mean "from
+    ~/.ssh/config, else 22 and the local user name". `key_filename` is one path or a list.
+    """
+
+    def __init__(self, host: str, *, port: int | None = None, username: str | None = None,
+                 password: str | None = None, key_filename: str | Sequence[str] | None = None,
+                 trust_unknown_hosts: bool = False, known_hosts: str | None = None,
+                 ssh_config: str | None = None, interactive_handler: InteractiveHandler | None = None,
+                 connect_timeout: float = 20.0, max_retries: int = 5, allow_agent: bool = True,
+                 look_for_keys: bool = True) -> None:
+        super().__init__()
+        _require_paramiko()
+        if not host or not isinstance(host, str):
+            raise ConfigError(f"SSH host must be a non-empty string, not {host!r}")
+        self.host = host
+        self.connect_timeout = float(connect_timeout)
+        self.max_retries = max(1, int(max_retries))
+        self.allow_agent = allow_agent
+        self.look_for_keys = look_for_keys
+        self.interactive_handler: InteractiveHandler = interactive_handler or terminal_prompt
+        self._password = password
+        keys = [key_filename] if isinstance(key_filename, (str, os.PathLike)) else list(key_filename or ())
+        self._route = self._resolve(host, port=port, username=username, password=password,
+                                    key_files=[os.path.expanduser(str(k)) for k in keys],
+                                    known_hosts=known_hosts, trust=trust_unknown_hosts,
+                                    ssh_config=ssh_config)
+        target = self._route[-1]
+        self.port, self.username = target.port, target.username
+        self._lock = threading.RLock()          # (re)connection
+        self.sftp_lock = threading.RLock()      # every SFTP request (paramiko's client is not thread-safe)
+        self._chan_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(_MAX_CHANNELS)
+        self._transport: Any = None
+        self._jumps: list[Any] = []
+        self._sftp: Any = None
+        self._sftp_owner: Any = None
+        self._sftp_chunks = (_SFTP_CHUNK, _SFTP_CHUNK)  # (read, write) request sizes
+        self._channels: set[Any] = set()
+        self._ever_connected = False
+        #: how many connections were opened (1 + reconnections), and how long the last took
+        self.connections = 0
+        self.connect_seconds: float | None = None
+        #: the methods that logged us in to the site ("publickey", "password", ...)
+        self.authenticated_with: list[str] = []
+
+    @classmethod
+    def from_site(cls, site: Any, password: str | None = None, **kwargs: Any) -> SSHTransport:
+        """The transport for a :class:`~hpc_serverless.site.Site` with a host (port 22
+        there means "the default", so ~/.ssh/config may still name another)."""
+        if getattr(site, "host", None) is None:
+            raise ConfigError(f"site '{getattr(site, 'name', '?')}' has no host to connect to")
+        port = getattr(site, "port", 22)
+        return cls(site.host, port=None if port in (None, 22) else port,
+                   username=getattr(site, "username", None), password=password,
+                   key_filename=getattr(site, "key_filename", None),
+                   trust_unknown_hosts=bool(getattr(site, "trust_unknown_hosts", False)), **kwargs)
+
+    # -- configuration -------------------------------------------------------------------
+    def _resolve(self, host: str, *, port: int | None, username: str | None, password: str | None,
+                 key_files: list[str], known_hosts: str | None, trust: bool,
+                 ssh_config: str | None) -> list[_Hop]:
+        config = _load_ssh_config(ssh_config)
+        source = ssh_config or "~/.ssh/config"
+
+        def lookup(alias: str) -> Any:
+            try:
+                return config.lookup(alias)
+            except (ValueError, KeyError, OSError, paramiko.SSHException) as exc:
+                raise ConfigError(f"{source}: cannot resolve host {alias!r}: {exc}") from exc
+
+        def route(alias: str, port: int | None, user: str | None, jumps: list[Any] | None,
+                  depth: int, target: bool) -> list[_Hop]:
+            if depth > 10:
+                raise ConfigError(f"{source}: ProxyJump chain of {host!r} is longer than 10 hops (a loop?)")
+            o = lookup(alias)
+            try:
+                resolved_port = port or int(o.get("port", 22))
+            except ValueError:
+                raise ConfigError(f"{source}: bad Port {o.get('port')!r} for host {alias!r}") from None
+            files = list(o.get("identityfile", []))
+            strict = str(o.get("stricthostkeychecking", "")).lower()
+            try:
+                keepalive = int(o.get("serveraliveinterval", 30)) or 30
+            except ValueError:
+                keepalive = 30
+            hop = _Hop(
+                alias=alias,
+                hostname=o.get("hostname", alias),
+                port=resolved_port,
+                username=user or o.get("user") or getpass.getuser(),
+                key_files=(key_files if target else []) + [os.path.expanduser(f) for f in files],
+                explicit_keys=key_files if target else [],
+                identities_only=str(o.get("identitiesonly", "no")).lower() == "yes",
+                known_hosts=([os.path.expanduser(known_hosts)] if known_hosts
+                             else _files(o.get("userknownhostsfile")) or
+                             [os.path.expanduser(p) for p in _USER_KNOWN_HOSTS]),
+                system_known_hosts=_files(o.get("globalknownhostsfile")) or list(_SYSTEM_KNOWN_HOSTS),
+                hostkey_alias=o.get("hostkeyalias"),
+                proxy_command=None,
+                trust_new=trust or strict in ("accept-new", "no", "off"),
+                keepalive=keepalive,
+                compression=str(o.get("compression", "no")).lower() == "yes",
+                password=password if target else None,
+            )
+            hops = jumps if jumps is not None else _parse_jumps(o.get("proxyjump"), source)
+            if not hops:
+                command = o.get("proxycommand")
+                if command and command.strip().lower() != "none":
+                    hop.proxy_command = command
+                return [hop]
+            *before, (jalias, juser, jport) = hops
+            return route(jalias, jport, juser, before or None, depth + 1, False) + [hop]
+
+        return route(host, port, username, None, 0, True)
+
+    @property
+    def route(self) -> list[str]:
+        """user@host:port of every connection on the way, jump hosts first."""
+        return [hop.describe() for hop in self._route]
+
+    @property
+    def connection(self) -> Any:
+        """The live paramiko.Transport to the site (None before the first use)."""
+        return self._transport
+
+    @property
+    def jump_connections(self) -> list[Any]:
+        """The paramiko.Transports to the ProxyJump hosts, in order."""
+        return list(self._jumps)
+
+    def describe(self) -> str:
+        return f"{self.username}@{self.host}:{self.port}"
+
+    def __repr__(self) -> str:
+        via = f" via {', '.join(self.route[:-1])}" if len(self._route) > 1 else ""
+        return f"<SSHTransport {self.describe()}{via}>"
+
+    def __enter__(self) -> SSHTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- connection ----------------------------------------------------------------------
+    def open(self) -> SSHTransport:
+        """Connect now (otherwise the first command does); returns self."""
+        self._connection()
+        return self
+
+    def _connection(self) -> Any:
+        t = self._transport
+        if t is not None and t.is_active():
+            return t
+        return self._reconnect(t)
+
+    def _reconnect(self, dead: Any) -> Any:
+        with self._lock:
+            t = self._transport
+            if t is not None and t is not dead and t.is_active():
+                return t  # another thread reconnected already
+            first = not self._ever_connected
+            self._drop()
+            attempts = 1 if first else self.max_retries
+            start = time.monotonic()
+            last: TransportError | None = None
+            for i in range(attempts):
+                if i:
+                    time.sleep(0.5 * 2 ** (i - 1))
+                try:
+                    self._open_route()
+                except (HostKeyError, AuthenticationError):
+                    raise
+                except TransportError as exc:
+                    last = exc
+                    log.info("connecting to %s failed (attempt %d of %d): %s", self.describe(),
+                             i + 1, attempts, exc)
+                    continue
+                if not first:
+                    log.info("reconnected to %s after %.1f s", self.describe(), time.monotonic() - start)
+                self._ever_connected = True
+                return self._transport
+            assert last is not None
+            if first:
+                raise last
+            raise TransportError(
+                f"lost the connection to {self.describe()} and could not reconnect "
+                f"({attempts} attempts over {time.monotonic() - start:.1f} s): {last}") from last
+
+    def _open_route(self) -> None:
+        start = time.monotonic()
+        opened: list[Any] = []
+        try:
+            for i, hop in enumerate(self._route):
+                opened.append(self._open_hop(hop, opened[-1] if opened else None,
+                                             self._route[i - 1].describe() if i else ""))
+        except BaseException:
+            for t in reversed(opened):
+                t.close()
+            raise
+        self._jumps, self._transport = opened[:-1], opened[-1]
+        self.connections += 1
+        self.connect_seconds = time.monotonic() - start
+        log.debug("connected to %s in %.2f s", " -> ".join(self.route), self.connect_seconds)
+
+    def _open_hop(self, hop: _Hop, via: Any, via_name: str) -> Any:
+        where = f"{hop.hostname} port {hop.port}"
+        through = f" through the jump host {via_name}" if via is not None else ""
+        try:
+            if via is not None:
+                sock = via.open_channel("direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0),
+                                        timeout=self.connect_timeout)
+            elif hop.proxy_command:
+                sock = paramiko.ProxyCommand(hop.proxy_command)
+            else:
+                sock = socket.create_connection((hop.hostname, hop.port), timeout=self.connect_timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except socket.gaierror as exc:
+            err = TransportError(f"cannot resolve the host name {hop.hostname!r}: {exc}")
+            err.transient = False
+            raise err from exc
+        except (OSError, paramiko.SSHException) as exc:
+            raise TransportError(f"cannot connect to {where}{through}: {exc}") from exc
+        t = paramiko.Transport(sock, default_window_size=_WINDOW_BYTES, default_max_packet_size=_MAX_PACKET)
+        try:
+            t.set_log_channel(_PARAMIKO_LOG)
+            t.use_compression(hop.compression)
+            known = _read_known_hosts(hop.system_known_hosts + hop.known_hosts)
+            self._prefer_known_key_types(t, hop, known)
+            try:
+                t.start_client(timeout=self.connect_timeout)
+            except (EOFError, OSError, paramiko.SSHException) as exc:
+                raise TransportError(f"SSH handshake with {where}{through} failed: {exc}") from exc
+            self._check_host_key(t, hop, known)
+            self._authenticate(t, hop)
+            t.set_keepalive(hop.keepalive)
+        except BaseException:
+            t.close()
+            raise
+        return t
+
+    def _drop(self) -> None:
+        """Close SFTP, channels and every hop (under self._lock)."""
+        sftp, self._sftp, self._sftp_owner = self._sftp, None, None
+        with self._chan_lock:
+            channels, self._channels = list(self._channels), set()
+        conns = ([self._transport] if self._transport is not None else []) + self._jumps[::-1]
+        self._transport, self._jumps = None, []
+        for thing in [sftp, *channels, *conns]:
+            if thing is None:
+                continue
+            try:
+                thing.close()
+            except (EOFError, OSError, paramiko.SSHException):
+                pass
+
+    def close(self) -> None:
+        """Close SFTP, channels and every connection; the next use connects afresh."""
+        with self._lock:
+            self._drop()
+            self._ever_connected = False
+
+    # -- host keys -----------------------------------------------------------------------
+    @staticmethod
+    def _prefer_known_key_types(t: Any, hop: _Hop, known: list[_KnownKey]) -> None:
+        """Ask for a key of a type we already know for this host first, as OpenSSH does."""
+        types: list[str] = []
+        for k in known:
+            if k.marker is None and _host_matches(k.hosts, hop.key_name):
+                types += [a for a in _algorithms(k.key.get_name()) if a not in types]
+        if types:
+            opts = t.get_security_options()
+            offered = list(opts.key_types)
+            opts.key_types = [a for a in types if a in offered] + [a for a in offered if a not in types]
+
+    def _check_host_key(self, t: Any, hop: _Hop, known: list[_KnownKey]) -> None:
+        key = t.get_remote_server_key()
+        blob, ktype, fp = key.asbytes(), key.get_name(), fingerprint(key)
+        if any(k.marker == "@revoked" and k.key.asbytes() == blob for k in known):
+            raise HostKeyError(f"the SSH host key of {hop.hostname} port {hop.port} ({ktype} {fp}) "
+                               "is marked @revoked in known_hosts: refusing to connect")
+        mine = [k for k in known if k.marker is None and _host_matches(k.hosts, hop.key_name)]
+        if any(k.key.asbytes() == blob for k in mine):
+            return
+        files = hop.system_known_hosts + hop.known_hosts
+        if mine:
+            same_type = [k for k in mine if k.key.get_name() == ktype]
+            listed = "; ".join(f"{k.key.get_name()} {fingerprint(k.key)} ({k.where})" for k in mine)
+            what = ("HAS CHANGED" if same_type else
+                    f"IS OF A TYPE ({ktype}) NOT KNOWN FOR IT, WHILE OTHER KEYS ARE")
+            raise HostKeyError(
+                f"@@@ WARNING: THE SSH HOST KEY OF {hop.hostname} PORT {hop.port} {what} @@@\n"
+                "Someone could be intercepting the connection (a man-in-the-middle attack), or "
+                "the host key was just replaced. Refusing to connect.\n"
+                f"  the server presented: {ktype} {fp}\n"
+                f"  known_hosts has: {listed}\n"
+                "Only if the site's administrators confirm the change, remove the old key with\n"
+                f"  ssh-keygen -R {shlex.quote(hop.key_name)} -f {shlex.quote(mine[0].where.rsplit(':', 1)[0])}\n"
+                "and connect again.")
+        if hop.trust_new:
+            self._remember(hop, key)
+            log.warning("trusting the unknown SSH host key of %s port %d on first use: %s %s "
+                        "(recorded in %s)", hop.hostname, hop.port, ktype, fp, hop.known_hosts[0])
+            return
+        port_opt = "" if hop.port == 22 else f"-p {hop.port} "
+        raise HostKeyError(
+            f"the SSH host key of {hop.hostname} port {hop.port} is not known "
+            f"(looked in {', '.join(files)}): refusing to connect.\n"
+            f"  the server presented: {ktype} {fp}\n"
+            "Check that fingerprint against the site's documentation (or ask its "
+            "administrators), then accept it once, either by connecting with OpenSSH:\n"
+            f"  ssh {port_opt}{shlex.quote(hop.username)}@{shlex.quote(hop.hostname)}   (answer 'yes')\n"
+            "or with:\n"
+            f"  ssh-keyscan {port_opt}{shlex.quote(hop.hostname)} >> {shlex.quote(hop.known_hosts[0])}\n"
+            "or set `trust_unknown_hosts: true` in the site config to record it on first use.")
+
+    @staticmethod
+    def _remember(hop: _Hop, key: Any) -> None:
+        path = hop.known_hosts[0]
+        try:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "r+b") as f:
+                size = f.seek(0, os.SEEK_END)
+                lead = b""
+                if size:
+                    f.seek(size - 1)
+                    lead = b"" if f.read(1) == b"\n" else b"\n"
+                f.write(lead + f"{hop.key_name} {key.get_name()} {key.get_base64()}\n".encode())
+        except OSError as exc:
+            log.warning("could not record the host key of %s in %s: %s", hop.key_name, path, exc)
+
+    # -- authentication ------------------------------------------------------------------
+    def _identities(self, hop: _Hop, notes: list[str]) -> Iterator[tuple[str, Any]]:
+        """(label, key) to offer: key files, then the agent's keys, then ~/.ssh/id_*."""
+        offered: set[bytes] = set()
+        file_blobs: set[bytes] = set()
+
+        def load(path: str, explicit: bool) -> Any:
+            if not os.path.exists(path):
+                if explicit:
+                    raise ConfigError(f"key_filename {path} does not exist")
+                return None
+            try:
+                key = paramiko.PKey.from_path(path, password=hop.password)
+            except paramiko.PasswordRequiredException:
+                notes.append(f"key {path} is encrypted: load it into ssh-agent (ssh-add {shlex.quote(path)})")
+                pub = path + ".pub"
+                if os.path.exists(pub):  # an agent key matching it counts as one of our files
+                    try:
+                        with open(pub) as f:
+                            file_blobs.add(base64.b64decode(f.read().split()[1]))
+                    except (OSError, IndexError, ValueError):
+                        pass
+                return None
+            except (OSError, ValueError, paramiko.SSHException) as exc:
+                notes.append(f"key {path} could not be read: {exc}")
+                return None
+            cert = path + "-cert.pub"
+            if os.path.exists(cert):
+                try:
+                    key.load_certificate(cert)
+                except (OSError, ValueError, paramiko.SSHException) as exc:
+                    notes.append(f"certificate {cert} could not be read: {exc}")
+            return key
+
+        for path in hop.key_files:
+            key = load(path, path in hop.explicit_keys)
+            if key is not None:
+                file_blobs.add(key.asbytes())
+                if key.asbytes() not in offered:
+                    offered.add(key.asbytes())
+                    yield path, key
+        if self.allow_agent:
+            try:
+                agent = paramiko.Agent()
+            except (OSError, paramiko.SSHException) as exc:
+                notes.append(f"ssh-agent could not be used: {exc}")
+                agent = None
+            try:
+                for key in agent.get_keys() if agent is not None else ():
+                    blob = key.asbytes()
+                    if blob in offered or (hop.identities_only and blob not in file_blobs):
+                        continue
+                    offered.add(blob)
+                    yield f"ssh-agent key {fingerprint(key)}", key
+            finally:
+                if agent is not None:
+                    agent.close()
+        if self.look_for_keys and not hop.key_files:
+            for path in _DEFAULT_KEYS:
+                key = load(os.path.expanduser(path), False)
+                if key is not None and key.asbytes() not in offered:
+                    offered.add(key.asbytes())
+                    yield path, key
+
+    def _authenticate(self, t: Any, hop: _Hop) -> None:
+        user = hop.username
+        target = hop is self._route[-1]
+        tried: list[str] = []
+        notes: list[str] = []
+        used: list[str] = []
+        allowed: list[str] | None = None
+
+        try:
+            t.auth_none(user)
+        except paramiko.BadAuthenticationType as exc:
+            allowed = list(exc.allowed_types)
+        except paramiko.AuthenticationException:
+            allowed = None
+        except (EOFError, OSError, paramiko.SSHException) as exc:
+            raise TransportError(f"{hop.describe()} closed the connection during login: {exc}") from exc
+        if t.is_authenticated():
+            used.append("none")
+
+        def attempt(method: str, label: str, call: Callable[[], Any]) -> bool:
+            """Try one way in; True when fully logged in."""
+            nonlocal allowed
+            if t.is_authenticated() or not t.is_active():
+                return t.is_authenticated()
+            if allowed is not None and method not in allowed:
+                return False
+            tried.append(label)
+            try:
+                remaining = call()
+            except paramiko.BadAuthenticationType as exc:
+                allowed = list(exc.allowed_types)
+                return False
+            except paramiko.AuthenticationException:
+                return False
+            except (EOFError, OSError, paramiko.SSHException) as exc:
+                notes.append(f"{method} failed: {exc}")
+                return False
+            if t.is_authenticated():
+                used.append(method)
+                return True
+            allowed = list(remaining or [])  # partial success: the server wants another factor
+            used.append(method)
+            return False
+
+        if not t.is_authenticated():
+            for label, key in self._identities(hop, notes):
+                if attempt("publickey", f"key {label}", lambda key=key: t.auth_publickey(user, key)):
+                    break
+        if not t.is_authenticated() and hop.password is not None:
+            attempt("password", "password", lambda: t.auth_password(user, hop.password, fallback=False))
+        if not t.is_authenticated():
+            answers = _Answers(self.interactive_handler, hop.password, hop.describe())
+            rounds = 3 if self.interactive_handler is terminal_prompt else 1
+            for _ in range(rounds):
+                if attempt("keyboard-interactive", "keyboard-interactive",
+                           lambda: t.auth_interactive(user, answers)):
+                    break
+                if answers.error is not None:
+                    err = answers.error
+                    if isinstance(err, AuthenticationError):
+                        raise AuthenticationError(f"{hop.describe()}: {err}") from None
+                    raise AuthenticationError(
+                        f"{hop.describe()}: keyboard-interactive login failed in "
+                        f"interactive_handler: {err!r}") from err
+                if answers.asked == 0:
+                    break  # nothing was asked of the handler: asking again will not help
+        if t.is_authenticated():
+            if target:
+                self.authenticated_with = used
+            return
+        accepts = ", ".join(allowed) if allowed is not None else "(it did not say)"
+        hints = []
+        if allowed is not None and "password" in allowed and hop.password is None:
+            hints.append("a password may be given with password=")
+        if allowed is not None and "publickey" in allowed and not any(s.startswith("key ") for s in tried):
+            hints.append("no key was found: set key_filename, IdentityFile in ~/.ssh/config, or load one "
+                         "into ssh-agent")
+        raise AuthenticationError(
+            f"{hop.describe()} refused the login. Tried: {', '.join(tried) or 'nothing'}; the server "
+            f"accepts: {accepts}." + "".join(f"\n  {s}" for s in notes + hints))
+
+    # -- retries -------------------------------------------------------------------------
+    @staticmethod
+    def _settle(t: Any, wait: float = 1.0) -> None:
+        """After an error, give paramiko's thread a moment to notice a dead connection."""
+        end = time.monotonic() + wait
+        while t.is_active() and time.monotonic() < end:
+            time.sleep(0.01)
+
+    def _retrying(self, what: str, op: Callable[[Any], _T]) -> _T:
+        """op(transport); after a drop (op raised _Lost) reconnect with backoff and run it again."""
+        lost = busy = 0
+        while True:
+            t = self._connection()
+            try:
+                return op(t)
+            except _Busy as exc:
+                busy += 1
+                if busy > self.max_retries:
+                    raise TransportError(f"{what}: {self.describe()} refuses to open more channels "
+                                         f"({exc.__cause__}); is its MaxSessions reached?") from exc.__cause__
+                time.sleep(0.1 * 2 ** (busy - 1))
+            except _Lost as exc:
+                lost += 1
+                cause = exc.__cause__ or exc
+                if lost > self.max_retries:
+                    raise TransportError(f"{what}: the connection to {self.describe()} keeps "
+                                         f"dropping ({cause})") from cause
+                log.info("%s: the connection to %s dropped (%s); reconnecting", what, self.describe(), cause)
+                self._settle(t, 1.0 if t.is_active() else 0)
+
+    # -- commands ------------------------------------------------------------------------
+    @staticmethod
+    def _command_line(argv: Sequence[str], env: dict[str, str] | None) -> str:
+        if not argv:
+            raise ValueError("an empty command")
+        if env:
+            bad = [k for k in env if not _ENV_NAME.match(str(k))]
+            if bad:
+                raise ConfigError(f"{bad[0]!r} is not an environment variable name")
+            argv = ["env", *(f"{k}={v}" for k, v in env.items()), *argv]
+        return shlex.join(argv)
+
+    def _run(self, argv: tuple[str, ...], *, input: str | None, timeout: float,
+             env: dict[str, str] | None) -> CommandResult:
+        command = self._command_line(argv, env)
+        data = None if input is None else input.encode()
+        code, out, err = self._retrying(
+            f"running `{_short(command)}`",
+            lambda t: self._exec(t, command, data, timeout, resumable=False))
+        return CommandResult(argv, code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
+
+    def _open_channel(self, t: Any, deadline: float) -> Any:
+        try:
+            return t.open_session(timeout=max(1.0, min(self.connect_timeout, deadline - time.monotonic())))
+        except paramiko.ChannelException as exc:
+            if t.is_active():
+                raise _Busy() from exc
+            raise _Lost() from exc
+        except (EOFError, OSError, paramiko.SSHException) as exc:
+            if t.is_active() and "Timeout" in str(exc):
+                t.close()  # an unresponsive connection: start a fresh one
+            raise _Lost() from exc
+
+    def _exec(self, t: Any, command: str, stdin: bytes | Callable[[IO[bytes]], None] | None,
+              timeout: float, *, resumable: bool) -> tuple[int, bytes, bytes]:
+        """Run one command on a new channel: feed stdin, read stdout and stderr together."""
+        deadline = time.monotonic() + timeout
+        if not self._slots.acquire(timeout=max(0.0, timeout)):
+            raise TransportError(f"`{_short(command)}` could not start within {timeout:.0f} s: "
+                                 f"all {_MAX_CHANNELS} channels to {self.describe()} are busy")
+        try:
+            chan = self._open_channel(t, deadline)
+            with self._chan_lock:
+                self._channels.add(chan)
+            try:
+                return self._talk(t, chan, command, stdin, deadline, timeout, resumable)
+            finally:
+                chan.close()
+                with self._chan_lock:
+                    self._channels.discard(chan)
+        finally:
+            self._slots.release()
+
+    def _talk(self, t: Any, chan: Any, command: str, stdin: Any, deadline: float, timeout: float,
+              resumable: bool) -> tuple[int, bytes, bytes]:
+        try:
+            chan.exec_command(command)
+        except (EOFError, OSError, paramiko.SSHException) as exc:
+            self._settle(t, 0.2)
+            if not t.is_active():
+                raise _Lost() from exc
+            err = TransportError(f"{self.describe()} refused to run `{_short(command)}`: {exc}")
+            err.transient = False
+            raise err from exc
+
+        out, err_buf = bytearray(), bytearray()
+        stop = threading.Event()
+        feed_error: list[BaseException] = []
+
+        def drain_stderr() -> None:
+            while True:
+                try:
+                    data = chan.recv_stderr(65536)
+                except TimeoutError:
+                    if stop.is_set():
+                        return
+                    continue
+                except (EOFError, OSError, paramiko.SSHException):
+                    return
+                if not data:
+                    return
+                err_buf.extend(data)
+
+        def feed() -> None:
+            sink = _ChannelWriter(chan)
+            try:
+                if callable(stdin):
+                    stdin(sink)
+                else:
+                    view = memoryview(stdin)
+                    for off in range(0, len(view), 1 << 16):
+                        sink.write(view[off:off + (1 << 16)])
+            except _ChannelGone:
+                return  # the command exited without reading all of its input, like a broken pipe
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
+                feed_error.append(exc)
+                chan.close()  # never let a half-fed command succeed
+                return
+            try:
+                chan.shutdown_write()
+            except (EOFError, OSError, paramiko.SSHException):
+                pass
+
+        chan.settimeout(max(0.01, deadline - time.monotonic()))
+        readers = [threading.Thread(target=drain_stderr, daemon=True, name="ssh-stderr")]
+        if stdin is not None:
+            readers.append(threading.Thread(target=feed, daemon=True, name="ssh-stdin"))
+        else:
+            chan.shutdown_write()
+        for th in readers:
+            th.start()
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError()
+                chan.settimeout(remaining)
+                data = chan.recv(1 << 16)
+                if not data:
+                    break
+                out.extend(data)
+            for th in readers:
+                th.join(max(0.0, deadline - time.monotonic()))
+                if th.is_alive():
+                    raise TimeoutError()
+            if not chan.status_event.wait(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError()
+        except TimeoutError:
+            stop.set()
+            chan.close()
+            raise TransportError(f"`{_short(command)}` did not finish within {timeout:.0f} s on "
+                                 f"{self.describe()} (it may still be running there)") from None
+        except (EOFError, OSError, paramiko.SSHException):
+            pass  # the connection died: judged below
+        finally:
+            stop.set()
+        if feed_error:
+            raise feed_error[0]
+        code = chan.exit_status
+        if code == -1:  # no exit status: the command was killed, or the connection died
+            self._settle(t, 0.5)
+            if not t.is_active():
+                if resumable:
+                    raise _Lost()
+                raise TransportError(
+                    f"the connection to {self.describe()} dropped while `{_short(command)}` was "
+                    "running: it may or may not have completed (retry if that is safe)")
+        return code, bytes(out), bytes(err_buf)
+
+    # -- files ---------------------------------------------------------------------------
+    def upload_tree(self, local_dir: str | os.PathLike[str], remote_dir: str, *,
+                    timeout: float = 3600.0) -> None:
+        """Copy the contents of `local_dir` into `remote_dir` (created if needed): one tar
+        stream into one remote `tar -x`, not a file at a time."""
+        local = os.fspath(local_dir)
+        if not os.path.isdir(local):
+            raise FileNotFoundError(errno.ENOENT, "not a directory", local)
+        names = sorted(os.listdir(local))
+
+        def anonymous(info: tarfile.TarInfo) -> tarfile.TarInfo:
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            return info
+
+        def produce(sink: IO[bytes]) -> None:
+            with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                for name in names:
+                    tar.add(os.path.join(local, name), arcname=name, filter=anonymous)
+
+        q = shlex.quote(remote_dir)
+        command = f"mkdir -p -- {q} && tar -x --no-same-owner -C {q} -f -"
+        code, out, err = self._retrying(
+            f"uploading {local} to {remote_dir}",
+            lambda t: self._exec(t, command, produce, timeout, resumable=True))
+        if code != 0:
+            said = (err or out).decode("utf-8", "replace").strip().splitlines()
+            exc = TransportError(f"uploading {local} to {remote_dir} on {self.describe()} failed "
+                                 f"(exit {code}): {' / '.join(said[-3:]) or '(no output)'}")
+            exc.transient = False
+            raise exc
+
+    def sftp(self) -> Any:
+        """The live paramiko SFTPClient (reopened if the connection dropped). Hold
+        `sftp_lock` while using it if other threads may use SFTP at the same time."""
+        return self._retrying("opening SFTP", self._sftp_for)
+
+    def _sftp_for(self, t: Any) -> Any:
+        with self.sftp_lock:
+            s = self._sftp
+            if s is not None and self._sftp_owner is t and not s.sock.closed:
+                return s
+            try:
+                s = paramiko.SFTPClient.from_transport(t, window_size=_WINDOW_BYTES)
+            except (EOFError, OSError, paramiko.SSHException) as exc:
+                self._settle(t, 0.2)
+                if not t.is_active():
+                    raise _Lost() from exc
+                if isinstance(exc, paramiko.ChannelException):
+                    raise _Busy() from exc
+                err = TransportError(f"{self.describe()} refused an SFTP session: {exc}")
+                err.transient = False
+                raise err from exc
+            if s is None:
+                raise _Lost()
+            self._sftp_chunks = _sftp_chunks(s)
+            self._sftp, self._sftp_owner = s, t
+            return s
+
+    def _sftp_call(self, what: str, fn: Callable[[Any], _T]) -> _T:
+        """fn(sftp client) under the SFTP lock; retried on a fresh connection after a drop."""
+
+        def op(t: Any) -> _T:
+            with self.sftp_lock:
+                s = self._sftp_for(t)
+                try:
+                    return fn(s)
+                except TransportError:
+                    raise
+                except (EOFError, OSError, paramiko.SSHException) as exc:
+                    if s.sock.closed or not t.is_active():
+                        raise _Lost() from exc
+                    raise
+
+        return self._retrying(what, op)
+
+    def read_text(self, path: str, offset: int = 0) -> str:
+        """A remote text file from `offset` on (FileNotFoundError if missing)."""
+        return SFTPFS(self).read_bytes(path, offset).decode("utf-8", "replace")
+
+
+def _sftp_chunks(s: Any) -> tuple[int, int]:
+    """(read, write) request sizes this SFTP server takes: it may say (limits@openssh.com)."""
+    try:
+        kind, msg = s._request(CMD_EXTENDED, "limits@openssh.com")
+    except OSError:  # not supported: SFTP's guaranteed 32 KiB
+        return _SFTP_CHUNK, _SFTP_CHUNK
+    if kind != CMD_EXTENDED_REPLY:
+        return _SFTP_CHUNK, _SFTP_CHUNK
+    msg.get_int64()  # max packet length
+    read, write = msg.get_int64(), msg.get_int64()
+
+    def pick(limit: int) -> int:
+        return max(_SFTP_CHUNK, min(_SFTP_MAX_CHUNK, limit)) if limit else _SFTP_CHUNK
+
+    return pick(read), pick(write)
+
+
+def _short(command: str, limit: int = 200) -> str:
+    return command if len(command) <= limit else command[:limit] + "..."
+
+
+class _ChannelGone(Exception):
+    """The channel closed under a writer: the command stopped reading its input."""
+
+
+class _ChannelWriter(io.RawIOBase):
+    """A write-only file object on a channel's stdin (what tarfile streams into)."""
+
+    def __init__(self, chan: Any) -> None:
+        super().__init__()
+        self._chan = chan
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        try:
+            self._chan.sendall(view)
+        except TimeoutError:
+            raise
+        except (EOFError, OSError, paramiko.SSHException) as exc:
+            raise _ChannelGone() from exc
+        return len(view)
+
+    def __del__(self) -> None:
+        """Nothing to release: the channel belongs to the command."""
+
+
+# ---------------------------------------------------------------------------------------
+# SFTP filesystem
+# ---------------------------------------------------------------------------------------
+def _missing(path: str) -> FileNotFoundError:
+    return FileNotFoundError(errno.ENOENT, "No such file or directory (on the SSH host)", path)
+
+
+def _sftp_exists(s: Any, path: str) -> bool:
+    try:
+        s.stat(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+class SFTPFS(FS):
+    """The site's filesystem seen over the transport's SFTP session (for ObjectStore).
+
+    Reads and writes keep many requests in flight, so a big object moves at the speed
+    of the link rather than one round trip per 32 KiB.
+    """
+
+    remote = True
+
+    def __init__(self, transport: SSHTransport) -> None:
+        self.transport = transport
+        self._uid: int | None = None
+
+    def __repr__(self) -> str:
+        return f"SFTPFS({self.transport.describe()})"
+
+    def _call(self, what: str, fn: Callable[[Any], _T]) -> _T:
+        return self.transport._sftp_call(what, fn)
+
+    def open_new(self, path: str, mode: int = 0o600) -> IO[bytes]:
+        def op(s: Any) -> IO[bytes]:
+            try:
+                f = s.open(path, "wx")  # O_CREAT | O_EXCL on the server
+            except FileNotFoundError:
+                raise _missing(path) from None
+            except OSError as exc:
+                if exc.errno is None and _sftp_exists(s, path):
+                    raise FileExistsError(errno.EEXIST, "File exists (on the SSH host)", path) from None
+                raise
+            try:
+                f.chmod(mode)  # on the handle: no race with the name
+            except BaseException:
+                f.close()
+                s.remove(path)
+                raise
+            return _SFTPWriter(self.transport, s, f, path)  # type: ignore[return-value]
+
+        return self._call(f"creating {path}", op)
+
+    def open_read(self, path: str) -> IO[bytes]:
+        def op(s: Any) -> IO[bytes]:
+            try:
+                f = s.open(path, "rb")
+            except FileNotFoundError:
+                raise _missing(path) from None
+            return _SFTPReader(self.transport, s, f, path)  # type: ignore[return-value]
+
+        return self._call(f"opening {path}", op)
+
+    def stat(self, path: str) -> StatResult:
+        def op(s: Any) -> StatResult:
+            try:
+                a = s.stat(path)
+            except FileNotFoundError:
+                raise _missing(path) from None
+            return StatResult(a.st_mode or 0, a.st_uid if a.st_uid is not None else -1, a.st_size or 0)
+
+        return self._call(f"stat {path}", op)
+
+    def mkdir(self, path: str, mode: int = 0o700) -> None:
+        def op(s: Any) -> None:
+            try:
+                s.mkdir(path, mode)
+            except FileNotFoundError:
+                raise _missing(path) from None
+            except OSError as exc:
+                if exc.errno is None and _sftp_exists(s, path):
+                    raise FileExistsError(errno.EEXIST, "File exists (on the SSH host)", path) from None
+                raise
+            if mode & 0o077:  # the server's umask may have taken group/other bits away
+                s.chmod(path, mode)
+
+        self._call(f"mkdir {path}", op)
+
+    def link_noreplace(self, src: str, dst: str) -> None:
+        def op(s: Any) -> None:
+            if _sftp_exists(s, dst):
+                raise FileExistsError(errno.EEXIST, "File exists (on the SSH host)", dst)
+            # Plain SFTP rename, not posix-rename: OpenSSH's sftp-server implements it as
+            # link() + unlink(), so it never replaces a file that appeared meanwhile.
+            try:
+                s.rename(src, dst)
+            except FileNotFoundError:
+                raise _missing(src) from None
+            except OSError:
+                if _sftp_exists(s, dst):
+                    raise FileExistsError(errno.EEXIST, "File exists (on the SSH host)", dst) from None
+                raise
+
+        self._call(f"renaming {src}", op)
+
+    def replace(self, src: str, dst: str) -> None:
+        def op(s: Any) -> None:
+            try:
+                s.posix_rename(src, dst)
+            except FileNotFoundError:
+                raise _missing(src) from None
+            except OSError as exc:
+                if exc.errno is not None or not _sftp_exists(s, src):
+                    raise
+                # a server without posix-rename@openssh.com: not atomic, but it works
+                try:
+                    s.remove(dst)
+                except FileNotFoundError:
+                    pass
+                s.rename(src, dst)
+
+        self._call(f"renaming {src}", op)
+
+    def unlink(self, path: str) -> None:
+        def op(s: Any) -> None:
+            try:
+                s.remove(path)
+            except FileNotFoundError:
+                pass
+
+        self._call(f"removing {path}", op)
+
+    def listdir(self, path: str) -> list[str]:
+        def op(s: Any) -> list[str]:
+            try:
+                return list(s.listdir(path))
+            except FileNotFoundError:
+                raise _missing(path) from None
+
+        return self._call(f"listing {path}", op)
+
+    def sync(self, f: IO[bytes]) -> None:
+        if isinstance(f, _SFTPWriter):
+            f.fsync()
+
+    def owner_uid(self) -> int | None:
+        if self._uid is None:
+            r = self.transport.run(["id", "-u"], timeout=60)
+            try:
+                self._uid = int(r.stdout.strip())
+            except ValueError:
+                raise TransportError(f"cannot tell our uid on {self.transport.describe()}: "
+                                     f"{r.describe()}") from None
+        return self._uid
+
+
+class _SFTPFile(io.RawIOBase):
+    """An open remote file driven with paramiko's asynchronous requests, so many are in
+    flight at once. paramiko routes every reply to our `_async_response`, whoever reads
+    it, which keeps concurrent users of the one SFTP session from losing each other's
+    replies (a hazard of paramiko's own pipelined writes)."""
+
+    def __init__(self, transport: SSHTransport, sftp: Any, handle_file: Any, path: str) -> None:
+        super().__init__()
+        self._t, self._s, self._file, self.path = transport, sftp, handle_file, path
+        self._pos = 0
+        self._inflight: dict[int, Any] = {}
+        read, write = transport._sftp_chunks
+        self._chunk = write if self.writable() else read
+        self._window = max(8, _SFTP_IN_FLIGHT_BYTES // self._chunk)
+
+    def _lost(self, exc: BaseException, doing: str) -> TransportError:
+        return TransportError(f"the connection to {self._t.describe()} dropped while {doing} "
+                              f"{self.path}: {exc}")
+
+    def _async_response(self, kind: int, msg: Any, num: int) -> None:  # called by paramiko
+        raise NotImplementedError
+
+    def tell(self) -> int:
+        return self._pos
+
+    def _close_handle(self) -> None:
+        with self._t.sftp_lock:
+            try:
+                self._file.close()
+            except (EOFError, OSError, paramiko.SSHException):
+                pass  # the connection is gone, and the handle with it
+
+    def __del__(self) -> None:
+        """No network I/O from the garbage collector (paramiko's handle closes itself)."""
+
+
+class _SFTPReader(_SFTPFile):
+    def __init__(self, transport: SSHTransport, sftp: Any, handle_file: Any, path: str) -> None:
+        super().__init__(transport, sftp, handle_file, path)
+        self._results: dict[int, tuple[Any, int]] = {}
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 0:
+            new = offset
+        elif whence == 1:
+            new = self._pos + offset
+        elif whence == 2:
+            new = self._size() + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if new < 0:
+            raise ValueError("negative seek position")
+        self._pos = new
+        return new
+
+    def _size(self) -> int:
+        with self._t.sftp_lock:
+            try:
+                return int(self._file.stat().st_size or 0)
+            except (EOFError, paramiko.SSHException) as exc:
+                raise self._lost(exc, "reading") from exc
+
+    def _async_response(self, kind: int, msg: Any, num: int) -> None:
+        entry = self._inflight.pop(num, None)
+        if entry is None:
+            return  # a late reply to a read that was abandoned
+        offset, length = entry
+        if kind == CMD_DATA:
+            self._results[offset] = (msg.get_string(), length)
+            return
+        result: Any = SFTPError(f"unexpected SFTP reply {kind} to a read")
+        if kind == CMD_STATUS:
+            try:
+                self._s._convert_status(msg)
+                result = b""
+            except EOFError:
+                result = b""
+            except OSError as exc:
+                result = exc
+        self._results[offset] = (result, length)
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        total = drops = 0
+        while total < len(view):
+            try:
+                with self._t.sftp_lock:
+                    got, eof = self._fill(view[total:])
+            except _Progress as p:  # the connection dropped part way: resume where it stopped
+                total += p.done
+                drops += 1
+                if drops > self._t.max_retries:
+                    raise self._lost(p.cause, "reading") from p.cause
+                self._reopen(p.cause)
+                continue
+            total += got
+            if eof:
+                break
+        return total
+
+    def _fill(self, view: memoryview) -> tuple[int, bool]:
+        """Read into view with many requests in flight; (bytes read, reached the end)."""
+        s, n, start = self._s, len(view), self._pos
+        asked = done = 0
+        self._results = {}
+        self._inflight.clear()
+        try:
+            while done < n:
+                while asked < n and len(self._inflight) < self._window:
+                    length = min(self._chunk, n - asked)
+                    num = s._async_request(self, CMD_READ, self._file.handle, int64(start + asked), length)
+                    self._inflight[num] = (asked, length)
+                    asked += length
+                while done not in self._results:
+                    s._read_response()
+                data, length = self._results.pop(done)
+                if isinstance(data, BaseException):
+                    self._drain()
+                    raise data
+                view[done:done + len(data)] = data
+                done += len(data)
+                self._pos = start + done
+                if len(data) < length:  # the end of the file, or a server that sends less
+                    self._drain()
+                    if not data:
+                        return done, True
+                    asked = done  # ask again for the rest
+            return done, False
+        except (EOFError, paramiko.SSHException) as exc:
+            raise _Progress(done, exc) from exc
+        except OSError as exc:
+            if s.sock.closed:
+                raise _Progress(done, exc) from exc
+            raise
+
+    def _drain(self) -> None:
+        while self._inflight:
+            self._s._read_response()
+        self._results = {}
+
+    def _reopen(self, cause: BaseException) -> None:
+        log.info("reopening %s on %s after a dropped connection (%s)", self.path, self._t.describe(), cause)
+
+        def op(s: Any) -> Any:
+            return s.open(self.path, "rb")
+
+        self._file = self._t._sftp_call(f"reopening {self.path}", op)
+        self._s = self._file.sftp
+        self._inflight.clear()
+
+    def readall(self) -> bytes:
+        chunks = []
+        size = self._size()
+        if size > self._pos:
+            buf = bytearray(size - self._pos)
+            n = self.readinto(buf)
+            chunks.append(bytes(buf[:n]))
+        while True:  # the file may have grown since
+            more = bytearray(1 << 20)
+            n = self.readinto(more)
+            if not n:
+                break
+            chunks.append(bytes(more[:n]))
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._close_handle()
+        super().close()
+
+
+class _Progress(Exception):
+    def __init__(self, done: int, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.done, self.cause = done, cause
+
+
+class _SFTPWriter(_SFTPFile):
+    def __init__(self, transport: SSHTransport, sftp: Any, handle_file: Any, path: str) -> None:
+        super().__init__(transport, sftp, handle_file, path)
+        self._error: BaseException | None = None
+        self._fsync_ok = True
+
+    def writable(self) -> bool:
+        return True
+
+    def _async_response(self, kind: int, msg: Any, num: int) -> None:
+        if self._inflight.pop(num, None) is None:
+            return
+        if kind != CMD_STATUS:
+            self._error = self._error or SFTPError(f"unexpected SFTP reply {kind} to a write")
+            return
+        try:
+            self._s._convert_status(msg)
+        except (EOFError, OSError) as exc:
+            self._error = self._error or exc
+
+    def _check(self) -> None:
+        if self._error is not None:
+            exc, self._error = self._error, None
+            if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+                exc = OSError(exc.errno, exc.strerror, self.path)
+            raise exc
+
+    def write(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        n = len(view)
+        with self._t.sftp_lock:
+            self._check()
+            s, handle = self._s, self._file.handle
+            try:
+                off = 0
+                while off < n:
+                    while len(self._inflight) >= self._window:
+                        s._read_response()
+                    chunk = view[off:off + self._chunk]
+                    num = s._async_request(self, CMD_WRITE, handle, int64(self._pos), chunk)
+                    self._inflight[num] = self._pos
+                    self._pos += len(chunk)
+                    off += len(chunk)
+            except (EOFError, OSError, paramiko.SSHException) as exc:
+                raise self._lost(exc, "writing") from exc
+            self._check()
+        return n
+
+    def flush(self) -> None:
+        """Wait until the server has acknowledged every write (and raise its errors)."""
+        if self.closed:
+            return
+        with self._t.sftp_lock:
+            try:
+                while self._inflight:
+                    self._s._read_response()
+            except (EOFError, OSError, paramiko.SSHException) as exc:
+                raise self._lost(exc, "writing") from exc
+            self._check()
+
+    def fsync(self) -> None:
+        """flush, then fsync on the server (the fsync@openssh.com extension) if it has it."""
+        self.flush()
+        if not self._fsync_ok:
+            return
+        with self._t.sftp_lock:
+            try:
+                self._s._request(CMD_EXTENDED, "fsync@openssh.com", self._file.handle)
+            except (EOFError, paramiko.SSHException) as exc:
+                raise self._lost(exc, "writing") from exc
+            except OSError as exc:  # a server without the extension: the rename still orders it
+                log.debug("fsync@openssh.com on %s: %s", self._t.describe(), exc)
+                self._fsync_ok = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._close_handle()
+            self._inflight.clear()
+            self._error = None
+            super().close()  # flushes again: nothing left in flight
