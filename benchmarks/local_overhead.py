@@ -81,7 +81,8 @@ def bench_store(gib: float, directory: Path) -> dict[str, float]:
         npy.unlink()
         return dt
 
-    ours(); numpy_baseline()  # warm the page cache and allocator the same way for both
+    ours()  # warm the page cache and allocator the same way for both
+    numpy_baseline()
     o = min(ours() for _ in range(3))
     b = min(numpy_baseline() for _ in range(3))
     return {"gib": gib, "put_get_s": o, "numpy_save_load_s": b, "put_get_gib_per_s": 2 * gib / o,

@@ -28,7 +28,7 @@ R = TypeVar("R")
 _context: contextvars.ContextVar[Provider | None] = contextvars.ContextVar(
     "hpc_serverless_provider", default=None)
 _last_set: Provider | None = None
-_last_serverless: "QuantumServerless | None" = None
+_last_serverless: QuantumServerless | None = None
 _default_local: LocalProvider | None = None
 _state_lock = threading.Lock()
 
@@ -85,7 +85,7 @@ class QuantumServerless:
         _last_serverless = self
 
     @classmethod
-    def load_configuration(cls, path: str | os.PathLike[str]) -> "QuantumServerless":
+    def load_configuration(cls, path: str | os.PathLike[str]) -> QuantumServerless:
         """A QuantumServerless from a YAML or JSON file of the same shape as the dict."""
         from .config import read_config_file
 
@@ -110,13 +110,13 @@ class QuantumServerless:
                 f"unknown provider {name!r}; configured providers are: "
                 f"{', '.join(self._providers)}") from None
 
-    def add_provider(self, provider: Provider) -> "QuantumServerless":
+    def add_provider(self, provider: Provider) -> QuantumServerless:
         if not isinstance(provider, Provider):
             raise HPCServerlessError(f"add_provider() takes a Provider, not {type(provider).__name__}")
         self._providers[provider.name] = provider
         return self
 
-    def set_provider(self, provider: "str | Provider") -> "QuantumServerless":
+    def set_provider(self, provider: str | Provider) -> QuantumServerless:
         """Make `provider` (a name or a Provider) current outside `with` blocks; returns self."""
         global _last_set
         if isinstance(provider, Provider):
@@ -129,7 +129,7 @@ class QuantumServerless:
         return self
 
     @contextlib.contextmanager
-    def context(self, provider: "str | Provider | None" = None) -> Iterator[Provider]:
+    def context(self, provider: str | Provider | None = None) -> Iterator[Provider]:
         """Within the block, tasks and put() go to `provider` (default: the default one)."""
         chosen = provider if isinstance(provider, Provider) else self.provider(provider)
         token = _context.set(chosen)
@@ -184,7 +184,7 @@ class RemoteFunction(Generic[P, R]):
         provider.check_target(target)
         return provider.submit(self, args, kwargs, target)
 
-    def options(self, target: "Target | Mapping[str, Any] | None" = None, **changes: Any) -> "RemoteFunction[P, R]":
+    def options(self, target: Target | Mapping[str, Any] | None = None, **changes: Any) -> RemoteFunction[P, R]:
         """A copy with some target keys changed: ``f.options(cpu=4)(x)``."""
         new = Target.of({**self.target.as_dict(), **Target.of(target).as_dict(), **changes})
         clone = RemoteFunction(self.function, new, self.name)
@@ -202,7 +202,7 @@ class RemoteFunction(Generic[P, R]):
 @overload
 def distribute_task(fn: Callable[P, R], /) -> RemoteFunction[P, R]: ...
 @overload
-def distribute_task(*, target: "Target | Mapping[str, Any] | None" = None,
+def distribute_task(*, target: Target | Mapping[str, Any] | None = None,
                     name: str | None = None) -> Callable[[Callable[P, R]], RemoteFunction[P, R]]: ...
 
 

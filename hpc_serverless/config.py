@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 __all__ = ["read_config_file", "parse_serverless_config", "key_line"]
 
 #: keys of a provider entry besides the site's own keys
-CONNECTION_KEYS = ("name", "site", "host", "port", "username", "password", "key_filename", "python")
+CONNECTION_KEYS = ("name", "site", "host", "port", "username", "password", "key_filename", "python",
+                   "known_hosts", "ssh_config", "trust_unknown_hosts")
 LOCAL_KEYS = ("name", "store", "cpus", "mem")
 
 
@@ -87,7 +88,7 @@ def _err(message: str, source: str | None, keys: tuple[Any, ...]) -> ConfigError
 
 
 def parse_serverless_config(config: Mapping[str, Any], *,
-                            source: str | None = None) -> tuple[list["Provider"], str | None]:
+                            source: str | None = None) -> tuple[list[Provider], str | None]:
     """Providers and the default provider's name from a QuantumServerless configuration."""
     if not isinstance(config, Mapping):
         raise ConfigError(f"a configuration must be a mapping, not {type(config).__name__}", file=source)
@@ -117,7 +118,7 @@ def parse_serverless_config(config: Mapping[str, Any], *,
     return providers, default
 
 
-def _provider_from_entry(entry: dict[str, Any], source: str | None, where: tuple[Any, ...]) -> "Provider":
+def _provider_from_entry(entry: dict[str, Any], source: str | None, where: tuple[Any, ...]) -> Provider:
     from .providers.local import LocalProvider
 
     is_site = "site" in entry or "scheduler" in entry

@@ -165,7 +165,7 @@ def new_job_id() -> str:
 class LocalJobs:
     """Programs as detached processes on this machine (develop without a cluster)."""
 
-    def __init__(self, provider: "LocalProvider") -> None:
+    def __init__(self, provider: LocalProvider) -> None:
         from .providers.local import default_home
 
         self.provider = provider

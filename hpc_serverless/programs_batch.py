@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class BatchJobs:
     """The JobBackend of a batch provider."""
 
-    def __init__(self, provider: "BatchProvider") -> None:
+    def __init__(self, provider: BatchProvider) -> None:
         self.provider = provider
         self.fs = provider.fs
         self.root = posixpath.join(str(provider.site.storage_path), "programs")

@@ -76,7 +76,7 @@ def pack_exception(exc: BaseException, _depth: int = 0) -> bytes:
     try:
         blob = _cloudpickle().dumps(exc, protocol=PROTOCOL)
         pickle.loads(blob)  # an exception whose __init__ takes other args fails here
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means: send a stand-in instead
         blob = _cloudpickle().dumps(
             RemoteTaskError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"), protocol=PROTOCOL)
     return pickle.dumps((blob, tb, cause_blob), protocol=PROTOCOL)
@@ -89,7 +89,7 @@ def unpack_exception(data: bytes) -> BaseException:
     blob, tb, cause_blob = pickle.loads(data)
     try:
         exc = pickle.loads(blob)
-    except Exception as err:  # a class missing on this side
+    except Exception as err:  # noqa: BLE001 - a class missing on this side, or a broken __init__
         exc = RemoteTaskError(f"a task raised an exception that cannot be loaded here ({err})")
     exc.__cause__ = unpack_exception(cause_blob) if cause_blob is not None else RemoteTraceback(tb)
     try:

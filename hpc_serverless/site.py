@@ -78,6 +78,8 @@ class Site(_Frozen):
     username: str | None = None
     key_filename: str | None = None
     trust_unknown_hosts: bool = False
+    known_hosts: str | None = None     # default: ~/.ssh/known_hosts (and the ssh config's)
+    ssh_config: str | None = None      # default: ~/.ssh/config
     storage: str
     python: str = Field(default_factory=lambda: sys.executable)
     setup: tuple[str, ...] = ()
@@ -103,7 +105,7 @@ class Site(_Frozen):
         except TargetError as exc:
             raise ValueError(str(exc)) from None
 
-    @field_validator("storage", "python", "key_filename")
+    @field_validator("storage", "python", "key_filename", "known_hosts", "ssh_config")
     @classmethod
     def _expand(cls, v: str | None) -> str | None:
         return expand(v) if isinstance(v, str) else v

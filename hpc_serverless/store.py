@@ -36,8 +36,7 @@ import zlib
 from pathlib import PurePosixPath
 from typing import Any, BinaryIO
 
-from .errors import (CorruptObjectError, ObjectNotFoundError, SerializationError, StoreError,
-                     UnsafeStoreError)
+from .errors import CorruptObjectError, ObjectNotFoundError, SerializationError, StoreError, UnsafeStoreError
 from .fs import FS, LOCAL
 from .serialization import dumps_oob, loads
 

@@ -130,7 +130,7 @@ class Target:
             "account", "qos", "constraint", "env", "directives")
 
     @classmethod
-    def of(cls, value: "Target | Mapping[str, Any] | None" = None, /, **kwargs: Any) -> "Target":
+    def of(cls, value: Target | Mapping[str, Any] | None = None, /, **kwargs: Any) -> Target:
         """Validate a dict (or Target, or None) and return a Target."""
         if isinstance(value, Target):
             return value if not kwargs else cls.of({**value.as_dict(), **kwargs})
@@ -177,7 +177,7 @@ class Target:
         """PBS's name for the partition."""
         return self.partition
 
-    def merged_over(self, defaults: "Target | None") -> "Target":
+    def merged_over(self, defaults: Target | None) -> Target:
         """This target with gaps filled from a site's defaults (explicit values win)."""
         if defaults is None:
             return self

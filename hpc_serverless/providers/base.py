@@ -39,20 +39,20 @@ class Provider(abc.ABC):
         """Raise ResourceError if `target` can never run here (called at submission)."""
 
     @abc.abstractmethod
-    def submit(self, fn: "RemoteFunction", args: tuple[Any, ...], kwargs: Mapping[str, Any],
+    def submit(self, fn: RemoteFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any],
                target: Target) -> TaskRef:
         """Start one call of a decorated function; return its TaskRef at once."""
 
     @abc.abstractmethod
-    def run_program(self, program: "Program", arguments: Mapping[str, Any] | None = None) -> "Job":
+    def run_program(self, program: Program, arguments: Mapping[str, Any] | None = None) -> Job:
         """Start a Program as a detached job."""
 
     @abc.abstractmethod
-    def get_job_by_id(self, job_id: str) -> "Job":
+    def get_job_by_id(self, job_id: str) -> Job:
         """A Job handle for a program run earlier, from any process."""
 
     @abc.abstractmethod
-    def jobs(self) -> list["Job"]:
+    def jobs(self) -> list[Job]:
         """The programs this user has run on this provider, newest first."""
 
     def describe(self) -> str:

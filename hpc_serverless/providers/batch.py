@@ -30,8 +30,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..calls import find_task_refs, pack_arguments
-from ..errors import (DependencyError, GetTimeoutError, HPCServerlessError, SchedulerError,
-                      TaskCancelledError, TaskTimeoutError, WorkerDiedError)
+from ..errors import (
+    DependencyError,
+    GetTimeoutError,
+    HPCServerlessError,
+    SchedulerError,
+    TaskCancelledError,
+    TaskTimeoutError,
+    WorkerDiedError,
+)
 from ..refs import ObjectRef, TaskRef, TaskStatus, register_backend
 from ..schedulers.common import JobState
 from ..serialization import loads, unpack_exception
@@ -112,7 +119,7 @@ class Scheduler(abc.ABC):
 class BatchBackend:
     """TaskRef backend of one batch provider: queues, submits, polls, collects."""
 
-    def __init__(self, provider: "BatchProvider") -> None:
+    def __init__(self, provider: BatchProvider) -> None:
         self.provider = provider
         self.site = provider.site
         self.store = provider.store
@@ -234,7 +241,7 @@ class BatchBackend:
                 self._cv.notify_all()
                 return
         now = time.time()
-        for t, job_id in zip(chunk, job_ids):
+        for t, job_id in zip(chunk, job_ids, strict=True):
             t.job_id, t.submitted = job_id, now
             t.ref._job_id = job_id
 
@@ -476,11 +483,11 @@ class BatchBackend:
 class BatchProvider(Provider):
     """A provider whose tasks are batch jobs on a site (Slurm, PBS)."""
 
-    site: "Site"
-    transport: "Transport"
+    site: Site
+    transport: Transport
     scheduler: Scheduler
 
-    def __init__(self, name: str, site: "Site", transport: "Transport", scheduler: Scheduler) -> None:
+    def __init__(self, name: str, site: Site, transport: Transport, scheduler: Scheduler) -> None:
         self.name = name
         self.site = site
         self.transport = transport
@@ -502,7 +509,7 @@ class BatchProvider(Provider):
     def check_target(self, target: Target) -> None:
         self.scheduler.check_target(self.effective_target(target))
 
-    def submit(self, fn: "RemoteFunction", args: tuple[Any, ...], kwargs: Mapping[str, Any],
+    def submit(self, fn: RemoteFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any],
                target: Target) -> TaskRef:
         target = self.effective_target(target)
         deps = find_task_refs(args, kwargs)
@@ -531,7 +538,7 @@ class BatchProvider(Provider):
     def log_path_hint(self, job_id: str) -> str:
         return str(self.site.storage_path / "jobs" / job_id)
 
-    def render_program(self, program: "Program", arguments: Mapping[str, Any] | None = None) -> str:
+    def render_program(self, program: Program, arguments: Mapping[str, Any] | None = None) -> str:
         """The batch script run_program would submit (for `hpc-serverless run --dry-run`)."""
         from ..programs_batch import BatchJobs
 
@@ -542,17 +549,17 @@ class BatchProvider(Provider):
         return dict(self.transport.counts)
 
     # programs: see programs_batch (the Programs issue)
-    def run_program(self, program: "Program", arguments: Mapping[str, Any] | None = None) -> "Job":
+    def run_program(self, program: Program, arguments: Mapping[str, Any] | None = None) -> Job:
         from ..programs_batch import BatchJobs
 
         return BatchJobs(self).run(program, arguments)
 
-    def get_job_by_id(self, job_id: str) -> "Job":
+    def get_job_by_id(self, job_id: str) -> Job:
         from ..programs_batch import BatchJobs
 
         return BatchJobs(self).get(job_id)
 
-    def jobs(self) -> list["Job"]:
+    def jobs(self) -> list[Job]:
         from ..programs_batch import BatchJobs
 
         return BatchJobs(self).list()

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ..site import Site
 
 
-def provider_for_site(site: "Site", name: str | None = None, password: str | None = None) -> Provider:
+def provider_for_site(site: Site, name: str | None = None, password: str | None = None) -> Provider:
     if site.scheduler == "slurm":
         from .slurm import SlurmProvider
 

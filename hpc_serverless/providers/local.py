@@ -126,7 +126,7 @@ class LocalProvider(Provider):
             raise ResourceError(f"task asks for more than provider '{self.name}' has: "
                                 + "; ".join(problems))
 
-    def submit(self, fn: "RemoteFunction", args: tuple[Any, ...], kwargs: Mapping[str, Any],
+    def submit(self, fn: RemoteFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any],
                target: Target) -> TaskRef:
         deps = find_task_refs(args, kwargs)
         blob = pack_arguments(fn.function, args, kwargs)
@@ -151,17 +151,17 @@ class LocalProvider(Provider):
         return pool.track(TaskRef(task_id, pool.key, self.name, fn.name))
 
     # -- programs -------------------------------------------------------------------------
-    def run_program(self, program: "Program", arguments: Mapping[str, Any] | None = None) -> "Job":
+    def run_program(self, program: Program, arguments: Mapping[str, Any] | None = None) -> Job:
         from ..programs import LocalJobs
 
         return LocalJobs(self).run(program, arguments)
 
-    def get_job_by_id(self, job_id: str) -> "Job":
+    def get_job_by_id(self, job_id: str) -> Job:
         from ..programs import LocalJobs
 
         return LocalJobs(self).get(job_id)
 
-    def jobs(self) -> list["Job"]:
+    def jobs(self) -> list[Job]:
         from ..programs import LocalJobs
 
         return LocalJobs(self).list()

@@ -29,12 +29,18 @@ import sys
 import threading
 import time
 import weakref
-from multiprocessing.connection import Connection, wait as wait_connections
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_connections
 from typing import Any, Sequence
 
-from ..calls import find_task_refs
-from ..errors import (DependencyError, GetTimeoutError, HPCServerlessError, TaskCancelledError,
-                      TaskTimeoutError, WorkerDiedError)
+from ..errors import (
+    DependencyError,
+    GetTimeoutError,
+    HPCServerlessError,
+    TaskCancelledError,
+    TaskTimeoutError,
+    WorkerDiedError,
+)
 from ..refs import TaskRef, TaskStatus, register_backend
 from ..serialization import loads, pack_exception, unpack_exception
 

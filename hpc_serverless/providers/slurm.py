@@ -39,7 +39,7 @@ def _submitit() -> Any:
     return submitit
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _executor_class() -> type:
     """A submitit SlurmExecutor whose sbatch runs through our transport."""
     submitit = _submitit()
@@ -47,7 +47,7 @@ def _executor_class() -> type:
     from submitit.slurm.slurm import SlurmJob
 
     class TransportSlurmExecutor(submitit.SlurmExecutor):  # type: ignore[misc,name-defined]
-        def __init__(self, folder: Path, python: str, transport: "Transport",
+        def __init__(self, folder: Path, python: str, transport: Transport,
                      remote_folder: str | None = None) -> None:
             self._transport = transport
             # over SSH submitit writes into a local staging folder; its paths in the script
@@ -105,7 +105,7 @@ def _executor_class() -> type:
                 self.parameters.update(saved)
             jobs = [SlurmJob(folder=self.folder, job_id=f"{first.job_id}_{i}", tasks=[0])
                     for i in range(len(delayed))]
-            for job, path in zip(jobs, pickles):
+            for job, path in zip(jobs, pickles, strict=True):
                 job.paths.move_temporary_file(path, "submitted_pickle")
             return jobs
 
@@ -117,7 +117,7 @@ class SlurmScheduler(Scheduler):
 
     name = "Slurm"
 
-    def __init__(self, site: "Site", transport: "Transport", store_root: str) -> None:
+    def __init__(self, site: Site, transport: Transport, store_root: str) -> None:
         self.site, self.transport, self.store_root = site, transport, store_root
         self.folder = site.storage_path / "jobs" / "%j"
         self._use_squeue = site.accounting == "squeue"
@@ -250,8 +250,8 @@ class SlurmProvider(BatchProvider):
 
     def __init__(self, name: str = "cluster", host: str | None = None, username: str | None = None,
                  password: str | None = None, key_filename: str | None = None, port: int = 22,
-                 site: "str | os.PathLike[str] | Site | Mapping[str, Any] | None" = None,
-                 python: str | None = None, transport: "Transport | None" = None) -> None:
+                 site: str | os.PathLike[str] | Site | Mapping[str, Any] | None = None,
+                 python: str | None = None, transport: Transport | None = None) -> None:
         from ..site import Site, load_site, site_from_mapping
 
         if site is None:

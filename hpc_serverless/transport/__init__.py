@@ -12,10 +12,9 @@ __all__ = ["CommandResult", "LocalTransport", "MockTransport", "Transport", "con
 
 def connect(site: "object", *, password: str | None = None) -> Transport:
     """The transport for a site: local commands without a host, SSH with one."""
-    host = getattr(site, "host", None)
-    if host is None:
+    if getattr(site, "host", None) is None:
         return LocalTransport()
-    from ..errors import ConfigError
+    from .ssh import SSHTransport  # paramiko is imported only for sites with a host
 
-    raise ConfigError(f"site '{getattr(site, 'name', '?')}' has host {host!r}, and remote sites "
-                      "(SSH) are not supported in this version yet")
+    extra = {k: getattr(site, k) for k in ("known_hosts", "ssh_config") if getattr(site, k, None)}
+    return SSHTransport.from_site(site, password=password, **extra)

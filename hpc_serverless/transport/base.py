@@ -55,7 +55,7 @@ class Transport(abc.ABC):
 
         shutil.copytree(local_dir, remote_dir, symlinks=True, dirs_exist_ok=True)
 
-    def filesystem(self) -> "FS":
+    def filesystem(self) -> FS:
         """The site's filesystem as this transport reaches it."""
         from ..fs import LOCAL
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import functools
 import getpass
 import hashlib
 import io
@@ -52,10 +53,18 @@ from .base import CommandResult, Transport
 
 try:  # this module is imported only for sites with a host; paramiko stays optional
     import paramiko
-    from paramiko.sftp import (CMD_DATA, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_READ, CMD_STATUS,
-                               CMD_WRITE, SFTPError, int64)
+    from paramiko.sftp import (
+        CMD_DATA,
+        CMD_EXTENDED,
+        CMD_EXTENDED_REPLY,
+        CMD_READ,
+        CMD_STATUS,
+        CMD_WRITE,
+        SFTPError,
+        int64,
+    )
 except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
-    paramiko = None
+    paramiko = None  # type: ignore[assignment]  # ConfigError at the first SSHTransport
 
 __all__ = ["SFTPFS", "SSHTransport", "terminal_prompt"]
 
@@ -331,7 +340,6 @@ class SSHTransport(Transport):
         self.allow_agent = allow_agent
         self.look_for_keys = look_for_keys
         self.interactive_handler: InteractiveHandler = interactive_handler or terminal_prompt
-        self._password = password
         keys = [key_filename] if isinstance(key_filename, (str, os.PathLike)) else list(key_filename or ())
         self._route = self._resolve(host, port=port, username=username, password=password,
                                     key_files=[os.path.expanduser(str(k)) for k in keys],
@@ -348,6 +356,7 @@ class SSHTransport(Transport):
         self._sftp: Any = None
         self._sftp_owner: Any = None
         self._sftp_chunks = (_SFTP_CHUNK, _SFTP_CHUNK)  # (read, write) request sizes
+        self._fs: SFTPFS | None = None
         self._channels: set[Any] = set()
         self._ever_connected = False
         #: how many connections were opened (1 + reconnections), and how long the last took
@@ -752,7 +761,7 @@ class SSHTransport(Transport):
 
         if not t.is_authenticated():
             for label, key in self._identities(hop, notes):
-                if attempt("publickey", f"key {label}", lambda key=key: t.auth_publickey(user, key)):
+                if attempt("publickey", f"key {label}", functools.partial(t.auth_publickey, user, key)):
                     break
         if not t.is_authenticated() and hop.password is not None:
             attempt("password", "password", lambda: t.auth_password(user, hop.password, fallback=False))
@@ -836,7 +845,12 @@ class SSHTransport(Transport):
         code, out, err = self._retrying(
             f"running `{_short(command)}`",
             lambda t: self._exec(t, command, data, timeout, resumable=False))
-        return CommandResult(argv, code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
+        stderr = err.decode("utf-8", "replace")
+        if code == 127 and argv[0] in stderr and re.search(r"not found|no such file", stderr, re.I):
+            exc = TransportError(f"command {argv[0]!r} not found on {self.describe()}: {stderr.strip()}")
+            exc.transient = False  # as LocalTransport says when a command cannot start
+            raise exc
+        return CommandResult(argv, code, out.decode("utf-8", "replace"), stderr)
 
     def _open_channel(self, t: Any, deadline: float) -> Any:
         try:
@@ -988,6 +1002,8 @@ class SSHTransport(Transport):
 
         q = shlex.quote(remote_dir)
         command = f"mkdir -p -- {q} && tar -x --no-same-owner -C {q} -f -"
+        with self._count_lock:
+            self.counts["tar"] += 1
         code, out, err = self._retrying(
             f"uploading {local} to {remote_dir}",
             lambda t: self._exec(t, command, produce, timeout, resumable=True))
@@ -997,6 +1013,12 @@ class SSHTransport(Transport):
                                  f"(exit {code}): {' / '.join(said[-3:]) or '(no output)'}")
             exc.transient = False
             raise exc
+
+    def filesystem(self) -> SFTPFS:
+        """The site's filesystem over this connection's SFTP session."""
+        if self._fs is None:
+            self._fs = SFTPFS(self)
+        return self._fs
 
     def sftp(self) -> Any:
         """The live paramiko SFTPClient (reopened if the connection dropped). Hold
@@ -1264,11 +1286,13 @@ class _SFTPFile(io.RawIOBase):
         self._t, self._s, self._file, self.path = transport, sftp, handle_file, path
         self._pos = 0
         self._inflight: dict[int, Any] = {}
+        self._broken = False  # a drop was reported already: close() only cleans up
         read, write = transport._sftp_chunks
         self._chunk = write if self.writable() else read
         self._window = max(8, _SFTP_IN_FLIGHT_BYTES // self._chunk)
 
     def _lost(self, exc: BaseException, doing: str) -> TransportError:
+        self._broken = True
         return TransportError(f"the connection to {self._t.describe()} dropped while {doing} "
                               f"{self.path}: {exc}")
 
@@ -1315,11 +1339,18 @@ class _SFTPReader(_SFTPFile):
         return new
 
     def _size(self) -> int:
-        with self._t.sftp_lock:
+        drops = 0
+        while True:
             try:
-                return int(self._file.stat().st_size or 0)
-            except (EOFError, paramiko.SSHException) as exc:
-                raise self._lost(exc, "reading") from exc
+                with self._t.sftp_lock:
+                    return int(self._file.stat().st_size or 0)
+            except (EOFError, OSError, paramiko.SSHException) as exc:
+                if not (isinstance(exc, (EOFError, paramiko.SSHException)) or self._s.sock.closed):
+                    raise
+                drops += 1
+                if drops > self._t.max_retries:
+                    raise self._lost(exc, "reading") from exc
+                self._reopen(exc)
 
     def _async_response(self, kind: int, msg: Any, num: int) -> None:
         entry = self._inflight.pop(num, None)
@@ -1514,7 +1545,8 @@ class _SFTPWriter(_SFTPFile):
         if self.closed:
             return
         try:
-            self.flush()
+            if not self._broken:
+                self.flush()
         finally:
             self._close_handle()
             self._inflight.clear()

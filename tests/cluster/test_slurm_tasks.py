@@ -12,8 +12,13 @@ from pathlib import Path
 import pytest
 
 from hpc_serverless import distribute_task, get, put, wait
-from hpc_serverless.errors import (DependencyError, ResourceError, TaskCancelledError, TaskTimeoutError,
-                                   WorkerDiedError)
+from hpc_serverless.errors import (
+    DependencyError,
+    ResourceError,
+    TaskCancelledError,
+    TaskTimeoutError,
+    WorkerDiedError,
+)
 
 from .conftest import ROOT, is_test_cluster
 

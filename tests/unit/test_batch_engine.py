@@ -10,14 +10,13 @@ from typing import Sequence
 
 import pytest
 
-from hpc_serverless import QuantumServerless, distribute_task, get
+from hpc_serverless import QuantumServerless, distribute_task, get, worker
 from hpc_serverless.errors import DependencyError, SchedulerError, WorkerDiedError
 from hpc_serverless.providers.batch import BatchProvider, BatchTask, Scheduler
 from hpc_serverless.schedulers.common import JobState
 from hpc_serverless.site import site_from_mapping
 from hpc_serverless.target import Target
 from hpc_serverless.transport import MockTransport
-from hpc_serverless import worker
 
 
 class FakeScheduler(Scheduler):

@@ -8,10 +8,17 @@ import pytest
 
 import hpc_serverless as hs
 from hpc_serverless import distribute_task, get, put, wait
-from hpc_serverless.errors import (DependencyError, GetTimeoutError, HPCServerlessError, ResourceError,
-                                   SerializationError, TaskCancelledError, TaskTimeoutError,
-                                   WorkerDiedError)
-from hpc_serverless.errors import RemoteTraceback
+from hpc_serverless.errors import (
+    DependencyError,
+    GetTimeoutError,
+    HPCServerlessError,
+    RemoteTraceback,
+    ResourceError,
+    SerializationError,
+    TaskCancelledError,
+    TaskTimeoutError,
+    WorkerDiedError,
+)
 from hpc_serverless.providers.local import local_resources, shared_pool
 
 

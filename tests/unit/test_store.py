@@ -6,8 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from hpc_serverless.errors import (CorruptObjectError, ObjectNotFoundError, SerializationError,
-                                   StoreError, UnsafeStoreError)
+from hpc_serverless.errors import (
+    CorruptObjectError,
+    ObjectNotFoundError,
+    SerializationError,
+    StoreError,
+    UnsafeStoreError,
+)
 from hpc_serverless.store import ObjectStore
 
 

@@ -4,10 +4,10 @@ import os
 
 import pytest
 
+from hpc_serverless import worker
 from hpc_serverless.errors import DependencyError, SerializationError
 from hpc_serverless.serialization import dumps, function_bytes, loads, pack_exception, unpack_exception
 from hpc_serverless.store import ObjectStore
-from hpc_serverless import worker
 
 
 @pytest.fixture
