@@ -68,8 +68,14 @@ def backend_for(key: str) -> TaskBackend:
 _STORES: dict[str, ObjectStore] = {}
 
 
+def register_store(store: ObjectStore) -> None:
+    """Make refs to objects under `store.root` read through this store (and its
+    filesystem: a remote provider's store is reached over SFTP)."""
+    _STORES[str(store.root)] = store
+
+
 def store_at(root: str) -> ObjectStore:
-    """One ObjectStore object per root per process (it caches directory checks)."""
+    """The store for a ref's root: a provider's registered store, else a local one."""
     store = _STORES.get(root)
     if store is None:
         from .store import ObjectStore

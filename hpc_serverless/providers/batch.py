@@ -39,7 +39,7 @@ from ..errors import (
     TaskTimeoutError,
     WorkerDiedError,
 )
-from ..refs import ObjectRef, TaskRef, TaskStatus, register_backend
+from ..refs import ObjectRef, TaskRef, TaskStatus, register_backend, register_store
 from ..schedulers.common import JobState
 from ..serialization import loads, unpack_exception
 from ..store import ObjectStore
@@ -494,6 +494,7 @@ class BatchProvider(Provider):
         self.scheduler = scheduler
         self.fs = transport.filesystem()
         self._store = ObjectStore(site.storage_path / "store", fs=self.fs)
+        register_store(self._store)
         self.backend = BatchBackend(self)
 
     @property

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..calls import find_task_refs, pack_arguments
 from ..errors import HPCServerlessError, ResourceError
-from ..refs import TaskRef
+from ..refs import TaskRef, register_store
 from ..store import ObjectStore
 from ..target import Target
 from .base import Provider
@@ -87,6 +87,7 @@ class LocalProvider(Provider):
         self.name = name
         root = store or os.environ.get("HPC_SERVERLESS_STORE") or default_home() / "store"
         self._store = ObjectStore(root)
+        register_store(self._store)
         self._cpus = cpus
         self._mem_mib = int(mem * 1024) if mem else None
 

@@ -1,0 +1,168 @@
+"""The Slurm test cluster reached over SSH (real sshd on loopback): tasks, objects and
+programs from "outside", host keys, a ProxyJump hop, a dropped connection."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from hpc_serverless import Program, QuantumServerless, distribute_task, get, put
+from hpc_serverless.errors import HostKeyError
+
+from .conftest import ROOT
+
+pytestmark = [pytest.mark.cluster, pytest.mark.ssh]
+
+KEY = "/root/.ssh/hpcsl_test_key"
+KNOWN_HOSTS = "/root/.ssh/hpcsl_known_hosts"
+SSH_CONFIG = "/root/.ssh/hpcsl_ssh_config"
+LISTENER_PIDFILE = "/run/hpcsl/sshd-2222.pid"
+
+
+@pytest.fixture(autouse=True)
+def _need_sshd():
+    import socket
+
+    if not os.path.exists(KEY):
+        pytest.skip("no test ssh key (tests/cluster/up.sh makes one)")
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", 2222)):
+            pytest.skip("no sshd on 127.0.0.1:2222 (tests/cluster/up.sh starts one)")
+
+
+def _config(tmp_path, site_path, **entry) -> Path:
+    import yaml
+
+    remote_storage = f"/tmp/hpcs-remote-{secrets.token_hex(4)}"
+    provider = {"name": "remote", "site": site_path, "storage": remote_storage, **entry}
+    cfg = tmp_path / "serverless.yaml"
+    cfg.write_text(yaml.safe_dump({"providers": [{"name": "local"}, provider], "default": "remote"}))
+    return cfg
+
+
+@pytest.fixture
+def remote_config(tmp_path, site_path):
+    return _config(tmp_path, site_path, host="127.0.0.1", port=2222, username="root",
+                   key_filename=KEY, known_hosts=KNOWN_HOSTS)
+
+
+@distribute_task
+def energy(scale, table):
+    return scale * sum(table["h"])
+
+
+def test_tasks_and_objects_over_ssh(remote_config):
+    s = QuantumServerless.load_configuration(remote_config)
+    provider = s.provider("remote")
+    assert type(provider.transport).__name__ == "SSHTransport"
+    with s.context("remote"):
+        table = put({"h": [1.0, 2.0, 3.0]})
+        refs = [energy(i, table) for i in range(5)]
+        assert get(refs, timeout=180) == [6.0 * i for i in range(5)]
+    # one connection carried every command and file
+    assert provider.transport.connections == 1
+    assert provider.transport.counts["sbatch"] == 1
+    # the objects live on the remote storage (here the same machine, written over SFTP)
+    assert Path(provider.site.storage, "store", table.key).exists()
+
+
+def test_seed_tutorial_from_outside(remote_config):
+    pytest.importorskip("qiskit")
+    out = subprocess.run([sys.executable, str(ROOT / "examples/quickstart.py"), "--config",
+                          str(remote_config), "--provider", "remote"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("serverless") == 3
+
+
+def test_password_auth_provider(tmp_path, site_path):
+    cfg = _config(tmp_path, site_path, host="127.0.0.1", port=2222, username="hpcsl",
+                  password="hpcsl-test-pw", key_filename=None, known_hosts=KNOWN_HOSTS)
+    cfg_text = cfg.read_text()
+    s = QuantumServerless.load_configuration(cfg)
+    provider = s.provider("remote")
+    provider.transport.look_for_keys = False  # noqa: B010 - make the password do the work
+    result = provider.transport.run(["squeue", "-h"])
+    assert result.ok, result.describe()
+    assert provider.transport.run(["id", "-un"]).stdout.strip() == "hpcsl"
+    with s.context("remote"):
+        ref = put([1, 2, 3])
+        assert get(ref) == [1, 2, 3]
+    assert "hpcsl-test-pw" not in repr(provider) + provider.describe()
+    assert "hpcsl-test-pw" in cfg_text  # (only in the user's own file)
+
+
+def test_unknown_host_key_is_refused(tmp_path, site_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    cfg = _config(tmp_path, site_path, host="127.0.0.1", port=2222, username="root",
+                  key_filename=KEY, known_hosts=str(empty))
+    s = QuantumServerless.load_configuration(cfg)
+    with s.context("remote"), pytest.raises(HostKeyError, match=r"(?s)127\.0\.0\.1 port 2222 is not known.*SHA256:"):
+        energy(1, {"h": [1]})
+
+
+def test_proxyjump_hop(tmp_path, site_path):
+    cfg = _config(tmp_path, site_path, host="hpcsl-via-jump", ssh_config=SSH_CONFIG,
+                  key_filename=KEY, known_hosts=KNOWN_HOSTS)
+    s = QuantumServerless.load_configuration(cfg)
+    provider = s.provider("remote")
+    with s.context("remote"):
+        assert get([energy(2, {"h": [1, 1]}) for _ in range(3)], timeout=180) == [4, 4, 4]
+    assert len(provider.transport.jump_connections) == 1
+
+
+def _kill_sshd_sessions() -> int:
+    """Kill every sshd process serving a connection to port 2222 (never the listener)."""
+    listener = int(Path(LISTENER_PIDFILE).read_text().strip())
+    out = subprocess.run(["ss", "-tnpH", "state", "established", "( sport = :2222 )"],
+                         capture_output=True, text=True, check=True).stdout
+    killed = 0
+    for pid in {int(p) for p in re.findall(r"pid=(\d+)", out)} - {listener}:
+        p, ancestry = pid, []
+        while p > 1:
+            p = int(re.search(r"^PPid:\s+(\d+)", Path(f"/proc/{p}/status").read_text(), re.M).group(1))
+            ancestry.append(p)
+        if listener in ancestry:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+    return killed
+
+
+def test_program_over_ssh_follow_survives_dropped_connection(remote_config, tmp_path):
+    wd = tmp_path / "src"
+    wd.mkdir()
+    (wd / "slow.py").write_text(textwrap.dedent("""
+        import time
+        from hpc_serverless import get_arguments, save_result
+        for i in range(8):
+            print("line", i, flush=True)
+            time.sleep(0.7)
+        save_result({"n": get_arguments()["n"]})
+    """))
+    s = QuantumServerless.load_configuration(remote_config)
+    job = s.run_program(Program("slow printer", "slow.py", working_dir=str(wd)), arguments={"n": 8})
+    follow = subprocess.Popen([sys.executable, "-m", "hpc_serverless.cli", "--config", str(remote_config),
+                               "logs", "--follow", "--interval", "0.3", job.job_id],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while "line 1" not in job.logs() and time.time() < deadline:
+        time.sleep(0.3)
+    assert _kill_sshd_sessions() >= 1  # the follower's (and our own) connections drop
+    out, err = follow.communicate(timeout=180)
+    assert follow.returncode == 0, err
+    assert all(f"line {i}" in out for i in range(8)), out
+    # collected from yet another process
+    code = (f"from hpc_serverless import QuantumServerless; s = QuantumServerless.load_configuration("
+            f"{str(remote_config)!r}); j = s.get_job_by_id({job.job_id!r}); print(j.status(), j.result())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert other.stdout.strip() == "SUCCEEDED {'n': 8}", other.stderr
