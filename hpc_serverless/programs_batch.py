@@ -79,7 +79,8 @@ class BatchJobs:
         script_path = posixpath.join(job_dir, "job.sh")
         self.fs.write_atomic(script_path, script.encode(), mode=0o700)
         try:
-            record["scheduler_job_id"] = self.provider.scheduler.submit_script(script_path)
+            record["scheduler_job_id"] = self.provider.scheduler.submit_script(
+                script_path, self.provider.effective_target(program.resources), program.title)
         except SchedulerError as exc:
             record["refused"] = str(exc)
             self._write_record(job_dir, record)

@@ -136,7 +136,9 @@ def _quiet_time_limit_signal() -> None:
 def _run_ranks(store_root: str, task_id: str, spec: dict[str, Any],
                verbose: bool = True) -> tuple[bool, bytes]:
     """Start the task's MPI ranks through the site's launcher and wait for them."""
-    argv = [*spec["launcher"], sys.executable, "-m", "hpc_serverless.worker", "rank", store_root, task_id]
+    # $PBS_NODEFILE, $SLURM_NTASKS...: the launcher's words expand here, on the compute side
+    launcher = [os.path.expandvars(a) for a in spec["launcher"]]
+    argv = [*launcher, sys.executable, "-m", "hpc_serverless.worker", "rank", store_root, task_id]
     env = {**os.environ, **spec.get("launcher_env", {})}
     if verbose:
         print(f"[hpc-serverless] launching {spec['mpi']} ranks: {shlex.join(argv)}", flush=True)

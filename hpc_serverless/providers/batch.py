@@ -112,8 +112,9 @@ class Scheduler(abc.ABC):
         """The batch script of a Program (from the scheduler's template in jobscripts/)."""
 
     @abc.abstractmethod
-    def submit_script(self, path: str) -> str:
-        """Submit a script already on the site's filesystem; its job id."""
+    def submit_script(self, path: str, target: Target, job_name: str) -> str:
+        """Submit a script already on the site's filesystem; its job id. (The target and
+        name again, for schedulers whose options must also be on the command line.)"""
 
 
 class BatchBackend:
@@ -174,25 +175,33 @@ class BatchBackend:
     # -- the engine thread ------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._closed:
-            with self._lock:
-                now = time.monotonic()
-                if self._queue and self._queued_since is not None and (
-                        now - self._last_enqueue >= self.site.array_linger
-                        or now - self._queued_since >= MAX_LINGER_S
-                        or len(self._queue) >= self.scheduler.max_array_size()):
-                    self._submit_queue()
-                    continue
-                active = [t for t in self._tasks.values() if t.job_id and not t.settled]
-                if active and now >= self._next_poll:
-                    self._poll(active)
-                    continue
-                waits = []
-                if self._queue and self._queued_since is not None:
-                    waits.append(min(self._last_enqueue + self.site.array_linger,
-                                     self._queued_since + MAX_LINGER_S) - now)
-                if active:
-                    waits.append(self._next_poll - now)
-                self._cv.wait(max(0.01, min(waits)) if waits else None)
+            try:
+                self._step()
+            except Exception:  # noqa: BLE001 - the engine must outlive one bad poll
+                log.exception("%s: error in the scheduler thread; going on", self.site.name)
+                time.sleep(min(self._interval, 5.0))
+
+    def _step(self) -> None:
+        """One turn of the engine: submit what is due, or poll what is due, or sleep."""
+        with self._lock:
+            now = time.monotonic()
+            if self._queue and self._queued_since is not None and (
+                    now - self._last_enqueue >= self.site.array_linger
+                    or now - self._queued_since >= MAX_LINGER_S
+                    or len(self._queue) >= self.scheduler.max_array_size()):
+                self._submit_queue()
+                return
+            active = [t for t in self._tasks.values() if t.job_id and not t.settled]
+            if active and now >= self._next_poll:
+                self._poll(active)
+                return
+            waits = []
+            if self._queue and self._queued_since is not None:
+                waits.append(min(self._last_enqueue + self.site.array_linger,
+                                 self._queued_since + MAX_LINGER_S) - now)
+            if active:
+                waits.append(self._next_poll - now)
+            self._cv.wait(max(0.01, min(waits)) if waits else None)
 
     def _submit_queue(self) -> None:
         """Submit queued tasks: arrays by target; dependent tasks one by one (lock held)."""
@@ -229,7 +238,13 @@ class BatchBackend:
             try:
                 job_ids = self.scheduler.submit(chunk, target, after)
                 break
-            except SchedulerError as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever it is, the tasks must hear of it
+                if not isinstance(exc, SchedulerError):
+                    log.exception("%s: submission failed", self.site.name)
+                    wrapped = SchedulerError(f"submitting to {self.site.name} failed: "
+                                             f"{type(exc).__name__}: {exc}")
+                    wrapped.__cause__ = exc
+                    exc = wrapped
                 if exc.transient and attempt < 5:
                     log.warning("%s: scheduler busy or down (%s); retrying in %.0f s",
                                 self.site.name, exc, delay)
@@ -486,6 +501,30 @@ class BatchProvider(Provider):
     site: Site
     transport: Transport
     scheduler: Scheduler
+
+    @staticmethod
+    def resolve_site(scheduler: str, name: str, site: Any, overrides: Mapping[str, Any]) -> Site:
+        """A Site from a path, a Site or a mapping, with connection overrides applied
+        (the arguments of SlurmProvider/PBSProvider, as in the seed's GatewayProvider)."""
+        from ..errors import ConfigError
+        from ..site import Site, load_site, site_from_mapping
+
+        if site is None:
+            raise ConfigError(f"provider {name!r} needs a site (a site_configs/*.yaml path)")
+        if isinstance(site, Site):
+            s = site
+        elif isinstance(site, Mapping):
+            s = site_from_mapping({"scheduler": scheduler, **site}, name=name)
+        else:
+            s = load_site(site)
+        changes = {k: v for k, v in overrides.items() if v is not None and not (k == "port" and v == 22)}
+        if changes:
+            s = s.model_copy(update=changes)
+        if s.scheduler != scheduler:
+            other = "SlurmProvider" if s.scheduler == "slurm" else "PBSProvider"
+            raise ConfigError(f"site '{s.name}' is a {s.scheduler} site; use {other}",
+                              file=s.source, key="scheduler")
+        return s
 
     def __init__(self, name: str, site: Site, transport: Transport, scheduler: Scheduler) -> None:
         self.name = name

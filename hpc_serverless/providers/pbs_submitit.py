@@ -72,11 +72,15 @@ class PBSJobEnvironment(job_environment.JobEnvironment):
         subprocess.check_call(["qrerun", self.raw_job_id], timeout=60)
 
 
+class PBSJob(core.Job):  # type: ignore[type-arg]
+    """A submitted PBS job as submitit sees it (paths only: we poll states ourselves)."""
+
+
 class PBSExecutor(core.PicklingExecutor):
     """qsub submissions of pickled calls. Parameters: `options` (qsub argv), `setup`
     (script lines), `job_name`, `flavor`."""
 
-    job_class = core.Job
+    job_class = PBSJob
 
     def __init__(self, folder: str | Path, python: str = "python3", transport: Transport | None = None,
                  remote_folder: str | None = None) -> None:
@@ -138,7 +142,7 @@ class PBSExecutor(core.PicklingExecutor):
         count = self.parameters.get("map_count")
         extra = [] if not count else ["-J" if self.parameters["flavor"] == "pbspro" else "-t", f"0-{count - 1}"]
         job_id = self._qsub(script, uid, text, extra)
-        job: core.Job[Any] = core.Job(folder=self.folder, job_id=job_id, tasks=[0])
+        job: core.Job[Any] = PBSJob(folder=self.folder, job_id=job_id, tasks=[0])
         job.paths.move_temporary_file(script, "submission_file", keep_as_symlink=True)
         return job
 
@@ -158,7 +162,7 @@ class PBSExecutor(core.PicklingExecutor):
             first = self._submit_command(self._submitit_command_str)
         finally:
             self.parameters.pop("map_count", None)
-        jobs = [core.Job(folder=self.folder, job_id=f"{first.job_id}_{i}", tasks=[0]) for i in range(len(delayed))]
+        jobs = [PBSJob(folder=self.folder, job_id=f"{first.job_id}_{i}", tasks=[0]) for i in range(len(delayed))]
         for job, path in zip(jobs, pickles, strict=True):
             job.paths.move_temporary_file(path, "submitted_pickle")
         return jobs
@@ -175,4 +179,4 @@ class PBSExecutor(core.PicklingExecutor):
         return re.sub(r"\[\]", "", P.short_id(P.parse_qsub(text)))
 
 
-__all__ = ["PBSExecutor", "PBSJobEnvironment", "submitit"]
+__all__ = ["PBSExecutor", "PBSJob", "PBSJobEnvironment", "submitit"]

@@ -202,7 +202,7 @@ class SlurmScheduler(Scheduler):
             "ENVIRONMENT": export_lines({**self.site.env, **env}),
             "WORKDIR": shlex.quote(workdir), "COMMAND": command_line(command)})
 
-    def submit_script(self, path: str) -> str:
+    def submit_script(self, path: str, target: Target, job_name: str) -> str:
         result = self.transport.run(["sbatch", "--parsable", path])
         if not result.ok:
             raise SchedulerError(f"Slurm refused the job: {result.describe()}",
@@ -252,25 +252,8 @@ class SlurmProvider(BatchProvider):
                  password: str | None = None, key_filename: str | None = None, port: int = 22,
                  site: str | os.PathLike[str] | Site | Mapping[str, Any] | None = None,
                  python: str | None = None, transport: Transport | None = None) -> None:
-        from ..site import Site, load_site, site_from_mapping
-
-        if site is None:
-            raise ConfigError(f"SlurmProvider {name!r} needs a site (a site_configs/*.yaml path)")
-        if isinstance(site, Site):
-            s = site
-        elif isinstance(site, Mapping):
-            s = site_from_mapping({"scheduler": "slurm", **site}, name=name)
-        else:
-            s = load_site(site)
-        overrides = {k: v for k, v in {"host": host, "username": username, "key_filename": key_filename,
-                                       "python": python}.items() if v is not None}
-        if port != 22:
-            overrides["port"] = port
-        if overrides:
-            s = s.model_copy(update=overrides)
-        if s.scheduler != "slurm":
-            raise ConfigError(f"site '{s.name}' is a {s.scheduler} site; use PBSProvider",
-                              file=s.source, key="scheduler")
+        s = self.resolve_site("slurm", name, site, {"host": host, "username": username, "port": port,
+                                                    "key_filename": key_filename, "python": python})
         if transport is None:
             from ..transport import connect
 

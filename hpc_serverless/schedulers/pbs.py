@@ -133,8 +133,7 @@ def qsub_options(target: Target, flavor: str, *, directives: Iterable[str] = (),
         else:
             extra += parts
     opts += ["-l", ",".join(resources)]
-    if target.env:
-        opts += ["-v", ",".join(f"{k}={v}" for k, v in target.env.items())]
+    # (target env is exported inside the script, quoted; `-v` would break on commas)
     if array is not None:
         opts += ["-J" if flavor == "pbspro" else "-t", f"0-{array - 1}"]
     return opts + extra

@@ -79,3 +79,26 @@ def test_templates_ship_in_the_wheel(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "hpc_serverless/jobscripts/slurm.sh" in names
     assert "hpc_serverless/py.typed" in names
+
+
+@pytest.mark.parametrize("flavor", ["pbspro", "torque"])
+def test_pbs_program_script_golden(flavor):
+    from hpc_serverless.providers.pbs import PBSScheduler
+
+    site = site_from_mapping({
+        "scheduler": "pbs", "pbs_flavor": flavor, "storage": "/lus/eagle/projects/qc/hpcs",
+        "python": "/opt/venv/bin/python", "setup": ["module use /soft/modulefiles", "module load conda"],
+        "defaults": {"queue": "debug", "time": 60, "account": "QuantumSim"},
+        "directives": ["-l place=scatter"] if flavor == "pbspro" else ["-m abe"],
+    }, name=f"golden-{flavor}")
+    sched = PBSScheduler(site, MockTransport(lambda argv, inp: (0, "", "")), "/lus/eagle/projects/qc/hpcs/store")
+    target = Target.of({"cpu": 8, "mem": "16G", "mpi": 2, "nodes": 2}).merged_over(site.defaults)
+    job_dir = "/lus/eagle/projects/qc/hpcs/programs/20260101-000000-abcdef"
+    text = sched.program_script(target, job_name="vqe $(id)", job_id="20260101-000000-abcdef",
+                                job_dir=job_dir, env={"HPC_SERVERLESS_JOB_DIR": job_dir},
+                                workdir=f"{job_dir}/workdir",
+                                command=["/opt/venv/bin/python", "-m", "hpc_serverless.program_runner",
+                                         job_dir, "main.py"])
+    check_golden(f"pbs_{flavor}_program.sh", text)
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+    assert "#PBS -l select=2:ncpus=8" in text if flavor == "pbspro" else "#PBS -l nodes=2:ppn=8" in text

@@ -1,0 +1,146 @@
+"""PBS Pro and Torque sites: the same task and program machinery as Slurm.
+
+Tasks go through submitit, with our PBS executor plugin (providers/pbs_submitit.py);
+programs through jobscripts/pbs.sh. Status: one qstat for all open jobs per poll.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from ..errors import SchedulerError
+from ..schedulers import pbs as P
+from ..schedulers.common import JobState
+from ..target import Target
+from .batch import BatchProvider, BatchTask, Scheduler
+
+if TYPE_CHECKING:
+    from ..site import Site
+    from ..transport.base import Transport
+
+
+def _job_name(name: str) -> str:
+    # PBS job names: at most 15 characters on older servers, alphanumeric start
+    return ("h" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name))[:15]
+
+
+class PBSScheduler(Scheduler):
+    """qsub (through the submitit PBS plugin for tasks), qstat, qdel."""
+
+    def __init__(self, site: Site, transport: Transport, store_root: str) -> None:
+        self.site, self.transport, self.store_root = site, transport, store_root
+        self.flavor = site.pbs_flavor
+        self.name = "PBS Pro" if self.flavor == "pbspro" else "Torque"
+        self.folder = site.storage_path / "jobs" / "%j"
+
+    def max_array_size(self) -> int:
+        return self.site.max_array_size or 1000
+
+    def check_target(self, target: Target) -> None:
+        P.check_fits(target, self.flavor)
+
+    def setup_lines(self) -> list[str]:
+        from ..jobscript import export_lines
+
+        return [*self.site.setup, export_lines({**self.site.env, "HPC_SERVERLESS_STORE": self.store_root})]
+
+    def options(self, target: Target, name: str, after: Sequence[str] = ()) -> list[str]:
+        opts = P.qsub_options(target, self.flavor, directives=self.site.directives, job_name=_job_name(name))
+        if after:
+            opts += ["-W", "depend=afterok:" + ":".join(self._native_ids(after))]
+        return opts
+
+    def _native_ids(self, job_ids: Sequence[str]) -> list[str]:
+        """Our array element ids ('12_3') in the server's words ('12[3]')."""
+        if self.flavor in ("pbspro", "torque") and not self.site.arrays:
+            return list(job_ids)
+        return [re.sub(r"^(\d+)_(\d+)$", r"\1[\2]", j) for j in job_ids]
+
+    def submit(self, tasks: Sequence[BatchTask], target: Target, after: Sequence[str]) -> list[str]:
+        from .. import worker
+        from .pbs_submitit import PBSExecutor
+
+        name = tasks[0].name if len({t.name for t in tasks}) == 1 else "tasks"
+        remote = self.transport.filesystem().remote
+        staging = Path(tempfile.mkdtemp(prefix="hpcs-submitit-")) if remote else None
+        try:
+            folder = self.folder if staging is None else staging / "jobs" / "%j"
+            ex = PBSExecutor(folder, shlex.quote(self.site.python), self.transport,
+                             None if staging is None else str(self.site.storage_path / "jobs"))
+            ex.update_parameters(options=self.options(target, name, after), setup=self.setup_lines(),
+                                 flavor=self.flavor)
+            if len(tasks) == 1:
+                job_ids = [ex.submit(worker.run, self.store_root, tasks[0].ref.task_id).job_id]
+            else:
+                with ex.batch():
+                    jobs = [ex.submit(worker.run, self.store_root, t.ref.task_id) for t in tasks]
+                job_ids = [j.job_id for j in jobs]
+            if staging is not None:
+                for link in [p for p in (staging / "jobs").rglob("*") if p.is_symlink()]:
+                    link.unlink()
+                self.transport.upload_tree(str(staging / "jobs"), str(self.site.storage_path / "jobs"))
+            return job_ids
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        native = self._native_ids(job_ids)
+        result = self.transport.run(P.qstat_argv(native, self.flavor))
+        # qstat exits non-zero when some ids are unknown (finished and forgotten), yet
+        # prints the others: parse what there is; missing ids count as vanished
+        if not result.ok and not result.stdout.strip() and not re.search(r"Unknown Job Id", result.stderr, re.I):
+            raise SchedulerError(result.describe(), transient=P.is_transient(result.stderr))
+        states = P.parse_qstat_json(result.stdout) if self.flavor == "pbspro" else P.parse_qstat_text(result.stdout)
+        back = dict(zip(native, job_ids, strict=True))
+        return {back.get(k, k): v for k, v in states.items()}
+
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        result = self.transport.run(P.qdel_argv(self._native_ids(job_ids)))
+        if not result.ok and "finished" not in result.stderr.lower() and "completed" not in result.stderr.lower():
+            raise SchedulerError(f"could not cancel: {result.describe()}", transient=P.is_transient(result.stderr))
+
+    # -- programs --------------------------------------------------------------------------------------
+    def program_script(self, target: Target, *, job_name: str, job_id: str, job_dir: str,
+                       env: Mapping[str, str], workdir: str, command: Sequence[str]) -> str:
+        from ..jobscript import command_line, export_lines, render
+
+        options = P.qsub_options(target, self.flavor, directives=self.site.directives,
+                                 job_name=_job_name(job_name))
+        return render("pbs.sh", {
+            "DIRECTIVES": "\n".join(P.directive_lines(options)),
+            "JOB_ID": job_id, "JOB_DIR": shlex.quote(job_dir),
+            "SETUP": "\n".join(self.site.setup) or "# (none)",
+            "ENVIRONMENT": export_lines({**self.site.env, **env}),
+            "WORKDIR": shlex.quote(workdir), "COMMAND": command_line(command)})
+
+    def submit_script(self, path: str, target: Target, job_name: str) -> str:
+        # the options again on the command line: Slurm's qsub wrapper ignores #PBS lines
+        opts = P.qsub_options(target, self.flavor, directives=self.site.directives, job_name=_job_name(job_name))
+        result = self.transport.run(["qsub", *opts, "-o", "/dev/null", "-j", "oe", path])
+        if not result.ok:
+            raise SchedulerError(f"PBS refused the job: {result.describe()}",
+                                 transient=P.is_transient(result.stderr))
+        return P.short_id(P.parse_qsub(result.stdout))
+
+
+class PBSProvider(BatchProvider):
+    """A PBS Pro or Torque site (``pbs_flavor`` in the site file). Same arguments as
+    :class:`~hpc_serverless.SlurmProvider`."""
+
+    def __init__(self, name: str = "cluster", host: str | None = None, username: str | None = None,
+                 password: str | None = None, key_filename: str | None = None, port: int = 22,
+                 site: str | Site | Mapping[str, Any] | None = None,
+                 python: str | None = None, transport: Transport | None = None) -> None:
+        s = self.resolve_site("pbs", name, site, {"host": host, "username": username, "port": port,
+                                                  "key_filename": key_filename, "python": python})
+        if transport is None:
+            from ..transport import connect
+
+            transport = connect(s, password=password)
+        super().__init__(name, s, transport, PBSScheduler(s, transport, str(s.storage_path / "store")))
