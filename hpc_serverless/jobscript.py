@@ -42,3 +42,13 @@ def command_line(argv: Sequence[str]) -> str:
 def comment_safe(text: str) -> str:
     """A user string made safe to sit in a `#` comment line (no newline escapes it)."""
     return re.sub(r"[\r\n]+", " ", text)[:200]
+
+
+def render_program(template_name: str, *, directives: Sequence[str], job_id: str, job_dir: str,
+                   setup: Sequence[str], env: Mapping[str, str], workdir: str,
+                   command: Sequence[str]) -> str:
+    """A Program's batch script: every scheduler's template has the same slots."""
+    return render(template_name, {
+        "DIRECTIVES": "\n".join(directives), "JOB_ID": job_id, "JOB_DIR": shlex.quote(job_dir),
+        "SETUP": "\n".join(setup) or "# (none)", "ENVIRONMENT": export_lines(env),
+        "WORKDIR": shlex.quote(workdir), "COMMAND": command_line(command)})

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -18,6 +16,7 @@ from ..schedulers import pbs as P
 from ..schedulers.common import JobState
 from ..target import Target
 from .batch import BatchProvider, BatchTask, Scheduler
+from .submitit_glue import submit_calls
 
 if TYPE_CHECKING:
     from ..site import Site
@@ -62,32 +61,20 @@ class PBSScheduler(Scheduler):
         return [re.sub(r"^(\d+)_(\d+)$", r"\1[\2]", j) for j in job_ids]
 
     def submit(self, tasks: Sequence[BatchTask], target: Target, after: Sequence[str]) -> list[str]:
-        from .. import worker
         from .pbs_submitit import PBSExecutor
 
         name = tasks[0].name if len({t.name for t in tasks}) == 1 else "tasks"
-        remote = self.transport.filesystem().remote
-        staging = Path(tempfile.mkdtemp(prefix="hpcs-submitit-")) if remote else None
-        try:
+        jobs_root = str(self.site.storage_path / "jobs")
+
+        def make(staging: Path | None) -> PBSExecutor:
             folder = self.folder if staging is None else staging / "jobs" / "%j"
             ex = PBSExecutor(folder, shlex.quote(self.site.python), self.transport,
-                             None if staging is None else str(self.site.storage_path / "jobs"))
+                             None if staging is None else jobs_root)
             ex.update_parameters(options=self.options(target, name, after), setup=self.setup_lines(),
                                  flavor=self.flavor)
-            if len(tasks) == 1:
-                job_ids = [ex.submit(worker.run, self.store_root, tasks[0].ref.task_id).job_id]
-            else:
-                with ex.batch():
-                    jobs = [ex.submit(worker.run, self.store_root, t.ref.task_id) for t in tasks]
-                job_ids = [j.job_id for j in jobs]
-            if staging is not None:
-                for link in [p for p in (staging / "jobs").rglob("*") if p.is_symlink()]:
-                    link.unlink()
-                self.transport.upload_tree(str(staging / "jobs"), str(self.site.storage_path / "jobs"))
-            return job_ids
-        finally:
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
+            return ex
+
+        return submit_calls(self.transport, jobs_root, make, tasks, self.store_root)
 
     def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
         native = self._native_ids(job_ids)
@@ -108,16 +95,13 @@ class PBSScheduler(Scheduler):
     # -- programs --------------------------------------------------------------------------------------
     def program_script(self, target: Target, *, job_name: str, job_id: str, job_dir: str,
                        env: Mapping[str, str], workdir: str, command: Sequence[str]) -> str:
-        from ..jobscript import command_line, export_lines, render
+        from ..jobscript import render_program
 
         options = P.qsub_options(target, self.flavor, directives=self.site.directives,
                                  job_name=_job_name(job_name))
-        return render("pbs.sh", {
-            "DIRECTIVES": "\n".join(P.directive_lines(options)),
-            "JOB_ID": job_id, "JOB_DIR": shlex.quote(job_dir),
-            "SETUP": "\n".join(self.site.setup) or "# (none)",
-            "ENVIRONMENT": export_lines({**self.site.env, **env}),
-            "WORKDIR": shlex.quote(workdir), "COMMAND": command_line(command)})
+        return render_program("pbs.sh", directives=P.directive_lines(options), job_id=job_id, job_dir=job_dir,
+                              setup=self.site.setup, env={**self.site.env, **env}, workdir=workdir,
+                              command=command)
 
     def submit_script(self, path: str, target: Target, job_name: str) -> str:
         # the options again on the command line: Slurm's qsub wrapper ignores #PBS lines

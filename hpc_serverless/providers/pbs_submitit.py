@@ -20,6 +20,7 @@ from submitit.core import core, job_environment, utils
 
 from ..errors import SchedulerError
 from ..schedulers import pbs as P
+from .submitit_glue import place_script
 
 if TYPE_CHECKING:
     from ..transport.base import Transport
@@ -118,13 +119,7 @@ class PBSExecutor(core.PicklingExecutor):
 
     def _qsub(self, script: Path, uid: str, text: str, extra: list[str]) -> str:
         assert self._transport is not None
-        target = str(script)
-        if self._paths is not None:
-            local, remote = self._paths
-            target = f"{remote}/.submission_file_{uid}.sh"
-            fs = self._transport.filesystem()
-            fs.makedirs(remote, 0o700)
-            fs.write_atomic(target, text.replace(local, remote).encode(), mode=0o700)
+        target = place_script(self._transport, self._paths, script, uid, text)
         argv = ["qsub", *self.parameters["options"], *extra, "-o", "/dev/null", "-j", "oe", target]
         result = self._transport.run(argv)
         if not result.ok:

@@ -12,8 +12,6 @@ import logging
 import os
 import re
 import shlex
-import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -23,6 +21,7 @@ from ..schedulers import slurm as S
 from ..schedulers.common import JobState
 from ..target import Target
 from .batch import BatchProvider, BatchTask, Scheduler
+from .submitit_glue import place_script, submit_calls
 
 if TYPE_CHECKING:
     from ..site import Site
@@ -67,13 +66,7 @@ def _executor_class() -> type:
             script = folder / f".submission_file_{uid}.sh"
             text = self._make_submission_file_text(command, uid)
             script.write_text(text)
-            target = str(script)
-            if self._paths is not None:
-                local, remote = self._paths
-                target = f"{remote}/.submission_file_{uid}.sh"
-                fs = self._transport.filesystem()
-                fs.makedirs(remote, 0o700)
-                fs.write_atomic(target, text.replace(local, remote).encode(), mode=0o700)
+            target = place_script(self._transport, self._paths, script, uid, text)
             result = self._transport.run(["sbatch", "--parsable", target])
             if not result.ok:
                 script.unlink(missing_ok=True)
@@ -166,41 +159,20 @@ class SlurmScheduler(Scheduler):
         return ex
 
     def submit(self, tasks: Sequence[BatchTask], target: Target, after: Sequence[str]) -> list[str]:
-        from .. import worker
-
         name = tasks[0].name if len({t.name for t in tasks}) == 1 else "tasks"
-        remote = self.transport.filesystem().remote
-        staging = Path(tempfile.mkdtemp(prefix="hpcs-submitit-")) if remote else None
-        try:
-            ex = self.executor(target, name, after, staging)
-            if len(tasks) == 1:
-                job_ids = [ex.submit(worker.run, self.store_root, tasks[0].ref.task_id).job_id]
-            else:
-                with ex.batch():
-                    jobs = [ex.submit(worker.run, self.store_root, t.ref.task_id) for t in tasks]
-                job_ids = [j.job_id for j in jobs]
-            if staging is not None:  # the pickles the jobs wait for (submitit allows them 60 s)
-                for link in [p for p in (staging / "jobs").rglob("*") if p.is_symlink()]:
-                    link.unlink()
-                self.transport.upload_tree(str(staging / "jobs"), str(self.site.storage_path / "jobs"))
-            return job_ids
-        finally:
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
+        return submit_calls(self.transport, str(self.site.storage_path / "jobs"),
+                            lambda staging: self.executor(target, name, after, staging), tasks, self.store_root)
 
     # -- programs ----------------------------------------------------------------------------------
     def program_script(self, target: Target, *, job_name: str, job_id: str, job_dir: str,
                        env: Mapping[str, str], workdir: str, command: Sequence[str]) -> str:
-        from ..jobscript import command_line, export_lines, render
+        from ..jobscript import render_program
 
         options = {"job-name": _job_name(job_name), "output": f"{job_dir}/output.log",
                    "open-mode": "append", **S.sbatch_options(target, directives=self.site.directives)}
-        return render("slurm.sh", {
-            "DIRECTIVES": "\n".join(S.directive_lines(options)),
-            "JOB_ID": job_id, "JOB_DIR": shlex.quote(job_dir),
-            "SETUP": "\n".join(self.site.setup) or "# (none)",
-            "ENVIRONMENT": export_lines({**self.site.env, **env}),
-            "WORKDIR": shlex.quote(workdir), "COMMAND": command_line(command)})
+        return render_program("slurm.sh", directives=S.directive_lines(options), job_id=job_id, job_dir=job_dir,
+                              setup=self.site.setup, env={**self.site.env, **env}, workdir=workdir,
+                              command=command)
 
     def submit_script(self, path: str, target: Target, job_name: str) -> str:
         result = self.transport.run(["sbatch", "--parsable", path])
