@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .api import QuantumServerless, distribute_task, get, put, wait
+from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import HPCServerlessError
 from .programs import Job, Program, get_arguments, save_result
 from .providers.local import LocalProvider
@@ -33,7 +34,9 @@ __all__ = [
     "distribute_task",
     "get",
     "get_arguments",
+    "load_checkpoint",
     "put",
+    "save_checkpoint",
     "save_result",
     "wait",
 ]

@@ -58,12 +58,42 @@ class MpiLauncher(_Frozen):
 
 
 class PilotSettings(_Frozen):
-    """Pilot-worker mode (many small tasks through a few long jobs)."""
+    """Pilot-worker mode (many small tasks through a few long jobs; providers/pilot.py).
 
-    workers: int = 1
+    ``workers`` jobs are kept running (or, with ``adaptive_max``, between ``adaptive_min``
+    and ``adaptive_max`` as the load asks); each is sized by ``target`` (cpu, mem, time,
+    partition, ... over the site's ``defaults``) and runs ``processes`` dask workers that
+    split its cores. A worker retires ``walltime_margin`` seconds before its job's time
+    limit (or after ``lifetime`` seconds, give or take ``lifetime_stagger``) and a new job
+    replaces it. ``interface`` / ``scheduler_options`` choose the address the workers
+    connect to; ``connect_timeout`` is how long a RUNNING worker job may take to connect
+    before that is reported as an error. ``max_chunk`` small calls may share one dask task;
+    arguments and results above ``inline_limit`` bytes travel through the store.
+    """
+
+    workers: int = Field(default=1, ge=0)
     target: Mapping[str, Any] = Field(default_factory=dict)
-    adaptive_min: int = 0
-    adaptive_max: int | None = None
+    adaptive_min: int = Field(default=0, ge=0)
+    adaptive_max: int | None = Field(default=None, ge=1)
+    processes: int = Field(default=1, ge=1)
+    walltime_margin: float = Field(default=120.0, ge=0)
+    lifetime: float | None = Field(default=None, gt=0)
+    lifetime_stagger: float | None = Field(default=None, ge=0)
+    interface: str | None = None
+    scheduler_options: Mapping[str, Any] = Field(default_factory=dict)
+    connect_timeout: float = Field(default=120.0, gt=0)
+    tls: bool = True
+    max_chunk: int = Field(default=32, ge=1)
+    inline_limit: int = Field(default=1 << 20, ge=0)
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _pilot_target(cls, v: Any) -> Any:
+        try:
+            Target.of(v)
+        except TargetError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
 
 class Site(_Frozen):

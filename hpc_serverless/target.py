@@ -124,10 +124,12 @@ class Target:
     constraint: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     directives: tuple[str, ...] = ()
+    requeue: int = 0
+
 
     #: the keys a target dict may have; `queue` is PBS's word for `partition`
     KEYS = ("cpu", "mem", "gpu", "time", "mpi", "nodes", "partition", "queue",
-            "account", "qos", "constraint", "env", "directives")
+            "account", "qos", "constraint", "env", "directives", "requeue")
 
     @classmethod
     def of(cls, value: Target | Mapping[str, Any] | None = None, /, **kwargs: Any) -> Target:
@@ -170,6 +172,8 @@ class Target:
             constraint=_name(raw.get("constraint"), "constraint"),
             env={str(k): str(v) for k, v in env.items()},
             directives=tuple(d.strip() for d in directives),
+            requeue=_count(int(raw["requeue"]) if isinstance(raw.get("requeue"), bool) else raw.get("requeue", 0),
+                           "requeue", 0),
         )
 
     @property
@@ -214,4 +218,4 @@ class Target:
     def __hash__(self) -> int:
         return hash((self.cpu, self.mem_mib, self.gpu, self.time_s, self.mpi, self.nodes,
                      self.partition, self.account, self.qos, self.constraint,
-                     tuple(sorted(self.env.items())), self.directives))
+                     tuple(sorted(self.env.items())), self.directives, self.requeue))

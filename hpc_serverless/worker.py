@@ -100,7 +100,9 @@ def run(store_root: str, task_id: str) -> bool:
     name = spec.get("name", "task")
     print(f"[hpc-serverless] task {name}#{task_id} on {platform.node()} "
           f"(job {os.environ.get('SLURM_JOB_ID') or os.environ.get('PBS_JOBID') or '-'})", flush=True)
-    _quiet_time_limit_signal()
+    os.environ["HPC_SERVERLESS_TASK_ID"] = task_id
+    os.environ["HPC_SERVERLESS_STORE"] = store_root
+    _on_time_limit_signal(store, task_id, spec)
     problem = version_problem(spec.get("versions", {}))
     if problem:
         ok, payload = False, pack_exception(SerializationError(problem))
@@ -123,14 +125,39 @@ def run(store_root: str, task_id: str) -> bool:
     return True
 
 
-def _quiet_time_limit_signal() -> None:
-    """submitit turns the 'time nearly up' signal into an error; we let Slurm end the job
-    instead, so it shows as TIMEOUT with that reason (and a retry can be decided later)."""
-    if hasattr(signal, "SIGUSR2") and threading.current_thread() is threading.main_thread():
-        def note(_signum: int, _frame: Any) -> None:
-            print("[hpc-serverless] the job's time limit is near", file=sys.stderr, flush=True)
+def _requeue_argv() -> list[str] | None:
+    """The command that puts this very job back in its queue."""
+    if os.environ.get("SLURM_JOB_ID"):
+        array, index = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        job = f"{array}_{index}" if array and index else os.environ["SLURM_JOB_ID"]
+        return ["scontrol", "requeue", job]
+    if os.environ.get("PBS_JOBID"):
+        return ["qrerun", os.environ["PBS_JOBID"]]
+    return None
 
-        signal.signal(signal.SIGUSR2, note)
+
+def _on_time_limit_signal(store: ObjectStore, task_id: str, spec: dict[str, Any]) -> None:
+    """What to do when the scheduler says time is nearly up (SIGUSR2, set by submitit's
+    --signal). A task with `requeue` left goes back in the queue, to resume from its
+    checkpoint; any other task runs on and the scheduler ends it as TIMEOUT, with that
+    reason (submitit's own handler would instead fail it with a generic error)."""
+    if not hasattr(signal, "SIGUSR2") or threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(_signum: int, _frame: Any) -> None:
+        done = int(spec.get("requeued", 0))
+        argv = _requeue_argv()
+        if done >= int(spec.get("requeue", 0)) or argv is None:
+            print("[hpc-serverless] the job's time limit is near; no requeue left", file=sys.stderr, flush=True)
+            return
+        spec["requeued"] = done + 1
+        store.put(spec, task_key(task_id), what="the task's spec", overwrite=True)
+        print(f"[hpc-serverless] time limit near: requeueing ({done + 1} of {spec['requeue']}); the task "
+              "starts again and resumes from its last checkpoint", file=sys.stderr, flush=True)
+        subprocess.run(argv, check=False)
+        os._exit(0)  # the scheduler ends this run; nothing of it is the task's result
+
+    signal.signal(signal.SIGUSR2, handler)
 
 
 def _run_ranks(store_root: str, task_id: str, spec: dict[str, Any],

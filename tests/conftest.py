@@ -27,3 +27,14 @@ def hostile_dir(tmp_path: Path) -> Path:
     d = tmp_path / "a dir; with 'quotes' $x"
     d.mkdir(mode=0o700)
     return d
+
+
+@pytest.fixture(autouse=True)
+def _fresh_current_provider():
+    """set_provider() and QuantumServerless() choose the provider for the whole process
+    (as for a user's script); reset that between tests so none inherits another's."""
+    import hpc_serverless.api as api
+
+    api._last_set, api._last_serverless = None, None
+    yield
+    api._last_set, api._last_serverless = None, None

@@ -563,7 +563,8 @@ class BatchProvider(Provider):
         task_id = secrets.token_hex(12)
         spec = {"task_id": task_id, "name": fn.name, "fn_key": fn.key, "args": blob,
                 "deps": [(d.task_id, d.function) for d in deps], "env": dict(target.env) or None,
-                "mpi": target.mpi, "versions": versions(), **self.mpi_launch(target)}
+                "mpi": target.mpi, "requeue": target.requeue, "versions": versions(),
+                **self.mpi_launch(target)}
         # not fsync'ed: if this process dies before submitting, the task is lost with it anyway
         self.store.put(spec, task_key(task_id), what=f"the call of {fn.name}()", durable=False)
         ref = TaskRef(task_id, self.backend.key, self.name, fn.name, backend=self.backend)

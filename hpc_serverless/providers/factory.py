@@ -14,6 +14,10 @@ if TYPE_CHECKING:
 
 
 def provider_for_site(site: Site, name: str | None = None, password: str | None = None) -> Provider:
+    if site.mode == "pilot":  # many small tasks through a few dask worker jobs
+        from .pilot import PilotProvider
+
+        return PilotProvider(name or site.name, site=site, password=password)
     if site.scheduler == "slurm":
         from .slurm import SlurmProvider
 

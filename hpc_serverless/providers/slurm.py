@@ -146,14 +146,18 @@ class SlurmScheduler(Scheduler):
     def executor(self, target: Target, name: str, after: Sequence[str], staging: Path | None = None) -> Any:
         folder = self.folder if staging is None else staging / "jobs" / "%j"
         remote = None if staging is None else str(self.site.storage_path / "jobs")
-        ex = _executor_class()(folder, shlex.quote(self.site.python), self.transport, remote)
+        # exec: python replaces the batch shell, so the time-limit signal (B:, to the batch
+        # shell) reaches our worker, which requeues tasks that ask for it
+        ex = _executor_class()(folder, "exec " + shlex.quote(self.site.python), self.transport, remote)
         params = S.submitit_parameters(target, directives=self.site.directives)
         extra = dict(params.pop("additional_parameters", {}))
         if after:
             params["dependency"] = "afterok:" + ":".join(after)
             extra["kill-on-invalid-dep"] = "yes"
         minutes = params.get("time", 60)
-        params["signal_delay_s"] = int(min(90, max(10, minutes * 60 // 4)))
+        delay = int(min(90, max(10, minutes * 60 // 4)))
+        params["signal_delay_s"] = delay
+        extra["signal"] = f"B:USR2@{delay}"
         ex.update_parameters(job_name=_job_name(name), setup=self.setup_lines(target),
                              additional_parameters=extra or None, **params)
         return ex

@@ -220,3 +220,30 @@ def test_mpi_task_on_nodes(on_slurm, nodes):
     size, ranks = get(mpi_ranks.options(nodes=nodes)(), timeout=180)
     assert size == 2 and [r for r, _ in ranks] == [0, 1]
     assert len({node for _, node in ranks}) == nodes
+
+
+def test_requeue_near_time_limit_resumes_from_checkpoint(on_slurm):
+    from hpc_serverless import load_checkpoint, save_checkpoint
+
+    @distribute_task(target={"time": 1, "requeue": 1})
+    def long_sweep(n):
+        state = load_checkpoint(default={"done": [], "runs": 0})
+        state["runs"] += 1
+        save_checkpoint(state)
+        while len(state["done"]) < n:
+            if state["runs"] == 1 and len(state["done"]) == 2:
+                time.sleep(600)  # the first run is cut short by its time limit
+            state["done"].append(len(state["done"]) ** 2)
+            save_checkpoint(state)
+        return state
+
+    ref = long_sweep(4)
+    # Slurm holds a requeued job for two minutes (BeginTime); let it start at once here
+    deadline = time.time() + 200
+    while time.time() < deadline and not ref.done():
+        info = ref.info()
+        if info.get("reason") == "BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={ref.job_id}", "BeginTime=now"], check=False)
+        time.sleep(2)
+    result = get(ref, timeout=60)
+    assert result == {"done": [0, 1, 4, 9], "runs": 2}
