@@ -20,7 +20,7 @@ def check_site(path: str, *, connect: bool = True) -> Iterator[str]:
 
     provider = provider_for_site(site)
     checks = (["sinfo", "-h", "-o", "%P %a %D %c %m"], ["squeue", "-h", "--me"]) if site.scheduler == "slurm" \
-        else (["qstat", "-q"], ["qstat"])
+        else (["qstat"],)
     for argv in checks:
         result = provider.transport.run(argv, timeout=60)
         if not result.ok:

@@ -1,4 +1,5 @@
-"""Programs on the real Slurm test cluster: submit, forget, find again, stop; and the CLI."""
+"""Programs on the real test cluster: submit, forget, find again, stop; and the CLI. Every
+test runs on the Slurm site and on the PBS face of the same cluster (Slurm's PBS wrappers)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,20 @@ from .conftest import ROOT
 pytestmark = pytest.mark.cluster
 
 
+@pytest.fixture(params=["slurm", "pbs"])
+def scheduler(request):
+    import shutil
+
+    if request.param == "pbs" and not shutil.which("qsub"):
+        pytest.skip("no qsub here (tests/cluster/up.sh installs Slurm's PBS wrappers)")
+    return request.param
+
+
 @pytest.fixture
-def config(site_path, tmp_path):
+def config(site_path, tmp_path, scheduler):
+    site = site_path if scheduler == "slurm" else str(ROOT / "site_configs/localhost-pbs.yaml")
     cfg = tmp_path / "serverless.yaml"
-    cfg.write_text(f"providers:\n  - name: local\n  - name: cluster\n    site: {site_path}\ndefault: cluster\n")
+    cfg.write_text(f"providers:\n  - name: local\n  - name: cluster\n    site: {site}\ndefault: cluster\n")
     return cfg
 
 
@@ -48,7 +59,7 @@ def test_program_runs_and_is_found_from_another_process(serverless, config, tmp_
             return x * x
 
         args = get_arguments()
-        print("allocation cores:", os.environ.get("SLURM_CPUS_ON_NODE"), flush=True)
+        print("allocation cores:", os.environ.get("SLURM_CPUS_ON_NODE") or os.environ.get("PBS_NCPUS"), flush=True)
         save_result({"squares": get([square(i) for i in range(args["n"])])})
     """)
     program = Program(title="squares $(whoami); 'quoted' \"title\"", entrypoint="main.py",
@@ -119,7 +130,7 @@ def test_benchmark_example_as_a_program(serverless):
     assert "Execution time:" in job.logs()
 
 
-def test_cli_end_to_end(config, tmp_path):
+def test_cli_end_to_end(config, tmp_path, scheduler):
     wd = _src(tmp_path, """
         import time
         from hpc_serverless import get_arguments, save_result
@@ -138,7 +149,7 @@ def test_cli_end_to_end(config, tmp_path):
         return out
 
     dry = run("run", str(wd / "prog.py"), "--dry-run", "--target", '{"cpu": 2}')
-    assert "#SBATCH --cpus-per-task=2" in dry.stdout
+    assert ("#SBATCH --cpus-per-task=2" if scheduler == "slurm" else "#PBS -l nodes=1:ppn=2") in dry.stdout
     job_id = run("run", str(wd / "prog.py"), "--arg", "n=3", "--arg", "name=H2 molecule").stdout.strip()
     follow = run("logs", "--follow", "--interval", "0.5", job_id)
     assert "step 2" in follow.stdout
@@ -153,8 +164,9 @@ def test_cli_end_to_end(config, tmp_path):
         assert run(sub, "--help").stdout.startswith("usage:")
 
 
-def test_sites_check(site_path):
-    out = subprocess.run([sys.executable, "-m", "hpc_serverless.cli", "sites", "check", site_path],
+def test_sites_check(site_path, scheduler):
+    site = site_path if scheduler == "slurm" else str(ROOT / "site_configs/localhost-pbs.yaml")
+    out = subprocess.run([sys.executable, "-m", "hpc_serverless.cli", "sites", "check", site],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "valid" in out.stdout and "sinfo" in out.stdout
+    assert "valid" in out.stdout and ("sinfo" if scheduler == "slurm" else "qstat") in out.stdout
