@@ -166,7 +166,7 @@ class RemoteFunction(Generic[P, R]):
     def __init__(self, fn: Callable[P, R], target: Target, name: str | None = None) -> None:
         self.function = fn
         self.target = target
-        self.name = name or getattr(fn, "__qualname__", "task")
+        self.name: str = str(name or getattr(fn, "__qualname__", "task"))
         self.key = f"f:{secrets.token_hex(8)}"
         self._bytes: bytes | None = None
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 from .errors import HPCServerlessError
 
@@ -18,7 +18,7 @@ def check_site(path: str, *, connect: bool = True) -> Iterator[str]:
         return
     from .providers.factory import provider_for_site
 
-    provider = provider_for_site(site)
+    provider: Any = provider_for_site(site)
     checks = (["sinfo", "-h", "-o", "%P %a %D %c %m"], ["squeue", "-h", "--me"]) if site.scheduler == "slurm" \
         else (["qstat"],)
     for argv in checks:

@@ -34,7 +34,7 @@ import threading
 import time
 import zlib
 from pathlib import PurePosixPath
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from .errors import CorruptObjectError, ObjectNotFoundError, SerializationError, StoreError, UnsafeStoreError
 from .fs import FS, LOCAL
@@ -248,7 +248,7 @@ class ObjectStore:
                     view = memoryview(buf)
                     off = 0
                     while off < n:
-                        got = f.readinto(view[off:off + _CHUNK])
+                        got = f.readinto(view[off:off + _CHUNK])  # type: ignore[attr-defined]
                         if not got:
                             raise CorruptObjectError(f"{path} ended early: truncated")
                         crc.add(view[off:off + got])
@@ -319,7 +319,7 @@ class _Crc:
         return self.value
 
 
-def _write_all(f: BinaryIO, view: memoryview) -> None:
+def _write_all(f: IO[bytes], view: memoryview) -> None:
     while view.nbytes:
         n = f.write(view)
         if n is None:

@@ -117,10 +117,10 @@ def run(store_root: str, task_id: str) -> bool:
             ok, payload = execute(fn, spec["args"], deps, spec.get("env"))
     _write_result(store, task_id, ok, payload, started)
     if not ok:
-        exc = unpack_exception(payload)
-        print(f"[hpc-serverless] task {name}#{task_id} raised {type(exc).__name__}: {exc}\n"
+        err = unpack_exception(payload)
+        print(f"[hpc-serverless] task {name}#{task_id} raised {type(err).__name__}: {err}\n"
               "(the exception goes back to the caller's get())", file=sys.stderr, flush=True)
-        raise TaskFailed(f"{type(exc).__name__}: {exc}")
+        raise TaskFailed(f"{type(err).__name__}: {err}")
     print(f"[hpc-serverless] task {name}#{task_id} done in {time.time() - started:.2f} s", flush=True)
     return True
 

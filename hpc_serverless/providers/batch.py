@@ -332,9 +332,9 @@ class BatchBackend:
                             self.site.name, exc, self._interval)
                 states = None
             now = time.monotonic()
-            for t in open_tasks if states is not None else []:
-                st = states.get(t.job_id or "")
-                changed |= self._apply_state(t, st, now)
+            for t in open_tasks:
+                if states is not None:
+                    changed |= self._apply_state(t, states.get(t.job_id or ""), now)
         self._interval = self.site.poll_interval if changed else min(
             self._interval * 1.5, self.site.max_poll_interval)
         self._next_poll = time.monotonic() + self._interval

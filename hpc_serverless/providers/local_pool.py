@@ -317,8 +317,8 @@ class LocalPool:
                         continue
                     try:
                         while True:
-                            self._handle(worker, conn.recv())
-                            if not conn.poll():
+                            self._handle(worker, worker.conn.recv())
+                            if not worker.conn.poll():
                                 break
                     except (EOFError, OSError):
                         self._worker_died(worker)
@@ -496,7 +496,7 @@ class LocalPool:
                                           f"(it is {task.status})")
                 self._cv.wait(remaining)
             ok, payload = task.ok, task.payload
-        if ok:
+        if ok and isinstance(payload, bytes):
             return loads(payload)
         raise _exception_of(payload)
 

@@ -157,7 +157,7 @@ class PBSExecutor(core.PicklingExecutor):
             first = self._submit_command(self._submitit_command_str)
         finally:
             self.parameters.pop("map_count", None)
-        jobs = [PBSJob(folder=self.folder, job_id=f"{first.job_id}_{i}", tasks=[0]) for i in range(len(delayed))]
+        jobs: list[core.Job[Any]] = [PBSJob(folder=self.folder, job_id=f"{first.job_id}_{i}", tasks=[0]) for i in range(len(delayed))]
         for job, path in zip(jobs, pickles, strict=True):
             job.paths.move_temporary_file(path, "submitted_pickle")
         return jobs

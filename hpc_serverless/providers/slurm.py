@@ -73,7 +73,7 @@ def _executor_class() -> type:
                 raise SchedulerError(f"Slurm refused the job: {result.describe()}",
                                      transient=S.is_transient(result.stderr))
             job_id = S.parse_sbatch(result.stdout)
-            job = SlurmJob(folder=self.folder, job_id=job_id, tasks=list(range(self._num_tasks())))
+            job: Any = SlurmJob(folder=self.folder, job_id=job_id, tasks=list(range(self._num_tasks())))
             job.paths.move_temporary_file(script, "submission_file", keep_as_symlink=True)
             return job
 
@@ -96,7 +96,7 @@ def _executor_class() -> type:
             finally:
                 self.parameters.clear()
                 self.parameters.update(saved)
-            jobs = [SlurmJob(folder=self.folder, job_id=f"{first.job_id}_{i}", tasks=[0])
+            jobs: list[Any] = [SlurmJob(folder=self.folder, job_id=f"{first.job_id}_{i}", tasks=[0])
                     for i in range(len(delayed))]
             for job, path in zip(jobs, pickles, strict=True):
                 job.paths.move_temporary_file(path, "submitted_pickle")

@@ -193,7 +193,7 @@ def expand_array_ids(job_id: str) -> list[str]:
     if not m:
         return [job_id]
     base, spec = m.groups()
-    ids = []
+    ids: list[str] = []
     for part in spec.split(","):
         if "-" in part:
             lo, hi = part.split("-", 1)
