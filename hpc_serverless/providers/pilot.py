@@ -44,17 +44,24 @@ default (``pilot.tls``; the key files go to the site's storage, mode 0600), beca
 plain dask scheduler would run whatever any user of the cluster network sends it.
 
 Measured on the test cluster (2 real cores shared by this process, Slurm's daemons and
-the workers; 2 pilot jobs of 2 cores; benchmarks/pilot_throughput.py)::
+the workers; 2 pilot jobs of 2 cores; TLS on; benchmarks/pilot_throughput.py)::
 
-    per-call dask tasks (client.submit each)   ~  450 no-op tasks/s
-    one client.map per flush, 1 call per task  ~ 1100 no-op tasks/s
-    chunks of up to 32 calls per dask task     ~ 3000+ no-op tasks/s
-    moving a value (submit -> worker -> gather): through dask vs store write + read
-        10 kB  ~ 3 ms  vs ~ 4 ms;  1 MB  ~ 9 ms vs ~ 9 ms;  16 MB  ~ 80 ms vs ~ 45 ms
+    no-op tasks/s, 2,000 / 5,000 tasks through a warm cluster
+        one client.submit per call (plain dask, LocalCluster)     ~   450
+        one client.map per flush, one call per dask task          ~ 1,500 / 1,800
+        chunks of up to 32 calls per dask task (the default)      ~ 10,800 / 13,600
+        the same without TLS                                      ~ 9,100 / 11,700 (noise)
+    benchmark: 100 / 1,000 / 10,000 no-op tasks: 690 / 11,900 / 12,300 tasks/s, first
+        result after 0.10 / 0.06 / 0.44 s; job arrays and one job per task: ~5 tasks/s
+        (x2,300 for pilot mode); first pilot worker connected 2.6 s after the start
+    one task moving a value of N bytes in and out: inside dask messages vs the store
+        10 kB 21 vs 24 ms; 100 kB 16 vs 18 ms; 1 MB 23 vs 21 ms; 4 MB 56 vs 32 ms;
+        16 MB 245 vs 109 ms; 64 MB 1,357 vs 637 ms
 
-so arguments and results up to ``inline_limit`` (default 1 MiB) travel inside dask
-messages and larger ones go through the store (results/<id>, args/<id>), which also
-keeps them off the scheduler and out of this process's memory until they are read.
+so arguments and results up to ``inline_limit`` (default 1 MiB, where the two meet)
+travel inside dask messages and larger ones go through the store (results/<id>,
+args/<id>), which also keeps them off the scheduler and out of this process's memory
+until they are read.
 
 Not supported in pilot mode: per-task ``time`` limits (a task longer than a worker's
 lifetime is refused at the call; shorter ones are not cut off), task ``env`` is set
@@ -117,6 +124,8 @@ KEEPER_INTERVAL_S = 1.0
 
 # -- worker side ----------------------------------------------------------------------------------
 _FUNCTIONS: dict[str, Any] = {}
+#: the event a chunk sends when it starts (so a TaskRef says RUNNING only when it runs)
+STARTED_TOPIC = "hpc-serverless-pilot-started"
 _JOB_ID = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID") or ""
 _HOST = platform.node()
 
@@ -147,6 +156,13 @@ def _run_calls(calls: list[tuple[Any, ...]], upstream: list[list[tuple[Any, ...]
     from ..serialization import pack_exception
     from ..store import ObjectStore
 
+    try:
+        from distributed import get_worker
+
+        w = get_worker()
+        w.log_event(STARTED_TOPIC, {"key": w.get_current_task(), "job": _JOB_ID})
+    except Exception:  # noqa: BLE001 - only the RUNNING status depends on it
+        pass
     out: list[tuple[Any, ...]] = []
     for task_id, name, fn_key, fn_bytes, args, env, deps in calls:
         try:
@@ -220,11 +236,12 @@ class WorkerShape:
 def worker_shape(site: Site) -> WorkerShape:
     p = site.pilot
     target = Target.of(p.target).merged_over(site.defaults)
-    where = {"file": site.source, "key": "pilot.target"}
     if target.mpi > 1 or target.nodes > 1:
-        raise ConfigError("pilot jobs are one dask worker job on one node: no 'mpi' or 'nodes'", **where)
+        raise ConfigError("pilot jobs are one dask worker job on one node: no 'mpi' or 'nodes'",
+                          file=site.source, key="pilot.target")
     if not target.mem_mib:
-        raise ConfigError("pilot jobs need a memory size: set pilot.target.mem (or defaults.mem)", **where)
+        raise ConfigError("pilot jobs need a memory size: set pilot.target.mem (or defaults.mem)",
+                          file=site.source, key="pilot.target")
     if target.cpu % p.processes:
         raise ConfigError(f"pilot.processes={p.processes} does not divide the job's cpu={target.cpu}",
                           file=site.source, key="pilot.processes")
@@ -306,6 +323,8 @@ def _job_class(base: type, backend: PilotBackend) -> type:
             except RuntimeError as exc:
                 backend.submit_failed(exc)
                 raise
+            finally:  # the scheduler keeps its own copy
+                await loop.run_in_executor(None, backend.fs.unlink, path)
             return out
 
         async def start(self) -> None:
@@ -364,6 +383,7 @@ class PilotBackend:
         self._queue: list[_Call] = []
         self._done: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._chunks: dict[str, list[_Call]] = {}
+        self._running: dict[str, str] = {}      # chunk key -> pilot job, once it started
         self._threads: list[threading.Thread] = []
         self._work = threading.Event()
         self._closed = False
@@ -430,7 +450,13 @@ class PilotBackend:
             cluster.scale(jobs=p.workers)
         self.cluster = cluster
         self.client = Client(cluster, set_as_default=False)
+        self.client.subscribe_topic(STARTED_TOPIC, self._on_started)
         log.info("%s: pilot scheduler at %s", self.site.name, cluster.scheduler_address)
+
+    def _on_started(self, event: tuple[float, dict[str, str]]) -> None:
+        """(The client's event loop.) A chunk started on a worker."""
+        msg = event[1]  # (it may come before the flusher has filed the chunk's future)
+        self._running[msg.get("key", "")] = msg.get("job", "")
 
     def close(self) -> None:
         """Stop the pilot jobs and the scheduler; pending tasks fail with TaskCancelledError."""
@@ -459,6 +485,10 @@ class PilotBackend:
                         exc_info=True)
             if self.jobs:
                 self.provider.scheduler.cancel(list(self.jobs))
+        for attr in ("_job_ca_file", "_job_cert", "_job_key"):  # the TLS files for the workers
+            f = getattr(cluster, attr, None)
+            if f is not None:
+                f.close()
         for th in self._threads:
             if th is not threading.current_thread():
                 th.join(timeout=5)
@@ -568,6 +598,7 @@ class PilotBackend:
                         ready.setdefault(res, []).append(([c], futures))
                     sent_now.add(c.ref.task_id)
                     c.submitted = True
+                self._cv.notify_all()  # calls that failed here (upstream failed) are final
                 for res, calls in free.items():
                     size = max(1, min(self.site.pilot.max_chunk,
                                       len(calls) // (self._threads_total() * CHUNKS_PER_THREAD)))
@@ -589,6 +620,7 @@ class PilotBackend:
                         self._chunks[fut.key] = calls
                         for i, c in enumerate(calls):
                             c.future, c.pos = fut, i
+                            c.args, c.fn_bytes = b"", b""  # dask holds them now
                     self._cv.notify_all()
                 for fut in futures:
                     fut.add_done_callback(self._done.put)
@@ -663,21 +695,22 @@ class PilotBackend:
                 continue
             try:
                 results.append((f, f.result(timeout=0), None))
-            except BaseException as exc:  # noqa: BLE001 - mapped to the task's error below
-                results.append((f, None, exc))
+            except BaseException as err:  # noqa: BLE001 - mapped to the task's error below
+                results.append((f, None, err))
         with self._lock:
-            for f, value, exc in results:
+            for f, value, failure in results:
                 calls = self._chunks.pop(f.key, [])
+                self._running.pop(f.key, None)
                 for i, c in enumerate(calls):
                     c.future = None
                     if c.final:
                         continue
-                    if exc is None:
+                    if failure is None:
                         c.outcome = value[i]
                         if value[i][2]:
                             c.ref._job_id = value[i][2]
                     else:
-                        c.error = self._error_from(c, exc)
+                        c.error = self._error_from(c, failure)
                     if c.outcome is not None and not c.outcome[0]:
                         self._fail_dependents(c)
             self._cv.notify_all()
@@ -740,8 +773,7 @@ class PilotBackend:
             return next_poll
         # a job whose worker left (walltime retirement, scancel, node failure) was closed by
         # dask-jobqueue and dropped from cluster.workers; ask for the plan again
-        if set(cluster.worker_spec) - set(cluster.workers) and cluster.status.name == "running":
-            cluster.loop.add_callback(self._replan)
+        cluster.loop.add_callback(self._replan)
         now = time.monotonic()
         if self.connected_once or not self.jobs or now < next_poll:
             return next_poll
@@ -755,8 +787,11 @@ class PilotBackend:
         return now + min(self.site.poll_interval, 5.0)
 
     def _replan(self) -> None:
+        """(The cluster's event loop.) Start jobs for planned workers that have none."""
         cluster = self.cluster
-        if cluster is not None and not self._closed:
+        if cluster is None or self._closed or cluster.status.name != "running":
+            return
+        if set(cluster.worker_spec) - set(cluster.workers):
             cluster.scale(jobs=len(cluster.worker_spec))
 
     def _check_connect(self, now: float) -> None:
@@ -836,9 +871,9 @@ class PilotBackend:
             if c.error is not None:
                 return TaskStatus.STOPPED if isinstance(c.error, TaskCancelledError) else TaskStatus.FAILED
             fut = c.future
-        if fut is not None and self._dask_state(fut.key) == "processing":
-            return TaskStatus.RUNNING
-        return TaskStatus.PENDING
+            if fut is not None and fut.key in self._running and self._dask_state(fut.key) == "processing":
+                return TaskStatus.RUNNING
+            return TaskStatus.PENDING
 
     def _dask_state(self, key: str) -> str:
         cluster = self.cluster
@@ -854,7 +889,8 @@ class PilotBackend:
             if not state:
                 state = "QUEUED" if not c.submitted else status
             reason = str(c.error) if c.error is not None else ""
-            return {"status": status, "state": state, "reason": reason, "job_id": c.ref._job_id,
+            job = c.ref._job_id or (self._running.get(fut.key) if fut is not None else None)
+            return {"status": status, "state": state, "reason": reason, "job_id": job,
                     "nodes": "", "exit_code": "", "pilot_jobs": list(self.jobs)}
 
     def task_cancel(self, ref: TaskRef) -> bool:
