@@ -20,7 +20,7 @@ from submitit.core import core, job_environment, utils
 
 from ..errors import SchedulerError
 from ..schedulers import pbs as P
-from .submitit_glue import place_script
+from .submitit_glue import place_script, submit_array
 
 if TYPE_CHECKING:
     from ..transport.base import Transport
@@ -144,23 +144,7 @@ class PBSExecutor(core.PicklingExecutor):
     def _internal_process_submissions(self, delayed: list[utils.DelayedSubmission]) -> list[core.Job[Any]]:
         if len(delayed) == 1:
             return super()._internal_process_submissions(delayed)
-        folder = utils.JobPaths.get_first_id_independent_folder(self.folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        pickles = []
-        for d in delayed:
-            path = folder / f"{uuid.uuid4().hex}.pkl"
-            d.set_timeout(60, self.max_num_timeout)
-            d.dump(path)
-            pickles.append(path)
-        self.parameters["map_count"] = len(delayed)
-        try:
-            first = self._submit_command(self._submitit_command_str)
-        finally:
-            self.parameters.pop("map_count", None)
-        jobs: list[core.Job[Any]] = [PBSJob(folder=self.folder, job_id=f"{first.job_id}_{i}", tasks=[0]) for i in range(len(delayed))]
-        for job, path in zip(jobs, pickles, strict=True):
-            job.paths.move_temporary_file(path, "submitted_pickle")
-        return jobs
+        return submit_array(self, delayed, PBSJob, 60)
 
     def _num_tasks(self) -> int:
         return 1

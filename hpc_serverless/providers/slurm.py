@@ -21,7 +21,7 @@ from ..schedulers import slurm as S
 from ..schedulers.common import JobState
 from ..target import Target
 from .batch import BatchProvider, BatchTask, Scheduler
-from .submitit_glue import place_script, submit_calls
+from .submitit_glue import place_script, submit_array, submit_calls
 
 if TYPE_CHECKING:
     from ..site import Site
@@ -81,26 +81,7 @@ def _executor_class() -> type:
             if len(delayed) == 1:
                 return super()._internal_process_submissions(delayed)
             # an array: one pickle per element, one sbatch --array for all of them
-            folder = su.JobPaths.get_first_id_independent_folder(self.folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            pickles = []
-            for d in delayed:
-                path = folder / f"{uuid.uuid4().hex}.pkl"
-                d.set_timeout(self.parameters.get("time", 5), self.max_num_timeout)
-                d.dump(path)
-                pickles.append(path)
-            saved = dict(self.parameters)
-            self.parameters["map_count"] = len(delayed)
-            try:
-                first = self._submit_command(self._submitit_command_str)
-            finally:
-                self.parameters.clear()
-                self.parameters.update(saved)
-            jobs: list[Any] = [SlurmJob(folder=self.folder, job_id=f"{first.job_id}_{i}", tasks=[0])
-                    for i in range(len(delayed))]
-            for job, path in zip(jobs, pickles, strict=True):
-                job.paths.move_temporary_file(path, "submitted_pickle")
-            return jobs
+            return submit_array(self, delayed, SlurmJob, self.parameters.get("time", 5))
 
     return TransportSlurmExecutor
 

@@ -27,6 +27,34 @@ def place_script(transport: Transport, paths: tuple[str, str] | None, local_scri
     return target
 
 
+def submit_array(ex: Any, delayed: Sequence[Any], job_class: type, timeout_min: int) -> list[Any]:
+    """One array job for several pickled calls (submitit's executors submit one by one,
+    or, for Slurm, through a plain copy of themselves that would bypass our transport).
+
+    The executor's `map_count` parameter tells its script renderer to ask for an array."""
+    import uuid
+
+    from submitit.core import utils as su
+
+    folder = su.JobPaths.get_first_id_independent_folder(ex.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pickles = []
+    for d in delayed:
+        path = folder / f"{uuid.uuid4().hex}.pkl"
+        d.set_timeout(timeout_min, ex.max_num_timeout)
+        d.dump(path)
+        pickles.append(path)
+    ex.parameters["map_count"] = len(delayed)
+    try:
+        first = ex._submit_command(ex._submitit_command_str)
+    finally:
+        ex.parameters.pop("map_count", None)
+    jobs = [job_class(folder=ex.folder, job_id=f"{first.job_id}_{i}", tasks=[0]) for i in range(len(delayed))]
+    for job, path in zip(jobs, pickles, strict=True):
+        job.paths.move_temporary_file(path, "submitted_pickle")
+    return jobs
+
+
 def submit_calls(transport: Transport, jobs_root: str, make_executor: Callable[[Path | None], Any],
                  tasks: Sequence[BatchTask], store_root: str) -> list[str]:
     """Submit `tasks` (one job, or an array) through an executor from `make_executor`.
