@@ -68,17 +68,20 @@ def line(label: str, r: dict[str, Any], note: str = "") -> str:
             f"first {r['first_result_s']:6.2f} s  sbatch {r['sbatch']:4d}{note}")
 
 
-def graph(site_path: str, n_graphs: int) -> float | None:
-    """examples/benchmark.py on a site, in a fresh process; its 'Execution time'."""
+def graph(site_path: str | None, n_graphs: int, extra: list[str] | None = None) -> float | None:
+    """examples/benchmark.py on a site (None: the local provider), in a fresh process; its
+    'Execution time'. `extra`: more flags for it (e.g. ["--n-circuits", "8"])."""
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "serverless.yaml"
-        config.write_text(f"providers:\n  - name: local\n  - name: cluster\n    site: {site_path}\n")
+        cluster = f"  - name: cluster\n    site: {site_path}\n" if site_path else ""
+        config.write_text(f"providers:\n  - name: local\n{cluster}")
         out = subprocess.run([sys.executable, str(ROOT / "examples/benchmark.py"), "--config", str(config),
-                              "--provider", "cluster", "--n-graphs", str(n_graphs)],
+                              "--provider", "cluster" if site_path else "local", "--n-graphs", str(n_graphs),
+                              *(extra or [])],
                              capture_output=True, text=True, timeout=1800, env={**os.environ})
     found = re.search(r"Execution time: ([0-9.]+)", out.stdout)
     if out.returncode != 0 or not found:
-        print(f"  benchmark graph failed on {site_path}:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+        print(f"  benchmark graph failed on {site_path or 'local'}:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
         return None
     return float(found.group(1))
 
