@@ -87,8 +87,15 @@ def cmd_logs(args: argparse.Namespace) -> int:
     shown = 0
     delay = 0.5
     while True:
-        try:
+        try:  # a dropped connection (transient) is waited out; the transport reconnects
             text = job.logs()
+            if len(text) > shown:
+                sys.stdout.write(text[shown:])
+                sys.stdout.flush()
+                shown = len(text)
+            if job.status() in ("SUCCEEDED", "FAILED", "STOPPED"):
+                sys.stdout.write(job.logs()[shown:])
+                return 0
         except HPCServerlessError as exc:
             if not exc.transient:
                 raise
@@ -96,15 +103,6 @@ def cmd_logs(args: argparse.Namespace) -> int:
             delay = min(delay * 2, 10)
             continue
         delay = 0.5
-        if len(text) > shown:
-            sys.stdout.write(text[shown:])
-            sys.stdout.flush()
-            shown = len(text)
-        status = job.status()
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            rest = job.logs()[shown:]
-            sys.stdout.write(rest)
-            return 0
         time.sleep(args.interval)
 
 

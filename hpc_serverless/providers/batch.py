@@ -397,7 +397,12 @@ class BatchBackend:
                 active = [t for t in self._tasks.values() if t.job_id and not t.settled]
                 ids = list(dict.fromkeys([*stale, *(t.job_id for t in active if t.job_id)]))
                 self.polls += 1
-                states = self.scheduler.poll(ids)
+                try:
+                    states = self.scheduler.poll(ids)
+                except HPCServerlessError as exc:  # a status query is safe to ask again, once
+                    if not exc.transient:
+                        raise
+                    states = self.scheduler.poll(ids)
                 for j in stale:
                     self._job_cache[j] = (now, states.get(j))
                 for t in active:
@@ -577,7 +582,7 @@ class BatchProvider(Provider):
         return {"launcher": self.site.mpi.argv(target.mpi), "launcher_env": dict(self.site.mpi.env)}
 
     def log_path_hint(self, job_id: str) -> str:
-        return str(self.site.storage_path / "jobs" / job_id)
+        return str(self.site.storage_path / "jobs" / f"{job_id}_0_log.out")
 
     def render_program(self, program: Program, arguments: Mapping[str, Any] | None = None) -> str:
         """The batch script run_program would submit (for `hpc-serverless run --dry-run`)."""

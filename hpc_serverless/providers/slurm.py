@@ -64,7 +64,10 @@ def _executor_class() -> type:
             folder = su.JobPaths.get_first_id_independent_folder(self.folder)
             folder.mkdir(parents=True, exist_ok=True)
             script = folder / f".submission_file_{uid}.sh"
-            text = self._make_submission_file_text(command, uid)
+            # the job's log straight in jobs/ (which exists), not in jobs/<id>/: that folder
+            # is made only after sbatch returns, and Slurm fails a job whose --output
+            # directory is missing when it starts (seen over SSH, where the upload lags)
+            text = _LOG_DIR.sub(r"\1/", self._make_submission_file_text(command, uid))
             script.write_text(text)
             target = place_script(self._transport, self._paths, script, uid, text)
             result = self._transport.run(["sbatch", "--parsable", target])
@@ -192,6 +195,9 @@ class SlurmScheduler(Scheduler):
         if not result.ok and "already completing or completed" not in result.stderr:
             raise SchedulerError(f"could not cancel: {result.describe()}",
                                  transient=S.is_transient(result.stderr))
+
+
+_LOG_DIR = re.compile(r"((?:--output|--error)=\S*?)/(?:%j|%A_%a)/")
 
 
 def _job_name(name: str) -> str:
