@@ -242,12 +242,20 @@ def _progress(total: int) -> Any:
     return tqdm(total=total, desc="get", unit="task", leave=False, file=sys.stderr)
 
 
+def _check_timeout(timeout: Any, where: str) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or timeout < 0):
+        raise HPCServerlessError(f"{where}: timeout must be a number of seconds >= 0 or None, "
+                                 f"not {timeout!r}")
+
+
 def get(refs: Any, timeout: float | None = None) -> Any:
     """The value of a ref, or the values of a list of refs in the same order.
 
     Works on ObjectRef and TaskRef alike. A task's exception is re-raised with its
     original type. `timeout` (seconds, for the whole call) raises TimeoutError.
     """
+    _check_timeout(timeout, "get()")
     if isinstance(refs, (ObjectRef, TaskRef)):
         return _get_one(refs, None if timeout is None else time.monotonic() + timeout, timeout)
     if not isinstance(refs, (list, tuple)):
@@ -286,8 +294,11 @@ def wait(refs: Sequence[Any], num_returns: int | None = None,
     Like ``ray.wait``: it does not raise for failed tasks (a failed task is done).
     ObjectRefs are always done. The order of `refs` is kept within each list.
     """
+    _check_timeout(timeout, "wait()")
     refs = list(refs)
     want = len(refs) if num_returns is None else num_returns
+    if isinstance(want, bool) or not isinstance(want, int):
+        raise HPCServerlessError(f"wait(): num_returns must be a whole number, not {num_returns!r}")
     if not 0 <= want <= len(refs):
         raise HPCServerlessError(f"num_returns={num_returns} but there are {len(refs)} refs")
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -307,8 +318,11 @@ def wait(refs: Sequence[Any], num_returns: int | None = None,
             if not pending:
                 continue
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            step = remaining if single else (0.0 if remaining is None else min(remaining, 0.0))
-            done, _ = pending[0]._b().task_wait(pending, min(need, len(pending)) if single else 0, step)
+            # one provider: let it block; several: look at each without blocking, then sleep
+            if single:
+                done, _ = pending[0]._b().task_wait(pending, min(need, len(pending)), remaining)
+            else:
+                done, _ = pending[0]._b().task_wait(pending, 0, 0.0)
             done_ids.update(r.task_id for r in done)
         if n_objects + len(done_ids) >= want or (deadline is not None and time.monotonic() >= deadline):
             break

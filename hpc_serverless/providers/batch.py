@@ -39,7 +39,7 @@ from ..errors import (
     TaskTimeoutError,
     WorkerDiedError,
 )
-from ..refs import ObjectRef, TaskRef, TaskStatus, register_backend, register_store
+from ..refs import TaskRef, TaskStatus, register_backend, register_store
 from ..schedulers.common import JobState
 from ..serialization import loads, unpack_exception
 from ..store import ObjectStore
@@ -544,9 +544,6 @@ class BatchProvider(Provider):
     @property
     def store(self) -> ObjectStore:
         return self._store
-
-    def put(self, obj: Any) -> ObjectRef:
-        return super().put(obj)
 
     def effective_target(self, target: Target) -> Target:
         return target.merged_over(self.site.defaults)

@@ -261,3 +261,15 @@ def test_mpi_task_on_local_provider():
         return comm.allreduce(comm.Get_rank() + offset)
 
     assert get(ranks(10), timeout=120) == 21  # (0 + 10) + (1 + 10), rank 0's value
+
+
+def test_bad_timeouts_and_counts_are_clear_errors():
+    ref = square(3)
+    for bad in ("5", -1, True):
+        with pytest.raises(HPCServerlessError, match="timeout must be a number"):
+            get(ref, timeout=bad)
+        with pytest.raises(HPCServerlessError, match="timeout must be a number"):
+            wait([ref], timeout=bad)
+    with pytest.raises(HPCServerlessError, match="num_returns must be a whole number"):
+        wait([ref], num_returns=1.5)
+    assert get(ref) == 9
