@@ -284,6 +284,13 @@ def _get_one(ref: Any, deadline: float | None, timeout: float | None) -> Any:
             return ref.result(remaining)
         except GetTimeoutError:
             raise GetTimeoutError(f"get() timed out after {timeout} s waiting for {ref!r}") from None
+        except Exception as exc:
+            if not hasattr(exc, "remote_traceback"):
+                raise
+            # the task's own exception: its story is the remote traceback (its __cause__);
+            # the frames of our engine between here and where it was unpacked are noise
+            # (noqa: it re-raises the same exception, without those frames)
+            raise exc.with_traceback(None)  # noqa: B904
     raise HPCServerlessError(f"get() takes ObjectRefs and TaskRefs, not {type(ref).__name__}")
 
 

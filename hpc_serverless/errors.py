@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import concurrent.futures
 
+from .tracebacks import Section, render
+
 
 class HPCServerlessError(Exception):
     """Base of every error hpc_serverless raises on purpose.
@@ -157,11 +159,22 @@ class ProgramError(HPCServerlessError, ValueError):
 
 
 class RemoteTraceback(Exception):
-    """Carries the formatted traceback of an exception raised in another process."""
+    """The traceback of an exception raised in another process, attached as its ``__cause__``.
 
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
+    It holds the frames as data and renders them when printed, in this process, so that
+    frames of the user's by-value code name the user's file and show its line (see
+    :mod:`hpc_serverless.tracebacks`).
+    """
+
+    def __init__(self, sections: tuple[Section, ...] | str) -> None:
+        super().__init__(sections)
+        self.sections: tuple[Section, ...] = () if isinstance(sections, str) else tuple(sections)
+        self._text = sections if isinstance(sections, str) else None
+
+    @property
+    def tb(self) -> str:
+        """The traceback text, as Python would print it."""
+        return self._text if self._text is not None else render(self.sections)
 
     def __str__(self) -> str:
         return f'\n"""\n{self.tb}"""'

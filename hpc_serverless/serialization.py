@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pickle
 import sys
-import traceback
 from typing import Any, Callable
 
 from .errors import RemoteTaskError, RemoteTraceback, SerializationError
+from .tracebacks import capture, remember
 
 PROTOCOL = 5
 
@@ -54,6 +54,7 @@ def loads(data: bytes | bytearray | memoryview, buffers: Any = None) -> Any:
 
 def function_bytes(fn: Callable[..., Any]) -> bytes:
     """Pickle a task function by value where needed (cloudpickle handles __main__)."""
+    remember(fn)  # so this process can name the file of its frames in a remote traceback
     try:
         return _cloudpickle().dumps(fn, protocol=PROTOCOL)
     except Exception as exc:
@@ -62,12 +63,12 @@ def function_bytes(fn: Callable[..., Any]) -> bytes:
 
 
 def pack_exception(exc: BaseException, _depth: int = 0) -> bytes:
-    """The exception with its formatted traceback (and its cause), pickled for the other side.
+    """The exception with its traceback as data (and its cause), pickled for the other side.
 
     If the exception itself cannot be pickled (or unpickled), it is replaced by a
     RemoteTaskError that keeps its type name and message.
     """
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    sections = capture(exc)
     cause = exc.__cause__
     cause_blob = None
     if cause is not None and not isinstance(cause, RemoteTraceback) and _depth < 3:
@@ -79,21 +80,26 @@ def pack_exception(exc: BaseException, _depth: int = 0) -> bytes:
     except Exception:  # noqa: BLE001 - any failure means: send a stand-in instead
         blob = _cloudpickle().dumps(
             RemoteTaskError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"), protocol=PROTOCOL)
-    return pickle.dumps((blob, tb, cause_blob), protocol=PROTOCOL)
+    return pickle.dumps((blob, sections, cause_blob), protocol=PROTOCOL)
 
 
 def unpack_exception(data: bytes) -> BaseException:
     """The original exception. Its ``__cause__`` is the remote traceback, or, if it was
-    raised from another exception, that exception (whose cause is its own traceback);
-    the full remote traceback is also in its ``remote_traceback`` attribute."""
-    blob, tb, cause_blob = pickle.loads(data)
+    raised from another exception, that exception (whose cause is its own traceback).
+
+    The traceback is rendered here, so frames of by-value code name the file this process
+    pickled them from. The full text is also in the ``remote_traceback`` attribute.
+    """
+    blob, sections, cause_blob = pickle.loads(data)
     try:
         exc = pickle.loads(blob)
     except Exception as err:  # noqa: BLE001 - a class missing on this side, or a broken __init__
         exc = RemoteTaskError(f"a task raised an exception that cannot be loaded here ({err})")
-    exc.__cause__ = unpack_exception(cause_blob) if cause_blob is not None else RemoteTraceback(tb)
-    try:
-        exc.remote_traceback = tb  # type: ignore[attr-defined]
-    except AttributeError:
-        pass
+    remote = RemoteTraceback(sections)
+    exc.__cause__ = unpack_exception(cause_blob) if cause_blob is not None else remote
+    for name, value in (("remote_sections", remote.sections), ("remote_traceback", remote.tb)):
+        try:
+            setattr(exc, name, value)
+        except AttributeError:  # an exception type with __slots__
+            pass
     return exc

@@ -1,12 +1,9 @@
 #!/usr/bin/env bash
 # Set up a virtual environment and run the quick start on the `local` provider.
-# Safe to run again: the environment is reused and only updated.
+# Safe to run again: the environment is reused and only updated. Installs the versions
+# the project was tested with (requirements/test.lock).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY=${PYTHON:-python3}
-if [[ ! -x .venv/bin/python ]]; then
-    "$PY" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[qiskit,progress]"
+source scripts/venv.sh
+setup_venv .venv "qiskit,progress" locked
 exec .venv/bin/python examples/quickstart.py "$@"

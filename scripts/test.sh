@@ -5,11 +5,21 @@
 # (Slurm with accounting, PBS command wrappers, OpenMPI, loopback sshd) with
 # tests/cluster/up.sh. Elsewhere, cluster tests run against the site file named in
 # HPC_SERVERLESS_TEST_SITE, or are skipped with one line that says why.
-# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k local -x`).
+#
+# The test environment (.venv) holds the exact versions of requirements/test.lock, so CI
+# tests what was tested. `bash scripts/test.sh --latest` runs the suite against the newest
+# releases that pyproject.toml allows instead, in .venv-latest, to catch drift on purpose.
+# Other arguments go to pytest (e.g. `bash scripts/test.sh -k local -x`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY=${PYTHON:-python3}
+source scripts/venv.sh
 T0=$SECONDS
+
+mode=locked venv=.venv
+args=()
+for arg in "$@"; do
+    if [[ $arg == --latest ]]; then mode=latest venv=.venv-latest; else args+=("$arg"); fi
+done
 
 cluster_note=""
 if [[ -n ${HPC_SERVERLESS_TEST_SITE:-} ]]; then
@@ -24,14 +34,11 @@ else
 fi
 echo "$cluster_note"
 
-if [[ ! -x .venv/bin/python ]]; then
-    "$PY" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --upgrade pip
 extras="qiskit,slurm,ssh,pilot,progress,dev"
 # mpi4py compiles against an MPI library; take it only where one is installed
 if command -v mpicc >/dev/null 2>&1; then extras="$extras,mpi"; fi
-.venv/bin/python -m pip install --quiet -e ".[$extras]"
+setup_venv "$venv" "$extras" "$mode"
+export HPC_SERVERLESS_TEST_DEPS=$mode   # tests/unit/test_tooling.py checks the lock was honoured
 
-echo "setup took $((SECONDS - T0)) s"
-exec .venv/bin/python -m pytest tests "$@"
+echo "setup took $((SECONDS - T0)) s ($mode versions in $venv)"
+exec "$venv/bin/python" -m pytest tests ${args[@]+"${args[@]}"}

@@ -14,6 +14,7 @@ import pytest
 from hpc_serverless import PBSProvider, Program, QuantumServerless, distribute_task, get
 from hpc_serverless.errors import DependencyError, JobFailedError
 
+from ..traceback_checks import assert_user_frame
 from .conftest import ROOT
 
 pytestmark = pytest.mark.cluster
@@ -48,8 +49,9 @@ def test_tasks_dependency_and_exception(serverless):
     with serverless.context("pbs"):
         assert get([cube(i) for i in range(3)], timeout=180) == [0, 1, 8]
         assert get(cube(cube(2)), timeout=180) == 512
-        with pytest.raises(SolverError, match="no SCF convergence"):
+        with pytest.raises(SolverError, match="no SCF convergence") as e:
             get(fails("no SCF convergence"), timeout=180)
+        assert_user_frame(str(e.value.__cause__), fails, "raise SolverError(msg)")
         with pytest.raises(DependencyError, match="fails"):
             get(cube(fails("upstream")), timeout=180)
     counts = serverless.provider("pbs").transport.counts

@@ -20,6 +20,7 @@ from hpc_serverless.errors import (
     WorkerDiedError,
 )
 
+from ..traceback_checks import assert_user_frame
 from .conftest import ROOT, is_test_cluster
 
 pytestmark = pytest.mark.cluster
@@ -107,7 +108,7 @@ def test_failed_upstream_fails_dependents_naming_it(on_slurm):
 def test_exception_keeps_its_type_and_remote_traceback(on_slurm):
     with pytest.raises(PhysicsError, match="diverged") as e:
         get(boom("diverged"), timeout=120)
-    assert "raise PhysicsError" in str(e.value.__cause__)
+    assert_user_frame(str(e.value.__cause__), boom, "raise PhysicsError(msg)")
 
 
 def test_cancel_running_task(on_slurm):

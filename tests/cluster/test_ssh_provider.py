@@ -18,6 +18,7 @@ import pytest
 from hpc_serverless import Program, QuantumServerless, distribute_task, get, put
 from hpc_serverless.errors import HostKeyError
 
+from ..traceback_checks import assert_user_frame
 from .conftest import ROOT
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ssh]
@@ -56,7 +57,9 @@ def remote_config(tmp_path, site_path):
 
 
 @distribute_task
-def energy(scale, table):
+def energy(scale, table, divide=False):
+    if divide:
+        return scale / sum(table["h"])
     return scale * sum(table["h"])
 
 
@@ -73,6 +76,10 @@ def test_tasks_and_objects_over_ssh(remote_config):
     assert provider.transport.counts["sbatch"] == 1
     # the objects live on the remote storage (here the same machine, written over SFTP)
     assert Path(provider.site.storage, "store", table.key).exists()
+    # a failing task's traceback names this file and line, read here, not on the cluster
+    with s.context("remote"), pytest.raises(ZeroDivisionError) as e:
+        get(energy(1, {"h": []}, divide=True), timeout=180)
+    assert_user_frame(str(e.value.__cause__), energy, "return scale / sum(table")
 
 
 def test_seed_tutorial_from_outside(remote_config):

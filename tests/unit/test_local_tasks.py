@@ -3,6 +3,7 @@
 import os
 import threading
 import time
+import traceback
 
 import pytest
 
@@ -20,6 +21,8 @@ from hpc_serverless.errors import (
     WorkerDiedError,
 )
 from hpc_serverless.providers.local import local_resources, shared_pool
+
+from ..traceback_checks import assert_user_frame
 
 
 class CustomError(Exception):
@@ -104,7 +107,11 @@ def test_original_exception_type_with_remote_traceback():
     with pytest.raises(ValueError, match="bad value 42") as e:
         get(fail("value"))
     assert isinstance(e.value.__cause__, RemoteTraceback)
-    assert "def fail" in str(e.value.__cause__) or "raise ValueError" in str(e.value.__cause__)
+    assert_user_frame(e.value.__cause__.tb, fail, 'raise ValueError("bad value 42")')
+    assert e.value.__cause__.tb.startswith("Traceback (most recent call last):\n  File \"" + __file__)
+    # here, the user's frames and get(); not the engine's frames that unpacked it
+    here = [f.filename for f in traceback.extract_tb(e.value.__traceback__)]
+    assert here[0] == __file__ and not any("providers" in f for f in here), here
     with pytest.raises(CustomError) as e2:
         get(fail("custom"))
     assert e2.value.code == 7
