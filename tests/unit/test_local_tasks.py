@@ -49,6 +49,11 @@ def fail(kind):
 
 
 @distribute_task
+def fail_inside():
+    return get(fail("value"))
+
+
+@distribute_task
 def sleep_then(seconds, value):
     time.sleep(seconds)
     return value
@@ -115,6 +120,15 @@ def test_original_exception_type_with_remote_traceback():
     with pytest.raises(CustomError) as e2:
         get(fail("custom"))
     assert e2.value.code == 7
+
+
+def test_nested_task_traceback_shows_both_tasks_lines():
+    with pytest.raises(ValueError, match="bad value 42") as e:
+        get(fail_inside())
+    tb = e.value.__cause__.tb
+    assert_user_frame(tb, fail, 'raise ValueError("bad value 42")')
+    assert_user_frame(tb, fail_inside, 'return get(fail("value"))')
+    assert tb.index("line", tb.index("in fail\n")) < tb.index("in fail_inside")
 
 
 def test_failed_upstream_fails_dependents_with_its_name():
