@@ -16,8 +16,10 @@ setup_venv() {
     fi
     local pip=("$dir/bin/python" -m pip install --quiet --disable-pip-version-check)
     if [[ $mode == locked ]]; then
-        "${pip[@]}" -c "$LOCK" pip
-        "${pip[@]}" -c "$LOCK" -e ".[$extras]"
+        # the build backend too: our package builds with the locked setuptools, not with
+        # whatever an isolated build environment would download today
+        "${pip[@]}" -c "$LOCK" pip setuptools
+        "${pip[@]}" -c "$LOCK" --no-build-isolation -e ".[$extras]"
     else
         "${pip[@]}" --upgrade pip
         "${pip[@]}" --upgrade --upgrade-strategy eager -e ".[$extras]"
