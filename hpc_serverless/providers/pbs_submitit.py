@@ -115,6 +115,8 @@ class PBSExecutor(core.PicklingExecutor):
                  'JOBID="${PBS_JOBID:-$SLURM_JOB_ID}"; JOBID="${JOBID%%.*}"; JOBID="${JOBID%%[*}"',
                  'IDX="${PBS_ARRAY_INDEX:-${PBS_ARRAYID:-$SLURM_ARRAY_TASK_ID}}"',
                  f'exec >> {shlex.quote(logs)}/"${{JOBID}}${{IDX:+_$IDX}}".log 2>&1',
+                 "", "# PBS starts jobs in $HOME; tasks see the submitting directory, as on Slurm",
+                 'cd "${PBS_O_WORKDIR:-.}" 2>/dev/null || true',
                  "", "# setup", *self.parameters["setup"], "", "export SUBMITIT_EXECUTOR=pbs", command, ""]
         return "\n".join(lines)
 

@@ -94,6 +94,7 @@ def test_dependencies_and_a_failed_upstream_leaves_nothing_behind(serverless):
         with pytest.raises(DependencyError):
             get(downer, timeout=180)
     ids = [r.job_id for r in (down, downer) if r.job_id]
+    assert ids, "the dependents were never submitted: nothing was tested"
     deadline = time.time() + 60
     while time.time() < deadline:  # PBS Pro deletes dependents that can never run
         states = qstat(*(f"{i}" for i in ids))
