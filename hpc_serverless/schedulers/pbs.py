@@ -73,7 +73,7 @@ def is_transient(stderr: str) -> bool:
 def final_state(exit_status: int | None, comment: str = "", flavor: str = "torque") -> tuple[str, str, str]:
     """(state word, status, reason) of a finished job from its exit status and comment."""
     c = comment.lower()
-    if flavor == "pbspro" and exit_status in PBSPRO_LIMIT_KILLS:
+    if flavor == "pbspro" and exit_status is not None and exit_status in PBSPRO_LIMIT_KILLS:
         why = PBSPRO_EXEC_FAILURES[exit_status]
         return PBSPRO_LIMIT_KILLS[exit_status], "FAILED", f"{why} (PBS Exit_status {exit_status})"
     if "walltime" in c and ("exceed" in c or "killed" in c):

@@ -12,8 +12,20 @@ from __future__ import annotations
 import json
 import time
 
-from .common import (EXIT_UNKNOWN_JOB, PBS_VERSION, SERVER, Refused, die, hms, parse_id, pbs_id,
-                     read_json, slurm, slurm_id, spool)
+from .common import (
+    EXIT_UNKNOWN_JOB,
+    PBS_VERSION,
+    SERVER,
+    Refused,
+    die,
+    hms,
+    parse_id,
+    pbs_id,
+    read_json,
+    slurm,
+    slurm_id,
+    spool,
+)
 
 FINAL = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
          "BOOT_FAIL", "DEADLINE"}
@@ -77,7 +89,6 @@ def subjob(rec: dict, seq: str, idx: str | None, row: dict[str, str] | None, par
         resources["ngpus"] = chunk["ngpus"] * chunk["N"]
     if rec["walltime"]:
         resources["walltime"] = hms(rec["walltime"])
-    name = pbs_id(seq, idx)
     workdir = rec["env"]["PBS_O_WORKDIR"]
     suffix = seq + ("" if idx is None else f".{idx}")
     out_path = rec["output"] or f"{workdir}/{rec['name']}.o{suffix}"
