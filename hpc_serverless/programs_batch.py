@@ -116,6 +116,8 @@ class BatchJobs:
         if ex is not None:
             info.update(status=ex["status"], state=ex["state"], reason=ex.get("reason", ""),
                         exit_code=ex.get("exit_code"), ended=ex.get("ended"))
+            if ex["state"] == "FAILED" and (ex.get("exit_code") or 0) < 0 and sid:
+                self._why_killed(sid, info, ex)
             return info
         state = self.provider.backend.job_states([sid])[sid] if sid else None
         if state is None:
@@ -140,6 +142,24 @@ class BatchJobs:
                         reason=state.reason or FAILURE_TEXT.get(state.state, state.state.lower()),
                         exit_code=state.exit_code)
         return info
+
+    def _why_killed(self, sid: str, info: dict[str, Any], ex: dict[str, Any]) -> None:
+        """The runner saw its program killed by a signal: usually the scheduler's doing (time
+        limit, memory, qdel/scancel), and the scheduler's final state says which. Until the
+        scheduler has it (a PBS MoM records the exit status after the runner exits), the job
+        still counts as running."""
+        from .schedulers.slurm import FAILURE_TEXT
+
+        state = self.provider.backend.job_states([sid])[sid]
+        if state is None:
+            return
+        if not state.final:
+            if time.time() - float(ex.get("ended") or 0) < 60:
+                info.update(status=TaskStatus.RUNNING, state=state.state, reason=f"ending ({ex.get('reason')})")
+            return
+        if state.state not in ("COMPLETED", "FAILED"):
+            info.update(status=TaskStatus.STOPPED if state.status == TaskStatus.STOPPED else TaskStatus.FAILED,
+                        state=state.state, reason=state.reason or FAILURE_TEXT.get(state.state, state.state.lower()))
 
     def job_logs(self, job_id: str) -> str:
         try:

@@ -112,6 +112,7 @@ class Site(_Frozen):
     ssh_config: str | None = None      # default: ~/.ssh/config
     storage: str
     python: str = Field(default_factory=lambda: sys.executable)
+    commands_dir: str | None = None    # where the scheduler's commands are (default: PATH)
     setup: tuple[str, ...] = ()
     env: Mapping[str, str] = Field(default_factory=dict)
     defaults: Target = Field(default_factory=Target)
@@ -135,7 +136,7 @@ class Site(_Frozen):
         except TargetError as exc:
             raise ValueError(str(exc)) from None
 
-    @field_validator("storage", "python", "key_filename", "known_hosts", "ssh_config")
+    @field_validator("storage", "python", "key_filename", "known_hosts", "ssh_config", "commands_dir")
     @classmethod
     def _expand(cls, v: str | None) -> str | None:
         return expand(v) if isinstance(v, str) else v
@@ -171,6 +172,11 @@ class Site(_Frozen):
     def storage_path(self) -> Path:
         return Path(self.storage)
 
+    def command(self, name: str) -> str:
+        """A scheduler command (qsub, sbatch, ...): from ``commands_dir`` if the site names
+        one, else whatever PATH finds."""
+        return f"{self.commands_dir.rstrip('/')}/{name}" if self.commands_dir else name
+
 
 def _valid_keys(model: type[BaseModel]) -> list[str]:
     return [k for k in model.model_fields if k != "source"]
@@ -185,6 +191,9 @@ def site_from_mapping(data: Mapping[str, Any], *, source: str | None = None,
     if source and "name" not in raw:
         raw["name"] = Path(source).stem
     raw["source"] = source
+    cdir = raw.get("commands_dir")
+    if isinstance(cdir, str) and source and not raw.get("host") and not os.path.isabs(expand(cdir)):
+        raw["commands_dir"] = os.path.join(os.path.dirname(os.path.abspath(source)), cdir)  # beside the file
     try:
         return Site(**raw)
     except ValidationError as exc:

@@ -132,7 +132,7 @@ def _requeue_argv() -> list[str] | None:
         job = f"{array}_{index}" if array and index else os.environ["SLURM_JOB_ID"]
         return ["scontrol", "requeue", job]
     if os.environ.get("PBS_JOBID"):
-        return ["qrerun", os.environ["PBS_JOBID"]]
+        return [os.path.join(os.environ.get("HPC_SERVERLESS_COMMANDS_DIR", ""), "qrerun"), os.environ["PBS_JOBID"]]
     return None
 
 

@@ -27,7 +27,8 @@ if [[ -n ${HPC_SERVERLESS_TEST_SITE:-} ]]; then
 elif [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
     bash tests/cluster/up.sh
     export HPC_SERVERLESS_TEST_SITE=site_configs/localhost-slurm.yaml
-    export HPC_SERVERLESS_TEST_PBS_SITE=site_configs/localhost-pbs.yaml
+    export HPC_SERVERLESS_TEST_PBS_SITE=site_configs/localhost-pbs.yaml        # Torque wrappers
+    export HPC_SERVERLESS_TEST_PBSPRO_SITE=site_configs/localhost-pbspro.yaml  # fake PBS Pro
     cluster_note="cluster tests: against the local test cluster (tests/cluster/up.sh)"
 else
     cluster_note="cluster tests: SKIPPED (not root on a Debian-like machine, and HPC_SERVERLESS_TEST_SITE is not set)"

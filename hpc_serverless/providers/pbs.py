@@ -19,6 +19,9 @@ from .batch import BatchProvider, BatchTask, Scheduler
 from .submitit_glue import submit_calls
 
 if TYPE_CHECKING:
+    from ..transport.base import CommandResult
+
+if TYPE_CHECKING:
     from ..site import Site
     from ..transport.base import Transport
 
@@ -46,7 +49,13 @@ class PBSScheduler(Scheduler):
     def setup_lines(self) -> list[str]:
         from ..jobscript import export_lines
 
-        return [*self.site.setup, export_lines({**self.site.env, "HPC_SERVERLESS_STORE": self.store_root})]
+        env = {**self.site.env, "HPC_SERVERLESS_STORE": self.store_root}
+        if self.site.commands_dir:  # qrerun inside the job (worker.py) comes from there too
+            env["HPC_SERVERLESS_COMMANDS_DIR"] = self.site.commands_dir
+        return [*self.site.setup, export_lines(env)]
+
+    def _run(self, argv: list[str]) -> CommandResult:
+        return self.transport.run([self.site.command(argv[0]), *argv[1:]])
 
     def options(self, target: Target, name: str, after: Sequence[str] = ()) -> list[str]:
         opts = P.qsub_options(target, self.flavor, directives=self.site.directives, job_name=_job_name(name))
@@ -71,14 +80,14 @@ class PBSScheduler(Scheduler):
             ex = PBSExecutor(folder, shlex.quote(self.site.python), self.transport,
                              None if staging is None else jobs_root)
             ex.update_parameters(options=self.options(target, name, after), setup=self.setup_lines(),
-                                 flavor=self.flavor)
+                                 flavor=self.flavor, qsub=self.site.command("qsub"))
             return ex
 
         return submit_calls(self.transport, jobs_root, make, tasks, self.store_root)
 
     def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
         native = self._native_ids(job_ids)
-        result = self.transport.run(P.qstat_argv(native, self.flavor))
+        result = self._run(P.qstat_argv(native, self.flavor))
         # qstat exits non-zero when some ids are unknown (finished and forgotten), yet
         # prints the others: parse what there is; missing ids count as vanished
         if not result.ok and not result.stdout.strip() and not re.search(r"Unknown Job Id", result.stderr, re.I):
@@ -88,7 +97,7 @@ class PBSScheduler(Scheduler):
         return {back.get(k, k): v for k, v in states.items()}
 
     def cancel(self, job_ids: Sequence[str]) -> None:
-        result = self.transport.run(P.qdel_argv(self._native_ids(job_ids)))
+        result = self._run(P.qdel_argv(self._native_ids(job_ids)))
         if not result.ok and "finished" not in result.stderr.lower() and "completed" not in result.stderr.lower():
             raise SchedulerError(f"could not cancel: {result.describe()}", transient=P.is_transient(result.stderr))
 
@@ -106,7 +115,7 @@ class PBSScheduler(Scheduler):
     def submit_script(self, path: str, target: Target, job_name: str) -> str:
         # the options again on the command line: Slurm's qsub wrapper ignores #PBS lines
         opts = P.qsub_options(target, self.flavor, directives=self.site.directives, job_name=_job_name(job_name))
-        result = self.transport.run(["qsub", *opts, "-o", "/dev/null", "-j", "oe", path])
+        result = self._run(["qsub", *opts, "-o", "/dev/null", "-j", "oe", path])
         if not result.ok:
             raise SchedulerError(f"PBS refused the job: {result.describe()}",
                                  transient=P.is_transient(result.stderr))

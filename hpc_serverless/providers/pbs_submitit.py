@@ -70,7 +70,8 @@ class PBSJobEnvironment(job_environment.JobEnvironment):
         return 0
 
     def _requeue(self, countdown: int) -> None:
-        subprocess.check_call(["qrerun", self.raw_job_id], timeout=60)
+        qrerun = os.path.join(os.environ.get("HPC_SERVERLESS_COMMANDS_DIR", ""), "qrerun")
+        subprocess.check_call([qrerun, os.environ.get("PBS_JOBID", self.raw_job_id)], timeout=60)
 
 
 class PBSJob(core.Job):  # type: ignore[type-arg]
@@ -90,11 +91,11 @@ class PBSExecutor(core.PicklingExecutor):
         self._transport = transport
         self._paths = (str(folder).replace("/%j", ""), remote_folder) if remote_folder else None
         self._throttling = 0.0
-        self.parameters: dict[str, Any] = {"options": [], "setup": [], "flavor": "pbspro"}
+        self.parameters: dict[str, Any] = {"options": [], "setup": [], "flavor": "pbspro", "qsub": "qsub"}
 
     @classmethod
     def _valid_parameters(cls) -> set[str]:
-        return {"options", "setup", "flavor", "job_name"}
+        return {"options", "setup", "flavor", "job_name", "qsub"}
 
     def _internal_update_parameters(self, **kwargs: Any) -> None:
         bad = set(kwargs) - self._valid_parameters()
@@ -111,16 +112,18 @@ class PBSExecutor(core.PicklingExecutor):
         opts = list(self.parameters["options"])
         lines = ["#!/bin/bash", *P.directive_lines(opts), "",
                  "# the job's output, live on the shared filesystem (PBS copies -o files only at the end)",
-                 'JOBID="${PBS_JOBID:-$SLURM_JOB_ID}"; JOBID="${JOBID%%.*}"',
+                 'JOBID="${PBS_JOBID:-$SLURM_JOB_ID}"; JOBID="${JOBID%%.*}"; JOBID="${JOBID%%[*}"',
                  'IDX="${PBS_ARRAY_INDEX:-${PBS_ARRAYID:-$SLURM_ARRAY_TASK_ID}}"',
                  f'exec >> {shlex.quote(logs)}/"${{JOBID}}${{IDX:+_$IDX}}".log 2>&1',
+                 "", "# PBS starts jobs in $HOME; tasks see the submitting directory, as on Slurm",
+                 'cd "${PBS_O_WORKDIR:-.}" 2>/dev/null || true',
                  "", "# setup", *self.parameters["setup"], "", "export SUBMITIT_EXECUTOR=pbs", command, ""]
         return "\n".join(lines)
 
     def _qsub(self, script: Path, uid: str, text: str, extra: list[str]) -> str:
         assert self._transport is not None
         target = place_script(self._transport, self._paths, script, uid, text)
-        argv = ["qsub", *self.parameters["options"], *extra, "-o", "/dev/null", "-j", "oe", target]
+        argv = [self.parameters["qsub"], *self.parameters["options"], *extra, "-o", "/dev/null", "-j", "oe", target]
         result = self._transport.run(argv)
         if not result.ok:
             raise SchedulerError(f"PBS refused the job: {result.describe()}",
@@ -150,7 +153,7 @@ class PBSExecutor(core.PicklingExecutor):
         return 1
 
     def _make_submission_command(self, submission_file_path: Path) -> list[str]:
-        return ["qsub", *self.parameters["options"], str(submission_file_path)]
+        return [self.parameters["qsub"], *self.parameters["options"], str(submission_file_path)]
 
     @staticmethod
     def _get_job_id_from_submission_command(string: bytes | str) -> str:

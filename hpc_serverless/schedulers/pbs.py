@@ -44,6 +44,23 @@ EXEC_FAILURES: Mapping[int, str] = {
     -10: "job exceeded a resource limit", -11: "job exceeded its walltime or another limit",
 }
 
+# PBS Pro / OpenPBS: the MoM's negative Exit_status values (JOB_EXEC_* in OpenPBS
+# src/include/job.h; PBS Professional Administrator's Guide, "Job Exit Status Codes"). Since
+# PBS Pro 19 a job killed over a resource limit ends with one of -24..-29, not 256+signal.
+PBSPRO_EXEC_FAILURES: Mapping[int, str] = {
+    -1: "job exec failed, before files, no retry", -2: "job exec failed, after files, no retry",
+    -3: "job execution failed, do retry", -4: "job aborted on MoM initialization",
+    -5: "job aborted on MoM init, checkpoint, no migrate", -6: "job aborted on MoM init, checkpoint, ok migrate",
+    -7: "job restart failed", -21: "security breach in PBS directory",
+    -22: "a hook failed or timed out", -23: "no kerberos credentials supplied",
+    -24: "job killed: it exceeded its ncpus (burst)", -25: "job killed: it exceeded its ncpus (sum)",
+    -26: "job killed: it exceeded its vmem", -27: "job killed: it exceeded its mem",
+    -28: "job killed: it exceeded its cput", -29: "job killed: it exceeded its walltime",
+    -30: "job exec failed: join job error",
+}
+PBSPRO_LIMIT_KILLS: Mapping[int, str] = {-29: "TIMEOUT", -28: "TIMEOUT", -27: "OUT_OF_MEMORY",
+                                         -26: "OUT_OF_MEMORY"}
+
 TRANSIENT = ("cannot connect to server", "Connection refused", "Pbs Server is currently too busy",
              "temporarily unavailable", "Communication failure", "timed out",
              "Unable to contact slurm controller")  # the last: Slurm's PBS wrappers
@@ -53,9 +70,12 @@ def is_transient(stderr: str) -> bool:
     return any(t.lower() in stderr.lower() for t in TRANSIENT)
 
 
-def final_state(exit_status: int | None, comment: str = "") -> tuple[str, str, str]:
+def final_state(exit_status: int | None, comment: str = "", flavor: str = "torque") -> tuple[str, str, str]:
     """(state word, status, reason) of a finished job from its exit status and comment."""
     c = comment.lower()
+    if flavor == "pbspro" and exit_status is not None and exit_status in PBSPRO_LIMIT_KILLS:
+        why = PBSPRO_EXEC_FAILURES[exit_status]
+        return PBSPRO_LIMIT_KILLS[exit_status], "FAILED", f"{why} (PBS Exit_status {exit_status})"
     if "walltime" in c and ("exceed" in c or "killed" in c):
         return "TIMEOUT", "FAILED", comment
     if ("mem" in c and "exceed" in c) or "out of memory" in c:
@@ -65,7 +85,8 @@ def final_state(exit_status: int | None, comment: str = "") -> tuple[str, str, s
     if exit_status is None or exit_status == 0:
         return "COMPLETED", "SUCCEEDED", comment
     if exit_status < 0:
-        return "FAILED", "FAILED", EXEC_FAILURES.get(exit_status, f"PBS exec failure {exit_status}")
+        table = PBSPRO_EXEC_FAILURES if flavor == "pbspro" else EXEC_FAILURES
+        return "FAILED", "FAILED", table.get(exit_status, f"PBS exec failure {exit_status}")
     if exit_status > 256:  # PBS: 256 + the signal that killed the job's top process
         sig = exit_status - 256
         return "KILLED", "FAILED", comment or f"killed by signal {sig}" + (
@@ -177,9 +198,10 @@ def short_id(job_id: str) -> str:
     return job_id.split(".", 1)[0]
 
 
-def _state(job_id: str, letter: str, exit_status: int | None, comment: str, nodes: str) -> JobState:
+def _state(job_id: str, letter: str, exit_status: int | None, comment: str, nodes: str,
+           flavor: str = "torque") -> JobState:
     if letter in FINAL_LETTERS:
-        word, status, reason = final_state(exit_status, comment)
+        word, status, reason = final_state(exit_status, comment, flavor)
     else:
         word, status, reason = STATE_WORDS.get(letter, letter), STATE_MAP.get(letter, "RUNNING"), comment
     return JobState(job_id, word, status, reason, "" if exit_status is None else str(exit_status), nodes)
@@ -196,7 +218,7 @@ def parse_qstat_json(text: str) -> dict[str, JobState]:
         code = job.get("Exit_status")
         sid = short_id(job_id)
         out[sid] = _state(sid, str(job.get("job_state", "?")), int(code) if code is not None else None,
-                          str(job.get("comment", "")), str(job.get("exec_host", "")))
+                          str(job.get("comment", "")), str(job.get("exec_host", "")), "pbspro")
     return out
 
 

@@ -55,6 +55,18 @@ def test_exit_status_mapping(code, comment, state, status):
         assert "signal 15" in P.final_state(code, comment)[2]
 
 
+@pytest.mark.parametrize("code,state,status", [
+    (-29, "TIMEOUT", "FAILED"), (-27, "OUT_OF_MEMORY", "FAILED"), (-1, "FAILED", "FAILED"),
+    (271, "KILLED", "FAILED"), (0, "COMPLETED", "SUCCEEDED"),
+])
+def test_pbspro_exit_statuses(code, state, status):
+    """PBS Pro's JOB_EXEC_* values (OpenPBS src/include/job.h): -29 walltime, -27 mem."""
+    word, got, reason = P.final_state(code, "", "pbspro")
+    assert (word, got) == (state, status)
+    if code == -29:
+        assert "walltime" in reason
+
+
 def test_pbspro_options():
     t = Target.of({"cpu": 4, "mem": "8G", "gpu": 2, "mpi": 8, "nodes": 2, "time": 90,
                    "queue": "prod", "account": "QuantumSim"})
