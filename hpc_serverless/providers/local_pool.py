@@ -13,6 +13,11 @@ script: the seed's tutorials have no ``if __name__ == "__main__"`` guard).
 
 One dispatcher thread reads every worker's messages; submissions from the user's
 threads go straight to an idle worker under the pool's lock.
+
+Workers run in sessions of their own: Ctrl-C in a terminal, or "interrupt kernel" in
+Jupyter (a SIGINT to the kernel's whole process group), interrupts the driver's
+`get`/`wait` and leaves the tasks running, as in Ray and dask. Since no group signal
+reaches them, each worker also holds a lifeline pipe and ends when the driver dies.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import hashlib
 import itertools
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -119,6 +125,7 @@ class LocalPool:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._thread: threading.Thread | None = None
+        self._lifeline: tuple[int, int] | None = None  # (read, write): workers end at its EOF
         register_backend(self)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -126,6 +133,7 @@ class LocalPool:
         if self._started:
             return
         self._started = True
+        self._lifeline = os.pipe()  # not inheritable: only the workers get the read end
         procs = [self._spawn_worker() for _ in range(self.slots)]
         self._workers.extend(procs)
         self._idle.extend(procs)
@@ -139,6 +147,9 @@ class LocalPool:
         env = dict(os.environ)
         env["HPC_SERVERLESS_POOL_KEY"] = self.key
         env["HPC_SERVERLESS_POOL_FD"] = str(child.fileno())
+        assert self._lifeline is not None
+        lifeline = self._lifeline[0]
+        env["HPC_SERVERLESS_POOL_LIFELINE"] = str(lifeline)
         env.setdefault("PYTHONUNBUFFERED", "1")
         # the user's script directory first, as for the driver (functions pickled by
         # reference to the user's own modules must import in the worker)
@@ -146,18 +157,25 @@ class LocalPool:
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         proc = subprocess.Popen(
             [sys.executable, "-m", "hpc_serverless.providers.pool_worker"],
-            pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL, close_fds=True)
+            pass_fds=(child.fileno(), lifeline), env=env, stdin=subprocess.DEVNULL, close_fds=True,
+            start_new_session=True)  # out of reach of the driver's Ctrl-C / kernel interrupt
         child.close()
         return _Worker(proc, Connection(parent.detach()))
 
     def close(self) -> None:
-        """Stop the workers; tasks still running are lost (called at exit)."""
+        """Stop the workers; tasks still running are lost (called at exit, e.g. when a
+        Jupyter kernel shuts down). Idle workers exit, busy ones are killed at once with
+        whatever their task started, so shutdown is quick and quiet."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             workers = list(self._workers)
+            busy = [w for w in workers if w.task is not None]
         for w in workers:
+            if w in busy:
+                _kill_group(w.proc)
+                continue
             try:
                 w.conn.send(("exit",))
             except OSError:
@@ -167,7 +185,14 @@ class LocalPool:
             try:
                 w.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                w.proc.kill()
+                _kill_group(w.proc)
+                w.proc.wait()
+        if self._lifeline is not None:
+            for fd in self._lifeline:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         self._wake()
 
     def _wake(self) -> None:
@@ -416,10 +441,7 @@ class LocalPool:
 
     def _replace_worker(self, worker: _Worker, task: _Task | None, payload: BaseException, status: str,
                         reason: str) -> None:
-        try:
-            worker.proc.kill()
-        except OSError:
-            pass
+        _kill_group(worker.proc)
         if task is not None:
             self._finish(task, False, payload, status, reason)
         self._workers.remove(worker)
@@ -517,6 +539,21 @@ class LocalPool:
         with self._lock:
             return {"workers": len(self._workers), "free_slots": self._free_slots,
                     "queued": len(self._ready), "tracked": len(self._tasks)}
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a worker and what its task started (MPI ranks, subprocesses): its session's
+    process group, which the worker leads. Only while the worker is not reaped: until
+    then its pid cannot name another process group."""
+    try:
+        if proc.returncode is not None:
+            return
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        try:
+            proc.kill()
+        except OSError:
+            pass
 
 
 def _exception_of(payload: bytes | BaseException) -> BaseException:

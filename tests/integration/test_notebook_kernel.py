@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import sys
 import textwrap
 import time
@@ -27,32 +26,48 @@ from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 from jupyter_client.manager import KernelManager  # noqa: E402
 
 SLEEPY = """
-import time
+import os, subprocess, time
 from hpc_serverless import distribute_task, get, wait
 
 @distribute_task
 def sleepy(seconds, value):
     time.sleep(seconds)
     return value
+
+@distribute_task
+def until(flag, value):
+    \"\"\"Runs until the test creates `flag`: RUNNING for as long as the test needs.\"\"\"
+    while not os.path.exists(flag):
+        time.sleep(0.02)
+    return value
+
+@distribute_task
+def with_child(marker):
+    \"\"\"A task that started a process of its own (as MPI ranks or a solver would).\"\"\"
+    subprocess.run(["sleep", "60"], env={**os.environ, "HPCS_TEST_CHILD": marker})
 """
 
 
-def _pool_workers(kernel_pid: int) -> list[int]:
-    """Pids of live pool workers started by the kernel (found by the pool key in their
-    environment, so orphans that were re-parented still count)."""
-    marker = f"HPC_SERVERLESS_POOL_KEY=localpool:{kernel_pid}:".encode()
+def _processes_with(marker: str) -> list[int]:
+    """Pids of live processes whose environment holds `marker` (so orphans that were
+    re-parented still count)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if marker in (entry / "environ").read_bytes():
+            if marker.encode() in (entry / "environ").read_bytes():
                 state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
                 if state != "Z":
                     pids.append(int(entry.name))
         except OSError:
             continue
     return pids
+
+
+def _pool_workers(kernel_pid: int) -> list[int]:
+    """Live pool workers started by the kernel: their environment names its pool."""
+    return _processes_with(f"HPC_SERVERLESS_POOL_KEY=localpool:{kernel_pid}:")
 
 
 class Kernel:
@@ -147,6 +162,15 @@ def kernel(tmp_path: Path) -> Iterator[Kernel]:
                 pass
 
 
+def _assert_workers_quiet(printed: str) -> None:
+    """No traceback through our code and no KeyboardInterrupt in anything the kernel or its
+    children printed. (ipykernel itself logs a ZMQError traceback when it is shut down
+    mid-cell, whatever the cell runs; that one is not ours.)"""
+    tracebacks = printed.split("Traceback (most recent call last):")[1:]
+    ours = [t for t in tracebacks if "hpc_serverless" in t or "<dynamic-code>" in t]
+    assert not ours and "KeyboardInterrupt" not in printed, printed
+
+
 def _wait_until(check: Any, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -156,55 +180,59 @@ def _wait_until(check: Any, timeout: float) -> bool:
     return bool(check())
 
 
-def test_interrupt_stops_the_wait_not_the_tasks(kernel: Kernel) -> None:
-    kernel.run(SLEEPY + "refs = [sleepy(4, i) for i in range(3)]\nwait(refs, timeout=0)")
-    assert _wait_until(lambda: len(_pool_workers(kernel.pid)) >= 3, 10)
+def test_interrupt_stops_the_wait_not_the_tasks(kernel: Kernel, tmp_path: Path) -> None:
+    flag = tmp_path / "release"
+    kernel.run(SLEEPY + f"refs = [until({str(flag)!r}, i) for i in range(3)]")
+    assert _wait_until(lambda: len(_pool_workers(kernel.pid)) >= 3, 20)
 
     cell = kernel.start("values = get(refs)")
     kernel.wait_busy(cell)
-    time.sleep(0.8)  # well inside get(); the tasks have about 3 s to go
+    time.sleep(0.5)  # inside get()
     t0 = time.monotonic()
     kernel.km.interrupt_kernel()
     reply, _ = kernel.finish(cell)
     assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
-    assert time.monotonic() - t0 < 2, "the interrupt did not stop the wait promptly"
+    assert time.monotonic() - t0 < 5, "the interrupt did not stop the wait promptly"
 
     assert kernel.run("print([r.status() for r in refs])").strip() == str(["RUNNING"] * 3)
+    flag.touch()
     assert kernel.run("print(get(refs))").strip() == "[0, 1, 2]"
     # the pool is still alive: a new task runs on it
     assert kernel.run("print(get(sleepy(0, 'again')))").strip() == "again"
-
-    printed = kernel.printed()
-    assert "Traceback" not in printed and "KeyboardInterrupt" not in printed, printed
+    _assert_workers_quiet(kernel.printed())
 
 
 def test_interrupting_wait_and_a_program_from_the_notebook(kernel: Kernel, tmp_path: Path) -> None:
+    flag = tmp_path / "release"
     src = tmp_path / "prog"
     src.mkdir()
-    (src / "main.py").write_text("import time\nfrom hpc_serverless import save_result\n"
-                                 "time.sleep(3)\nsave_result('program done')\n")
+    (src / "main.py").write_text(
+        "import os, time\nfrom hpc_serverless import save_result\n"
+        f"while not os.path.exists({str(flag)!r}):\n    time.sleep(0.02)\n"
+        "save_result('program done')\n")
     kernel.run(SLEEPY + f"""
 from hpc_serverless import Program, QuantumServerless
 job = QuantumServerless().run_program(Program(title="p", entrypoint="main.py", working_dir={str(src)!r}))
-refs = [sleepy(3, i) for i in range(2)]
+refs = [until({str(flag)!r}, i) for i in range(2)]
 """)
     cell = kernel.start("wait(refs)")
     kernel.wait_busy(cell)
-    time.sleep(0.8)
+    time.sleep(0.5)
     kernel.km.interrupt_kernel()
     reply, _ = kernel.finish(cell)
     assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
     assert kernel.run("print(job.status(), [r.status() for r in refs])").strip() == \
         "RUNNING ['RUNNING', 'RUNNING']"
-    assert kernel.run("print(job.result(timeout=30), get(refs))").strip() == "program done [0, 1]"
-    printed = kernel.printed()
-    assert "Traceback" not in printed and "KeyboardInterrupt" not in printed, printed
+    flag.touch()
+    assert kernel.run("print(job.result(timeout=60), get(refs))").strip() == "program done [0, 1]"
+    _assert_workers_quiet(kernel.printed())
 
 
-def test_shutdown_ends_the_pool_quietly(kernel: Kernel) -> None:
-    kernel.run(SLEEPY + "refs = [sleepy(60, i) for i in range(2)] + [sleepy(0, 'idle')]\n"
+def test_shutdown_ends_the_pool_quietly(kernel: Kernel, tmp_path: Path) -> None:
+    marker = f"hpcs-child-{tmp_path.name}"
+    kernel.run(SLEEPY + f"refs = [sleepy(60, 0), with_child({marker!r}), sleepy(0, 'idle')]\n"
                "wait(refs, num_returns=1)")
-    assert _wait_until(lambda: len(_pool_workers(kernel.pid)) >= 3, 10)
+    assert _wait_until(lambda: len(_pool_workers(kernel.pid)) >= 3 and _processes_with(marker), 20)
     kernel.start("get(refs)")  # a notebook shut down while a cell waits
     time.sleep(0.5)
     t0 = time.monotonic()
@@ -212,18 +240,21 @@ def test_shutdown_ends_the_pool_quietly(kernel: Kernel) -> None:
     assert time.monotonic() - t0 < 10
     assert _wait_until(lambda: not _pool_workers(kernel.pid), 5), \
         f"pool workers left behind: {_pool_workers(kernel.pid)}"
-    printed = kernel.printed()
-    assert "Traceback" not in printed, printed
+    assert _wait_until(lambda: not _processes_with(marker), 5), "a task's own process was left behind"
+    _assert_workers_quiet(kernel.printed())
 
 
-def test_shutdown_after_a_kill_leaves_no_worker(kernel: Kernel) -> None:
+def test_killed_kernel_leaves_no_worker(kernel: Kernel, tmp_path: Path) -> None:
     """A kernel killed outright (a restart that timed out, the OOM killer) cannot close
     its pool: the workers notice their parent is gone and end themselves."""
-    kernel.run(SLEEPY + "refs = [sleepy(60, 0), sleepy(0, 1)]\nwait(refs, num_returns=1)")
-    assert _wait_until(lambda: len(_pool_workers(kernel.pid)) >= 3, 10)
+    marker = f"hpcs-child-{tmp_path.name}"
+    kernel.run(SLEEPY + f"refs = [sleepy(60, 0), with_child({marker!r}), sleepy(0, 1)]\n"
+               "wait(refs, num_returns=1)")
+    assert _wait_until(lambda: len(_pool_workers(kernel.pid)) >= 3 and _processes_with(marker), 20)
     os.kill(kernel.pid, 9)
     assert _wait_until(lambda: not _pool_workers(kernel.pid), 5), \
         f"pool workers left behind: {_pool_workers(kernel.pid)}"
+    assert _wait_until(lambda: not _processes_with(marker), 5), "a task's own process was left behind"
 
 
 @pytest.mark.parametrize("widgets", [True, False], ids=["ipywidgets", "text-without-ipywidgets"])
