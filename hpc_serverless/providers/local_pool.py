@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import hashlib
 import itertools
 import os
@@ -37,7 +38,7 @@ import time
 import weakref
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_connections
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..errors import (
     DependencyError,
@@ -208,7 +209,7 @@ class LocalPool:
             raise HPCServerlessError("the local pool is closed (the interpreter is exiting)")
         task_id = f"{next(self._ids)}"
         task = _Task(task_id, spec)
-        with self._lock:
+        with _interrupts_deferred(), self._lock:
             self._start()
             if spec.fn_key not in self._fns:
                 self._fns[spec.fn_key] = spec.fn_bytes
@@ -504,7 +505,7 @@ class LocalPool:
                     "started": t.started, "ended": t.ended, "job_id": None}
 
     def task_cancel(self, ref: TaskRef) -> bool:
-        with self._lock:
+        with _interrupts_deferred(), self._lock:
             return self._cancel(ref.task_id)
 
     def task_result(self, ref: TaskRef, timeout: float | None) -> Any:
@@ -539,6 +540,28 @@ class LocalPool:
         with self._lock:
             return {"workers": len(self._workers), "free_slots": self._free_slots,
                     "queued": len(self._ready), "tracked": len(self._tasks)}
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C / a kernel interrupt while the main thread changes the pool and
+    writes to a worker's socket: a KeyboardInterrupt there would leave the books wrong
+    and half a message on the socket. The signal goes to the previous handler right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # a handler not set from Python: it could not be put back
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
