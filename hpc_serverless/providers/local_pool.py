@@ -14,10 +14,12 @@ script: the seed's tutorials have no ``if __name__ == "__main__"`` guard).
 One dispatcher thread reads every worker's messages; submissions from the user's
 threads go straight to an idle worker under the pool's lock.
 
-Workers run in sessions of their own: Ctrl-C in a terminal, or "interrupt kernel" in
-Jupyter (a SIGINT to the kernel's whole process group), interrupts the driver's
-`get`/`wait` and leaves the tasks running, as in Ray and dask. Since no group signal
-reaches them, each worker also holds a lifeline pipe and ends when the driver dies.
+Workers lead process groups of their own: Ctrl-C in a terminal, or "interrupt kernel"
+in Jupyter (a SIGINT to the kernel's whole process group), interrupts the driver's
+`get`/`wait` and leaves the tasks running, as in Ray and dask. A group, not a session
+(as programs get): a batch system that tracks a job by its session (PBS) still counts
+and ends the workers. Since no signal to the driver's group reaches them, each worker
+also holds a lifeline pipe and ends when the driver dies, however it dies.
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ class LocalPool:
         proc = subprocess.Popen(
             [sys.executable, "-m", "hpc_serverless.providers.pool_worker"],
             pass_fds=(child.fileno(), lifeline), env=env, stdin=subprocess.DEVNULL, close_fds=True,
-            start_new_session=True)  # out of reach of the driver's Ctrl-C / kernel interrupt
+            **_own_process_group())  # out of reach of the driver's Ctrl-C / kernel interrupt
         child.close()
         return _Worker(proc, Connection(parent.detach()))
 
@@ -542,6 +544,13 @@ class LocalPool:
                     "queued": len(self._ready), "tracked": len(self._tasks)}
 
 
+def _own_process_group() -> dict[str, Any]:
+    """Popen arguments that start the child in a new process group of this session."""
+    if sys.version_info >= (3, 11):
+        return {"process_group": 0}
+    return {"preexec_fn": os.setpgrp}  # 3.10 has no process_group=
+
+
 @contextlib.contextmanager
 def _interrupts_deferred() -> Iterator[None]:
     """Hold back Ctrl-C / a kernel interrupt while the main thread changes the pool and
@@ -565,8 +574,8 @@ def _interrupts_deferred() -> Iterator[None]:
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """Kill a worker and what its task started (MPI ranks, subprocesses): its session's
-    process group, which the worker leads. Only while the worker is not reaped: until
+    """Kill a worker and what its task started (MPI ranks, subprocesses): the process
+    group the worker leads. Only while the worker is not reaped: until
     then its pid cannot name another process group."""
     try:
         if proc.returncode is not None:

@@ -3,9 +3,9 @@
 It reads ("run", ...) messages from its socket, runs each call with
 :func:`hpc_serverless.calls.execute`, and answers ("done", ...).
 
-A worker leads a session of its own, so the signals a terminal or a Jupyter kernel
-sends to the driver's process group (Ctrl-C, "interrupt kernel") stop the driver's
-wait, not the tasks. It ends with the pool: on "exit", on its socket closing, or,
+A worker leads a process group of its own, so the signals a terminal or a Jupyter
+kernel sends to the driver's process group (Ctrl-C, "interrupt kernel") stop the
+driver's wait, not the tasks. It ends with the pool: on "exit", on its socket closing, or,
 mid-task, when its lifeline (a pipe whose write end only the pool holds) reads EOF
 because the driver died, however it died.
 """
