@@ -274,3 +274,4 @@ def test_progress_bar_of_get_shows_in_the_kernel(kernel: Kernel, widgets: bool) 
     else:
         assert "/30" in text and "get" in text, outputs
     assert "IProgress" not in text and "Warning" not in text and "Error" not in text, text
+    assert "Traceback" not in kernel.printed() and not [m for m in outputs if m["msg_type"] == "error"]
