@@ -10,6 +10,7 @@ import secrets
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Callable, Generic, Iterator, Mapping, ParamSpec, Sequence, TypeVar, overload
 
 from .errors import GetTimeoutError, HPCServerlessError, TargetError, UnknownProviderError
@@ -231,12 +232,31 @@ def put(obj: Any) -> ObjectRef:
     return current_provider().put(obj)
 
 
+def _in_jupyter_kernel() -> bool:
+    """True inside a Jupyter kernel, where stderr is no terminal but a person watches."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()
+        return shell is not None and "IPKernelApp" in shell.config
+    except Exception:  # noqa: BLE001 - an odd IPython only means: no notebook bar
+        return False
+
+
 def _progress(total: int) -> Any:
-    """A progress bar for long gets in a terminal; None elsewhere (logs stay clean)."""
-    if total < 20 or not sys.stderr.isatty() or os.environ.get("HPC_SERVERLESS_NO_PROGRESS"):
+    """A progress bar for long gets where a person watches: a terminal, or a notebook
+    (tqdm.auto: a widget, or text where ipywidgets is missing); None elsewhere, so logs
+    and batch jobs stay clean."""
+    if total < 20 or os.environ.get("HPC_SERVERLESS_NO_PROGRESS"):
+        return None
+    if not (sys.stderr.isatty() or _in_jupyter_kernel()):
         return None
     try:
-        from tqdm import tqdm
+        with warnings.catch_warnings():
+            # without ipywidgets tqdm.auto warns "IProgress not found", then uses text
+            warnings.simplefilter("ignore")
+            from tqdm.auto import tqdm
     except ImportError:
         return None
     return tqdm(total=total, desc="get", unit="task", leave=False, file=sys.stderr)

@@ -13,16 +13,25 @@ script: the seed's tutorials have no ``if __name__ == "__main__"`` guard).
 
 One dispatcher thread reads every worker's messages; submissions from the user's
 threads go straight to an idle worker under the pool's lock.
+
+Workers lead process groups of their own: Ctrl-C in a terminal, or "interrupt kernel"
+in Jupyter (a SIGINT to the kernel's whole process group), interrupts the driver's
+`get`/`wait` and leaves the tasks running, as in Ray and dask. A group, not a session
+(as programs get): a batch system that tracks a job by its session (PBS) still counts
+and ends the workers. Since no signal to the driver's group reaches them, each worker
+also holds a lifeline pipe and ends when the driver dies, however it dies.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import hashlib
 import itertools
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +40,7 @@ import time
 import weakref
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_connections
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..errors import (
     DependencyError,
@@ -119,6 +128,7 @@ class LocalPool:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._thread: threading.Thread | None = None
+        self._lifeline: tuple[int, int] | None = None  # (read, write): workers end at its EOF
         register_backend(self)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -126,6 +136,7 @@ class LocalPool:
         if self._started:
             return
         self._started = True
+        self._lifeline = os.pipe()  # not inheritable: only the workers get the read end
         procs = [self._spawn_worker() for _ in range(self.slots)]
         self._workers.extend(procs)
         self._idle.extend(procs)
@@ -139,6 +150,9 @@ class LocalPool:
         env = dict(os.environ)
         env["HPC_SERVERLESS_POOL_KEY"] = self.key
         env["HPC_SERVERLESS_POOL_FD"] = str(child.fileno())
+        assert self._lifeline is not None
+        lifeline = self._lifeline[0]
+        env["HPC_SERVERLESS_POOL_LIFELINE"] = str(lifeline)
         env.setdefault("PYTHONUNBUFFERED", "1")
         # the user's script directory first, as for the driver (functions pickled by
         # reference to the user's own modules must import in the worker)
@@ -146,18 +160,25 @@ class LocalPool:
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         proc = subprocess.Popen(
             [sys.executable, "-m", "hpc_serverless.providers.pool_worker"],
-            pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL, close_fds=True)
+            pass_fds=(child.fileno(), lifeline), env=env, stdin=subprocess.DEVNULL, close_fds=True,
+            **_own_process_group())  # out of reach of the driver's Ctrl-C / kernel interrupt
         child.close()
         return _Worker(proc, Connection(parent.detach()))
 
     def close(self) -> None:
-        """Stop the workers; tasks still running are lost (called at exit)."""
+        """Stop the workers; tasks still running are lost (called at exit, e.g. when a
+        Jupyter kernel shuts down). Idle workers exit, busy ones are killed at once with
+        whatever their task started, so shutdown is quick and quiet."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             workers = list(self._workers)
+            busy = [w for w in workers if w.task is not None]
         for w in workers:
+            if w in busy:
+                _kill_group(w.proc)
+                continue
             try:
                 w.conn.send(("exit",))
             except OSError:
@@ -167,7 +188,14 @@ class LocalPool:
             try:
                 w.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                w.proc.kill()
+                _kill_group(w.proc)
+                w.proc.wait()
+        if self._lifeline is not None:
+            for fd in self._lifeline:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         self._wake()
 
     def _wake(self) -> None:
@@ -183,7 +211,7 @@ class LocalPool:
             raise HPCServerlessError("the local pool is closed (the interpreter is exiting)")
         task_id = f"{next(self._ids)}"
         task = _Task(task_id, spec)
-        with self._lock:
+        with _interrupts_deferred(), self._lock:
             self._start()
             if spec.fn_key not in self._fns:
                 self._fns[spec.fn_key] = spec.fn_bytes
@@ -416,10 +444,7 @@ class LocalPool:
 
     def _replace_worker(self, worker: _Worker, task: _Task | None, payload: BaseException, status: str,
                         reason: str) -> None:
-        try:
-            worker.proc.kill()
-        except OSError:
-            pass
+        _kill_group(worker.proc)
         if task is not None:
             self._finish(task, False, payload, status, reason)
         self._workers.remove(worker)
@@ -482,7 +507,7 @@ class LocalPool:
                     "started": t.started, "ended": t.ended, "job_id": None}
 
     def task_cancel(self, ref: TaskRef) -> bool:
-        with self._lock:
+        with _interrupts_deferred(), self._lock:
             return self._cancel(ref.task_id)
 
     def task_result(self, ref: TaskRef, timeout: float | None) -> Any:
@@ -517,6 +542,50 @@ class LocalPool:
         with self._lock:
             return {"workers": len(self._workers), "free_slots": self._free_slots,
                     "queued": len(self._ready), "tracked": len(self._tasks)}
+
+
+def _own_process_group() -> dict[str, Any]:
+    """Popen arguments that start the child in a new process group of this session."""
+    if sys.version_info >= (3, 11):
+        return {"process_group": 0}
+    return {"preexec_fn": os.setpgrp}  # 3.10 has no process_group=
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C / a kernel interrupt while the main thread changes the pool and
+    writes to a worker's socket: a KeyboardInterrupt there would leave the books wrong
+    and half a message on the socket. The signal goes to the previous handler right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # a handler not set from Python: it could not be put back
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a worker and what its task started (MPI ranks, subprocesses): the process
+    group the worker leads. Only while the worker is not reaped: until
+    then its pid cannot name another process group."""
+    try:
+        if proc.returncode is not None:
+            return
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        try:
+            proc.kill()
+        except OSError:
+            pass
 
 
 def _exception_of(payload: bytes | BaseException) -> BaseException:

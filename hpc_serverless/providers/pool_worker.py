@@ -2,11 +2,19 @@
 
 It reads ("run", ...) messages from its socket, runs each call with
 :func:`hpc_serverless.calls.execute`, and answers ("done", ...).
+
+A worker leads a process group of its own, so the signals a terminal or a Jupyter
+kernel sends to the driver's process group (Ctrl-C, "interrupt kernel") stop the
+driver's wait, not the tasks. It ends with the pool: on "exit", on its socket closing, or,
+mid-task, when its lifeline (a pipe whose write end only the pool holds) reads EOF
+because the driver died, however it died.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
@@ -19,6 +27,10 @@ from .pool_client import PoolClient, set_client
 def main() -> None:
     key = os.environ.pop("HPC_SERVERLESS_POOL_KEY")
     fd = int(os.environ.pop("HPC_SERVERLESS_POOL_FD"))
+    lifeline = os.environ.pop("HPC_SERVERLESS_POOL_LIFELINE", "")
+    if lifeline.isdigit():
+        threading.Thread(target=_end_with_driver, args=(int(lifeline),), name="hpc-serverless-lifeline",
+                         daemon=True).start()
     conn = Connection(fd)
     client = PoolClient(conn, key)
     set_client(client)
@@ -50,6 +62,19 @@ def main() -> None:
             ok, payload = execute(fn, args_blob, deps, env)
         conn.send(("done", task_id, ok, payload))
         del deps, args_blob, msg
+
+
+def _end_with_driver(fd: int) -> None:
+    """Block until the driver is gone, then end this worker and whatever its task started
+    (its process group, when the worker leads one), quietly."""
+    try:
+        while os.read(fd, 64):
+            pass
+    except OSError:
+        pass
+    if os.getpgid(0) == os.getpid():
+        os.killpg(0, signal.SIGKILL)
+    os._exit(0)
 
 
 if __name__ == "__main__":
