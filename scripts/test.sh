@@ -21,7 +21,7 @@ for arg in "$@"; do
     if [[ $arg == --latest ]]; then mode=latest venv=.venv-latest; else args+=("$arg"); fi
 done
 
-cluster_note=""
+cluster_note="" client=""
 if [[ -n ${HPC_SERVERLESS_TEST_SITE:-} ]]; then
     cluster_note="cluster tests: against $HPC_SERVERLESS_TEST_SITE"
 elif [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
@@ -29,7 +29,9 @@ elif [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
     export HPC_SERVERLESS_TEST_SITE=site_configs/localhost-slurm.yaml
     export HPC_SERVERLESS_TEST_PBS_SITE=site_configs/localhost-pbs.yaml        # Torque wrappers
     export HPC_SERVERLESS_TEST_PBSPRO_SITE=site_configs/localhost-pbspro.yaml  # fake PBS Pro
-    cluster_note="cluster tests: against the local test cluster (tests/cluster/up.sh)"
+    # root hides permission bugs: the suite runs as the cluster's unprivileged test client
+    client=hpcs-dev
+    cluster_note="cluster tests: against the local test cluster (tests/cluster/up.sh), client: $client"
 else
     cluster_note="cluster tests: SKIPPED (not root on a Debian-like machine, and HPC_SERVERLESS_TEST_SITE is not set)"
 fi
@@ -38,8 +40,27 @@ echo "$cluster_note"
 extras="qiskit,slurm,ssh,pilot,progress,dev"
 # mpi4py compiles against an MPI library; take it only where one is installed
 if command -v mpicc >/dev/null 2>&1; then extras="$extras,mpi"; fi
+if [[ -n $client ]]; then
+    runuser -u "$client" -- test -r pyproject.toml -a -x tests \
+        || { echo "test.sh: the test client '$client' cannot read $PWD; put the checkout where other users can read it" >&2; exit 2; }
+    # the client runs the venv's python: build it from an interpreter the client can run
+    # (pyenv's under /root cannot be)
+    if ! runuser -u "$client" -- "$venv/bin/python" -c '' 2>/dev/null; then
+        rm -rf "$venv"
+        chosen=""
+        for py in "${PYTHON:-python3}" /usr/bin/python3; do
+            py=$(readlink -f "$(command -v "$py" || echo /nonexistent)")
+            if runuser -u "$client" -- "$py" -c '' 2>/dev/null; then chosen=$py; break; fi
+        done
+        [[ -n $chosen ]] || { echo "test.sh: no python that '$client' can run" >&2; exit 2; }
+        export PYTHON=$chosen
+    fi
+fi
 setup_venv "$venv" "$extras" "$mode"
 export HPC_SERVERLESS_TEST_DEPS=$mode   # tests/unit/test_tooling.py checks the lock was honoured
 
 echo "setup took $((SECONDS - T0)) s ($mode versions in $venv)"
-exec "$venv/bin/python" -m pytest tests ${args[@]+"${args[@]}"}
+run_as=()
+[[ -n $client ]] && run_as=(runuser -u "$client" --)
+# -p no:cacheprovider: the client may not write into the checkout
+exec ${run_as[@]+"${run_as[@]}"} "$venv/bin/python" -m pytest -p no:cacheprovider tests ${args[@]+"${args[@]}"}

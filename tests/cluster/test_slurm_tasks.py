@@ -20,6 +20,7 @@ from hpc_serverless.errors import (
     WorkerDiedError,
 )
 
+from ..testcluster import admin
 from ..traceback_checks import assert_user_frame
 from .conftest import ROOT, is_test_cluster
 
@@ -158,9 +159,9 @@ def test_timeout_ends_as_timeout_with_reason(on_slurm):
 def test_slurmctld_restart_loses_nothing(on_slurm):
     refs = [slow(3, i) for i in range(6)]
     time.sleep(1.5)
-    subprocess.run(["pkill", "-x", "slurmctld"], check=False)
+    admin("stop", "slurmctld")
     time.sleep(2)
-    subprocess.run(["bash", str(ROOT / "tests/cluster/up.sh")], check=True, capture_output=True, timeout=300)
+    admin("up")
     assert get(refs, timeout=240) == list(range(6))
 
 
@@ -170,7 +171,7 @@ def test_without_accounting_squeue_takes_over(on_slurm, caplog):
     def crash():
         os._exit(3)  # the job fails without a result: only the scheduler can say what happened
 
-    subprocess.run(["pkill", "-x", "slurmdbd"], check=False)
+    admin("stop", "slurmdbd")
     try:
         time.sleep(1)
         before = _counts(on_slurm)
@@ -186,7 +187,7 @@ def test_without_accounting_squeue_takes_over(on_slurm, caplog):
         assert used.get("squeue", 0) >= 1, used
         assert "reading job states from squeue" in caplog.text
     finally:
-        subprocess.run(["bash", str(ROOT / "tests/cluster/up.sh")], check=True, capture_output=True, timeout=300)
+        admin("up")
 
 
 def test_seed_tutorial_on_slurm(site_path, tmp_path):

@@ -4,9 +4,7 @@ programs from "outside", host keys, a ProxyJump hop, a dropped connection."""
 from __future__ import annotations
 
 import os
-import re
 import secrets
-import signal
 import subprocess
 import sys
 import textwrap
@@ -18,15 +16,12 @@ import pytest
 from hpc_serverless import Program, QuantumServerless, distribute_task, get, put
 from hpc_serverless.errors import HostKeyError
 
+from ..testcluster import KEY, KNOWN_HOSTS, SSH_CONFIG, drop_ssh
 from ..traceback_checks import assert_user_frame
 from .conftest import ROOT
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ssh]
 
-KEY = "/root/.ssh/hpcsl_test_key"
-KNOWN_HOSTS = "/root/.ssh/hpcsl_known_hosts"
-SSH_CONFIG = "/root/.ssh/hpcsl_ssh_config"
-LISTENER_PIDFILE = "/run/hpcsl/sshd-2222.pid"
 
 
 @pytest.fixture(autouse=True)
@@ -74,8 +69,9 @@ def test_tasks_and_objects_over_ssh(remote_config):
     # one connection carried every command and file
     assert provider.transport.connections == 1
     assert provider.transport.counts["sbatch"] == 1
-    # the objects live on the remote storage (here the same machine, written over SFTP)
-    assert Path(provider.site.storage, "store", table.key).exists()
+    # the objects live on the remote storage, owned by the cluster account (the client,
+    # another account, cannot even look: it asks over the connection)
+    assert provider.transport.run(["test", "-f", f"{provider.site.storage}/store/{table.key}"]).ok
     # a failing task's traceback names this file and line, read here, not on the cluster
     with s.context("remote"), pytest.raises(ZeroDivisionError) as e:
         get(energy(1, {"h": []}, divide=True), timeout=180)
@@ -128,23 +124,6 @@ def test_proxyjump_hop(tmp_path, site_path):
     assert len(provider.transport.jump_connections) == 1
 
 
-def _kill_sshd_sessions() -> int:
-    """Kill every sshd process serving a connection to port 2222 (never the listener)."""
-    listener = int(Path(LISTENER_PIDFILE).read_text().strip())
-    out = subprocess.run(["ss", "-tnpH", "state", "established", "( sport = :2222 )"],
-                         capture_output=True, text=True, check=True).stdout
-    killed = 0
-    for pid in {int(p) for p in re.findall(r"pid=(\d+)", out)} - {listener}:
-        p, ancestry = pid, []
-        while p > 1:
-            p = int(re.search(r"^PPid:\s+(\d+)", Path(f"/proc/{p}/status").read_text(), re.M).group(1))
-            ancestry.append(p)
-        if listener in ancestry:
-            os.kill(pid, signal.SIGKILL)
-            killed += 1
-    return killed
-
-
 def test_program_over_ssh_follow_survives_dropped_connection(remote_config, tmp_path):
     wd = tmp_path / "src"
     wd.mkdir()
@@ -164,7 +143,7 @@ def test_program_over_ssh_follow_survives_dropped_connection(remote_config, tmp_
     deadline = time.time() + 120
     while "line 1" not in job.logs() and time.time() < deadline:
         time.sleep(0.3)
-    assert _kill_sshd_sessions() >= 1  # the follower's (and our own) connections drop
+    assert drop_ssh(2222) >= 1  # the follower's (and our own) connections drop
     out, err = follow.communicate(timeout=180)
     assert follow.returncode == 0, err
     assert all(f"line {i}" in out for i in range(8)), out

@@ -1,5 +1,5 @@
 """SSHTransport and SFTPFS against the test cluster's real sshd (tests/cluster/up.sh):
-127.0.0.1:2222 (and :2223 as a ProxyJump host), key /root/.ssh/hpcsl_test_key for root
+127.0.0.1:2222 (and :2223 as a ProxyJump host), key ~/.ssh/hpcsl_test_key for root
 and hpcsl, password login for hpcsl. Keyboard-interactive two-factor login is tested
 against a FAKE server (paramiko in a thread), since a real 2FA PAM stack cannot run here.
 """
@@ -11,7 +11,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,12 +37,9 @@ from hpc_serverless.transport import LocalTransport, connect  # noqa: E402
 from hpc_serverless.transport import ssh as ssh_mod  # noqa: E402
 from hpc_serverless.transport.ssh import SFTPFS, SSHTransport  # noqa: E402
 from tests.conftest import HOSTILE_NAMES  # noqa: E402
+from tests.testcluster import KEY, KNOWN_HOSTS, SSH_CONFIG, drop_ssh  # noqa: E402
 
 HOST, PORT, JUMP_PORT = "127.0.0.1", 2222, 2223
-KEY = "/root/.ssh/hpcsl_test_key"
-KNOWN_HOSTS = "/root/.ssh/hpcsl_known_hosts"
-SSH_CONFIG = "/root/.ssh/hpcsl_ssh_config"
-LISTENER_PIDFILE = "/run/hpcsl/sshd-2222.pid"
 HOST_KEY_PUB = "/etc/ssh/ssh_host_ed25519_key.pub"
 
 
@@ -91,34 +87,10 @@ def _server_key_line() -> tuple[str, str]:
     return kind, blob
 
 
-def _session_pids(local_port: int) -> list[int]:
-    """pids of the sshd processes serving our connection: children of the 2222 listener,
-    never the listener itself."""
-    if shutil.which("ss") is None or not os.path.exists(LISTENER_PIDFILE):
-        pytest.skip("needs `ss` and the sshd pid file to find the session's process")
-    listener = int(Path(LISTENER_PIDFILE).read_text().strip())
-    out = subprocess.run(["ss", "-tnpH", "state", "established",
-                          f"( sport = :{PORT} and dport = :{local_port} )"],
-                         capture_output=True, text=True, check=True).stdout
-    pids = []
-    for pid in {int(p) for p in re.findall(r"pid=(\d+)", out)}:
-        if pid == listener:
-            continue
-        p, ancestry = pid, []
-        while p > 1:
-            status = Path(f"/proc/{p}/status").read_text()
-            p = int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
-            ancestry.append(p)
-        if listener in ancestry:
-            pids.append(pid)
-    return pids
-
-
 def _kill_session(tr: SSHTransport) -> None:
-    pids = _session_pids(tr.connection.sock.getsockname()[1])
-    assert pids, "found no sshd process serving the connection"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
+    """Drop our connection from the server's side (root kills its sshd processes)."""
+    assert drop_ssh(PORT, tr.connection.sock.getsockname()[1]) >= 1, \
+        "found no sshd process serving the connection"
 
 
 # -- commands ------------------------------------------------------------------------------

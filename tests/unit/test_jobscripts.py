@@ -7,6 +7,7 @@ Regenerate the golden files after a deliberate change with:
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -71,8 +72,13 @@ def test_program_rejects_hostile_entrypoints():
 
 
 def test_templates_ship_in_the_wheel(tmp_path):
+    # build from a copy: the build writes into its source tree, and the test client may not
+    # write into the checkout
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "*.egg-info", "__pycache__", ".*_cache", "results"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                          "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True)
+                          "-w", str(tmp_path), str(src)], capture_output=True, text=True)
     if out.returncode != 0:
         pytest.fail(f"cannot build a wheel: {out.stdout[-2000:]} {out.stderr[-2000:]}")
     wheel = next(tmp_path.glob("hpc_serverless-*.whl"))

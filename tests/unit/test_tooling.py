@@ -14,14 +14,16 @@ def test_ruff_is_clean():
     if shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists():
         pytest.skip("ruff is not installed (pip install -e '.[dev]')")
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    out = subprocess.run([ruff, "check", "hpc_serverless", "tests", "examples", "benchmarks"],
+    # --no-cache: the test client may not write into the checkout
+    out = subprocess.run([ruff, "check", "--no-cache", "hpc_serverless", "tests", "examples", "benchmarks"],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-4000:]
 
 
-def test_mypy_is_clean():
+def test_mypy_is_clean(tmp_path):
     pytest.importorskip("mypy")
-    out = subprocess.run([sys.executable, "-m", "mypy", "hpc_serverless"], cwd=ROOT,
+    # its cache in tmp_path: the test client may not write into the checkout
+    out = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path), "hpc_serverless"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:]
 
