@@ -294,17 +294,36 @@ class BatchBackend:
         return err
 
     def _settle(self, t: BatchTask, ok: bool) -> None:
-        """Its result object is there. A failure also settles the tasks waiting on it
-        (Slurm cancels their jobs itself: they were submitted with kill-on-invalid-dep)."""
+        """Its result object is there. A failure also settles the tasks waiting on it."""
         t.result_ok = ok
         t.status = TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED
         if not ok:
+            self._fail_dependents(t)
+
+    def _fail_dependents(self, t: BatchTask) -> None:
+        """`t` failed or was stopped: fail every task waiting on it, directly or not, and
+        cancel their jobs (lock held). Slurm's kill-on-invalid-dep and PBS Pro remove such
+        jobs themselves, but not every scheduler or wrapper does (Torque's wrapper leaves
+        them queued forever as DependencyNeverSatisfied), so we never rely on it."""
+        failed, to_cancel = [t], []
+        while failed:
+            up = failed.pop()
             for other in self._tasks.values():
-                if t.ref.task_id in other.deps and not other.settled:
-                    other.error = self._dependency_error(other, t, None)
+                if up.ref.task_id in other.deps and not other.settled:
+                    cause = up.error if up.result_ok is None else None
+                    other.error = self._dependency_error(other, up, cause)
                     other.status = TaskStatus.FAILED
                     if other in self._queue:
                         self._queue.remove(other)
+                    elif other.job_id:
+                        to_cancel.append(other.job_id)
+                    failed.append(other)
+        if to_cancel:
+            try:
+                self.scheduler.cancel(to_cancel)
+            except HPCServerlessError as exc:  # gone already (removed by the scheduler) is fine
+                log.info("%s: cancelling dependents %s of failed task %s: %s",
+                         self.site.name, to_cancel, t.name, exc)
 
     def _result_ok(self, task_id: str) -> bool | None:
         header = self.store.header(result_key(task_id))
@@ -361,6 +380,7 @@ class BatchBackend:
                 else:
                     t.error = self._error_from_state(t, st)
                     t.status = TaskStatus.STOPPED if st.status == TaskStatus.STOPPED else TaskStatus.FAILED
+                    self._fail_dependents(t)
             else:
                 self._next_poll = min(self._next_poll, now + RESULT_GRACE_S)
         else:
@@ -450,6 +470,7 @@ class BatchBackend:
                 self.scheduler.cancel([t.job_id])
             t.error = TaskCancelledError(f"task {t.name} was cancelled")
             t.status = TaskStatus.STOPPED
+            self._fail_dependents(t)
             self._cv.notify_all()
             return True
 

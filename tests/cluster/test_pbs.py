@@ -6,11 +6,14 @@ runs against the fake PBS Pro server in tests/cluster/test_pbspro.py."""
 from __future__ import annotations
 
 import os
+import subprocess
 import textwrap
+import time
 
 import pytest
 
 from hpc_serverless import PBSProvider, Program, QuantumServerless, distribute_task, get
+from hpc_serverless.errors import DependencyError
 
 from ..traceback_checks import assert_user_frame
 from .conftest import ROOT
@@ -51,6 +54,30 @@ def test_tasks_and_exception(serverless):
         assert_user_frame(str(e.value.__cause__), fails, "raise SolverError(msg)")
     counts = serverless.provider("pbs").transport.counts
     assert counts["qsub"] >= 4 and "sbatch" not in counts  # no arrays on the wrapper: one job per task
+
+
+def test_failed_upstream_leaves_no_dependent_queued(serverless):
+    """The wrapper keeps a dependent of a failed job queued forever
+    (DependencyNeverSatisfied); the client cancels it when it learns the upstream failed."""
+    with serverless.context("pbs"):
+        up = fails("upstream")
+        down = cube(up)
+        downer = cube(down)
+        with pytest.raises(DependencyError, match="fails"):
+            get(down, timeout=180)
+        with pytest.raises(DependencyError, match="cube"):
+            get(downer, timeout=180)
+    left = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ids = [r.job_id.split(".")[0] for r in (down, downer) if r.job_id]
+        out = subprocess.run(["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(ids)],
+                             capture_output=True, text=True)
+        left = [line for line in out.stdout.splitlines() if "PENDING" in line or "RUNNING" in line]
+        if not left:
+            break
+        time.sleep(1)
+    assert not left, f"dependents still queued: {left}"
 
 
 def test_program_logs_and_result(serverless, tmp_path):

@@ -24,8 +24,11 @@ class FakeScheduler(Scheduler):
 
     name = "Fake"
 
-    def __init__(self, store_root: str, *, lose: set[str] | None = None, refuse: bool = False) -> None:
+    def __init__(self, store_root: str, *, lose: set[str] | None = None, refuse: bool = False,
+                 keep_orphans: bool = False) -> None:
         self.store_root = store_root
+        self.keep_orphans = keep_orphans  # like Torque's wrapper: DependencyNeverSatisfied forever
+        self.cancelled: list[str] = []
         self.states: dict[str, str] = {}
         self.submits: list[tuple[int, tuple[str, ...]]] = []
         self.poll_times: list[float] = []
@@ -49,7 +52,9 @@ class FakeScheduler(Scheduler):
 
     def _run(self, job_id: str, task: BatchTask, after: list[str]) -> None:
         while any(self.states.get(a) not in ("COMPLETED",) for a in after):
-            if any(self.states.get(a) in ("FAILED", "CANCELLED") for a in after):
+            if self.states.get(job_id) == "CANCELLED":
+                return
+            if any(self.states.get(a) in ("FAILED", "CANCELLED") for a in after) and not self.keep_orphans:
                 self.states[job_id] = "CANCELLED"
                 return
             time.sleep(0.01)
@@ -70,6 +75,7 @@ class FakeScheduler(Scheduler):
         return {j: JobState(j, self.states[j], status_of(self.states[j])) for j in job_ids if j in self.states}
 
     def cancel(self, job_ids: Sequence[str]) -> None:
+        self.cancelled.extend(job_ids)
         for j in job_ids:
             self.states[j] = "CANCELLED"
 
@@ -141,6 +147,33 @@ def test_dependencies_wait_and_failures_propagate(fake):
         assert isinstance(e.value.__cause__, OverflowError)
         with pytest.raises(OverflowError):
             get(up)
+
+
+def test_a_failed_upstream_leaves_no_dependent_job_behind(fake):
+    """Where the scheduler keeps dependents of a failed job queued forever, we cancel them."""
+    provider, sched, s = fake(keep_orphans=True)
+    with s.context("fake"):
+        up = explode("diverged")
+        down = double(up)
+        downer = double(down)
+        while downer.job_id is None:  # all three submitted: down and downer queued behind up
+            time.sleep(0.05)
+        with pytest.raises(DependencyError, match="explode"):
+            get(down, timeout=30)
+        with pytest.raises(DependencyError, match="double"):
+            get(downer, timeout=30)
+        assert sorted(sched.cancelled) == sorted([down.job_id, downer.job_id])
+        assert {sched.states[down.job_id], sched.states[downer.job_id]} == {"CANCELLED"}
+        # a cancelled upstream: the same for what waits on it
+        slow = distribute_task(lambda t: time.sleep(t) or t)
+        first = slow(30)
+        after = double(first)
+        while after.job_id is None:  # submitted (after the array linger)
+            time.sleep(0.05)
+        assert first.cancel()
+        with pytest.raises(DependencyError):
+            get(after, timeout=30)
+        assert after.job_id in sched.cancelled
 
 
 def test_job_lost_without_result_reports_scheduler_state(fake, monkeypatch):
