@@ -15,7 +15,7 @@ trap 'rm -rf "$tmp"' EXIT
 {
     echo "# The exact versions the test suite runs with: pip constraints, used by scripts/test.sh"
     echo "# and scripts/quickstart.sh (users installing the package get pyproject.toml's ranges)."
-    echo "# Resolved for $("$tmp/venv/bin/python" -c 'import platform, sys; print(f"CPython {platform.python_version()} on {sys.platform} {platform.machine()}")')"
+    echo "# Resolved for $("$tmp/venv/bin/python" -c 'import platform, sys; print(f"CPython {sys.version_info[0]}.{sys.version_info[1]} on {sys.platform} {platform.machine()} (with {platform.python_version()})")')"
     echo "# (the CI machine's kind), extras [$EXTRAS], on $(date -u +%Y-%m-%d)."
     echo "# Refresh: bash scripts/lock.sh, then bash scripts/test.sh; newest releases without"
     echo "# touching this file: bash scripts/test.sh --latest."
