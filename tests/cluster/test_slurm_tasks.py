@@ -247,3 +247,24 @@ def test_requeue_near_time_limit_resumes_from_checkpoint(on_slurm):
         time.sleep(2)
     result = get(ref, timeout=60)
     assert result == {"done": [0, 1, 4, 9], "runs": 2}
+
+
+def test_explicit_cpu_1_beats_site_default_cpu_2(site_path, tmp_path):
+    """Issue 17 item 1: a site's `defaults: {cpu: 2}` fills a gap, it does not override a
+    task that says cpu=1 (two one-task jobs)."""
+    import yaml
+
+    from hpc_serverless import QuantumServerless, SlurmProvider
+
+    data = yaml.safe_load(Path(site_path).read_text())
+    data["name"] = "localhost-slurm-cpu2"
+    data.setdefault("defaults", {})["cpu"] = 2
+    site = tmp_path / "cpu2.yaml"
+    site.write_text(yaml.safe_dump(data))
+    provider = SlurmProvider("cpu2", site=str(site))
+    try:
+        with QuantumServerless().add_provider(provider).context("cpu2"):
+            one, default = where.options(cpu=1)(), where()
+            assert [cpus for _, cpus in get([one, default], timeout=180)] == ["1", "2"]
+    finally:
+        provider.backend.close()
