@@ -19,13 +19,20 @@ def main(argv: list[str]) -> int:
     job_dir, entrypoint = Path(argv[0]), argv[1]
     started = time.time()
     print(f"[hpc-serverless] job {job_dir.name}: {sys.executable} {entrypoint}", flush=True)
-    child = subprocess.Popen([sys.executable, entrypoint])
+    child: subprocess.Popen[bytes] | None = None
+    early: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        child.send_signal(signum)
+        if child is None:
+            early.append(signum)  # stopped before the program started: do not start it
+        else:
+            child.send_signal(signum)
 
+    # the handler goes in before the child starts, so a stop at any moment is recorded
     signal.signal(signal.SIGTERM, forward)
-    code = child.wait()
+    if not early and not (job_dir / "stop-requested").exists():
+        child = subprocess.Popen([sys.executable, entrypoint])
+    code = child.wait() if child is not None else -signal.SIGTERM
     stopped = (job_dir / "stop-requested").exists()
     if stopped:
         status, state, reason = "STOPPED", "CANCELLED", "stopped by the user"

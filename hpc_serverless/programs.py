@@ -235,6 +235,8 @@ class LocalJobs:
             info.update(status=TaskStatus.RUNNING, state="RUNNING", reason="")
         elif exit_file.exists():  # it finished between the two checks
             return self.job_info(job_id)
+        elif (d / "stop-requested").exists():  # stopped before its runner could record it
+            info.update(status=TaskStatus.STOPPED, state="CANCELLED", reason="stopped by the user")
         else:
             info.update(status=TaskStatus.FAILED, state="LOST",
                         reason="the job's process is gone without writing its exit status "
@@ -262,7 +264,7 @@ class LocalJobs:
         except ProcessLookupError:
             return False
         for _ in range(50):
-            if (d / "exit.json").exists():
+            if (d / "exit.json").exists() or not _alive(pid):
                 break
             time.sleep(0.1)
         else:
@@ -270,6 +272,9 @@ class LocalJobs:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            _write_stopped(d, "stopped by the user (killed: it did not end within 5 s of SIGTERM)")
+        if not (d / "exit.json").exists():  # the runner died before it could write its record
+            _write_stopped(d, "stopped by the user")
         return True
 
 
@@ -287,6 +292,13 @@ def _alive(pid: Any) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def _write_stopped(job_dir: Path, reason: str) -> None:
+    """The exit record of a job the user stopped, written for a runner that could not."""
+    if not (job_dir / "exit.json").exists():
+        _write_json(job_dir / "exit.json", {"status": TaskStatus.STOPPED, "state": "CANCELLED",
+                                            "reason": reason, "exit_code": None, "ended": time.time()})
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

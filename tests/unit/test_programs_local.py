@@ -88,3 +88,28 @@ def test_unknown_job_id():
         QuantumServerless().get_job_by_id("20000101-000000-abcdef")
     with pytest.raises(HPCServerlessError, match="invalid job id"):
         QuantumServerless().get_job_by_id("../etc")
+
+
+def test_stop_right_after_start_reads_stopped(tmp_path):
+    """Issue 17 item 3: a program stopped before (or while) its runner starts is STOPPED,
+    not FAILED/LOST; and a program that outlives SIGTERM (killed after the grace period)
+    is STOPPED too."""
+    import time
+
+    s = QuantumServerless()
+    job = s.run_program(_program(tmp_path, "import time\ntime.sleep(60)\n"))
+    assert job.stop() is True
+    assert job.info()["status"] == "STOPPED", job.info()
+    stubborn = s.run_program(_program(tmp_path, """
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("start", flush=True)
+        time.sleep(60)
+    """, name="stubborn.py"))
+    for _ in range(100):
+        if "start" in stubborn.logs():
+            break
+        time.sleep(0.1)
+    assert stubborn.stop() is True
+    info = stubborn.info()
+    assert info["status"] == "STOPPED" and info["reason"].startswith("stopped by the user"), info
