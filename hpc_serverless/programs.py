@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -19,15 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
-from .errors import GetTimeoutError, HPCServerlessError, JobFailedError, ProgramError
+from .errors import GetTimeoutError, HPCServerlessError, JobFailedError, JobNotFoundError, ProgramError
 from .refs import TaskStatus
 from .store import ObjectStore
 from .target import Target
 
 if TYPE_CHECKING:
+    from .providers.base import Provider
     from .providers.local import LocalProvider
 
-__all__ = ["Program", "Job", "get_arguments", "save_result", "LocalJobs"]
+__all__ = ["Program", "Job", "get_arguments", "save_result", "LocalJobs", "find_job", "new_job_id"]
 
 JOB_DIR_ENV = "HPC_SERVERLESS_JOB_DIR"
 ARGUMENTS_KEY = "arguments"
@@ -158,8 +160,55 @@ def save_result(result: Any) -> bool:
 
 
 # -- the local runner ------------------------------------------------------------------------------
-def new_job_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+#: a job id: "<provider>-YYYYmmdd-HHMMSS-xxxxxx" (older ids have no provider part)
+_JOB_ID_RE = re.compile(r"^(?:(?P<provider>[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})-)?\d{8}-\d{6}-[0-9a-f]{6}$")
+
+
+def new_job_id(provider: str | None = None) -> str:
+    """A fresh job id; it carries the provider's name (when that is a plain word), so a
+    later process goes straight to the provider that ran it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    if provider and _JOB_ID_RE.match(f"{provider}-{stamp}"):
+        return f"{provider}-{stamp}"
+    return stamp
+
+
+def provider_of_job_id(job_id: str) -> str | None:
+    """The provider name a job id carries (None for older ids and ids of other shapes)."""
+    m = _JOB_ID_RE.match(job_id)
+    return m.group("provider") if m else None
+
+
+def find_job(job_id: str, providers: Sequence[Provider], current: Provider) -> Job:
+    """The job `job_id` on whichever provider has it: the one the id names first, then
+    `current`, then the rest in configuration order. A provider that is not connected
+    and would need a password or one-time code to log in is not searched (nobody should be
+    asked for a code just to look), and the error says so, beside where it did look."""
+    named = provider_of_job_id(job_id)
+    order = [p for p in providers if p.name == named] + [current] + list(providers)
+    seen: set[int] = set()
+    looked: list[str] = []
+    skipped: list[str] = []
+    for provider in order:
+        if id(provider) in seen:
+            continue
+        seen.add(id(provider))
+        chosen = provider is current or provider.name == named
+        if not chosen:
+            blocker = provider.search_blocker()
+            if blocker is not None:
+                skipped.append(f"{provider.name} ({blocker})")
+                continue
+        try:
+            return provider.get_job_by_id(job_id)
+        except JobNotFoundError as exc:
+            looked.append(f"{provider.name} ({exc.where})")
+    where = "; ".join(looked)
+    message = f"no job {job_id!r} on any configured provider; looked on: {where}"
+    if skipped:
+        message += (f"; not searched: {'; '.join(skipped)} (to look there, choose the provider: "
+                    "--provider NAME, or set_provider(NAME))")
+    raise JobNotFoundError(message, job_id=job_id, where=where)
 
 
 class LocalJobs:
@@ -176,8 +225,8 @@ class LocalJobs:
             raise HPCServerlessError(f"invalid job id {job_id!r}")
         d = self.root / job_id
         if not (d / "record.json").exists():
-            raise HPCServerlessError(f"no job {job_id!r} on provider '{self.provider.name}' "
-                                     f"(looked in {self.root})")
+            raise JobNotFoundError(f"no job {job_id!r} on provider '{self.provider.name}' "
+                                   f"(looked in {self.root})", job_id=job_id, where=str(self.root))
         return d
 
     def run(self, program: Program, arguments: Mapping[str, Any] | None) -> Job:
@@ -186,7 +235,7 @@ class LocalJobs:
         wd = program.check()
         self.provider.check_target(program.resources)
         _check_dependencies(program)
-        job_id = new_job_id()
+        job_id = new_job_id(self.provider.name)
         d = self.root / job_id
         d.mkdir(mode=0o700, parents=True)
         store = ObjectStore(d)

@@ -12,7 +12,7 @@ import posixpath
 import time
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .errors import HPCServerlessError, ProgramError, SchedulerError
+from .errors import HPCServerlessError, JobNotFoundError, ProgramError, SchedulerError
 from .programs import ARGUMENTS_KEY, JOB_DIR_ENV, RESULT_KEY, Job, Program, new_job_id
 from .refs import TaskStatus
 from .store import ObjectStore
@@ -38,8 +38,14 @@ class BatchJobs:
         try:
             return dict(json.loads(self.fs.read_bytes(posixpath.join(self._dir(job_id), "record.json"))))
         except FileNotFoundError:
-            raise HPCServerlessError(f"no job {job_id!r} on provider '{self.provider.name}' "
-                                     f"(looked in {self.root})") from None
+            where = self.where()
+            raise JobNotFoundError(f"no job {job_id!r} on provider '{self.provider.name}' "
+                                   f"(looked in {where})", job_id=job_id, where=where) from None
+
+    def where(self) -> str:
+        """Where the job records are, as a user would look for them."""
+        host = self.provider.site.host
+        return f"{host}:{self.root}" if host else self.root
 
     def _write_record(self, job_dir: str, record: Mapping[str, Any]) -> None:
         self.fs.write_atomic(posixpath.join(job_dir, "record.json"), json.dumps(record, indent=1).encode())
@@ -62,7 +68,7 @@ class BatchJobs:
             raise ProgramError(f"run_program() takes a Program, not {type(program).__name__}")
         wd = program.check()  # before anything is written or submitted
         self.provider.check_target(program.resources)
-        job_id = new_job_id()
+        job_id = new_job_id(self.provider.name)
         job_dir = self._dir(job_id)
         script = self.render(program, job_id)
         self.fs.makedirs(job_dir, 0o700)

@@ -607,5 +607,8 @@ class BatchProvider(Provider):
 
         return BatchJobs(self).list()
 
+    def search_blocker(self) -> str | None:
+        return self.transport.login_blocker()
+
     def describe(self) -> str:
         return f"{self.name} ({self.scheduler.name} site '{self.site.name}' via {self.transport.describe()})"

@@ -170,3 +170,32 @@ def test_sites_check(site_path, scheduler):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "valid" in out.stdout and ("sinfo" if scheduler == "slurm" else "qstat") in out.stdout
+
+
+def test_job_found_from_a_new_process_whichever_provider_ran_it(site_path, tmp_path):
+    """Issue 17 item 2: the configuration's default is `local`; the job ran on `cluster`
+    through set_provider. A new process (API and CLI, no --provider) finds it there, and an
+    unknown id says where it was looked for."""
+    cfg = tmp_path / "serverless.yaml"
+    cfg.write_text(f"providers:\n  - name: local\n  - name: cluster\n    site: {site_path}\n")
+    wd = _src(tmp_path, "from hpc_serverless import save_result\nsave_result(42)\n")
+    s = QuantumServerless.load_configuration(cfg)
+    job = s.set_provider("cluster").run_program(Program("found again", "main.py", working_dir=str(wd)))
+    assert job.job_id.startswith("cluster-")
+    code = textwrap.dedent(f"""
+        from hpc_serverless import QuantumServerless
+        job = QuantumServerless.load_configuration({str(cfg)!r}).get_job_by_id({job.job_id!r})
+        print(job.provider, job.result(timeout=180))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["cluster", "42"]
+    cli = [sys.executable, "-m", "hpc_serverless.cli", "--config", str(cfg)]
+    status = subprocess.run([*cli, "status", job.job_id], capture_output=True, text=True, timeout=120)
+    assert (status.returncode, status.stdout.strip()) == (0, "SUCCEEDED"), status.stderr
+    missing = subprocess.run([*cli, "status", "20000101-000000-abcdef"], capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 1
+    line = missing.stderr.strip()
+    assert line.startswith("error: no job '20000101-000000-abcdef' on any configured provider"), line
+    assert "local (" in line and "cluster (" in line and str(s.provider("cluster").site.storage_path) in line
