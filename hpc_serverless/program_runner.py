@@ -1,4 +1,5 @@
-"""Runs a program's entrypoint and records how it ended: ``python -m hpc_serverless.program_runner``.
+"""Runs a program's entrypoint and records how it ended: ``python -m hpc_serverless.program_runner``
+(started behind :data:`hpc_serverless.launch.GUARD`, as is the entrypoint).
 
 Used by the local provider (a detached process per job). The exit record is what
 ``Job.status()`` reads, so a job that ends while nobody watches is still judged right.
@@ -13,6 +14,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .launch import script_argv
 
 
 def main(argv: list[str]) -> int:
@@ -31,7 +34,8 @@ def main(argv: list[str]) -> int:
     # the handler goes in before the child starts, so a stop at any moment is recorded
     signal.signal(signal.SIGTERM, forward)
     if not early and not (job_dir / "stop-requested").exists():
-        child = subprocess.Popen([sys.executable, entrypoint])
+        # behind the guard: a folder called hpc_serverless in the working dir is not imported
+        child = subprocess.Popen(script_argv(sys.executable, entrypoint))
     code = child.wait() if child is not None else -signal.SIGTERM
     stopped = (job_dir / "stop-requested").exists()
     if stopped:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 from .errors import GetTimeoutError, HPCServerlessError, JobFailedError, JobNotFoundError, ProgramError
+from .launch import module_argv
 from .refs import TaskStatus
 from .store import ObjectStore
 from .target import Target
@@ -253,7 +254,7 @@ class LocalJobs:
             env["HPC_SERVERLESS_CPUS"] = str(program.resources.cpu)
         with open(d / "output.log", "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "hpc_serverless.program_runner", str(d), program.entrypoint],
+                module_argv(sys.executable, "hpc_serverless.program_runner", str(d), program.entrypoint),
                 cwd=d / "workdir", env=env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
         record["pid"] = proc.pid

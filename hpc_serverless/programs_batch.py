@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import HPCServerlessError, JobNotFoundError, ProgramError, SchedulerError
+from .launch import module_argv
 from .programs import ARGUMENTS_KEY, JOB_DIR_ENV, RESULT_KEY, Job, Program, new_job_id
 from .refs import TaskStatus
 from .store import ObjectStore
@@ -60,8 +61,8 @@ class BatchJobs:
         return provider.scheduler.program_script(
             target, job_name=program.title, job_id=job_id, job_dir=job_dir, env=env,
             workdir=posixpath.join(job_dir, "workdir"),
-            command=[provider.site.python, "-m", "hpc_serverless.program_runner", job_dir,
-                     program.entrypoint])
+            command=module_argv(provider.site.python, "hpc_serverless.program_runner", job_dir,
+                                program.entrypoint))
 
     def run(self, program: Program, arguments: Mapping[str, Any] | None) -> Job:
         if not isinstance(program, Program):

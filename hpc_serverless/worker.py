@@ -24,6 +24,7 @@ from typing import Any
 
 from .calls import execute
 from .errors import DependencyError, SerializationError, WorkerDiedError
+from .launch import module_argv
 from .serialization import loads, pack_exception, unpack_exception
 from .store import ObjectStore
 
@@ -165,7 +166,7 @@ def _run_ranks(store_root: str, task_id: str, spec: dict[str, Any],
     """Start the task's MPI ranks through the site's launcher and wait for them."""
     # $PBS_NODEFILE, $SLURM_NTASKS...: the launcher's words expand here, on the compute side
     launcher = [os.path.expandvars(a) for a in spec["launcher"]]
-    argv = [*launcher, sys.executable, "-m", "hpc_serverless.worker", "rank", store_root, task_id]
+    argv = [*launcher, *module_argv(sys.executable, "hpc_serverless.worker", "rank", store_root, task_id)]
     env = {**os.environ, **spec.get("launcher_env", {})}
     if verbose:
         print(f"[hpc-serverless] launching {spec['mpi']} ranks: {shlex.join(argv)}", flush=True)

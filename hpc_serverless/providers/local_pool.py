@@ -41,6 +41,7 @@ from ..errors import (
     TaskTimeoutError,
     WorkerDiedError,
 )
+from ..launch import module_argv
 from ..refs import TaskRef, TaskStatus, register_backend
 from ..serialization import loads, pack_exception, unpack_exception
 
@@ -145,7 +146,7 @@ class LocalPool:
         paths = [p for p in sys.path if p]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hpc_serverless.providers.pool_worker"],
+            module_argv(sys.executable, "hpc_serverless.providers.pool_worker"),
             pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL, close_fds=True)
         child.close()
         return _Worker(proc, Connection(parent.detach()))

@@ -199,3 +199,24 @@ def test_job_found_from_a_new_process_whichever_provider_ran_it(site_path, tmp_p
     line = missing.stderr.strip()
     assert line.startswith("error: no job '20000101-000000-abcdef' on any configured provider"), line
     assert "local (" in line and "cluster (" in line and str(s.provider("cluster").site.storage_path) in line
+
+
+def test_a_folder_in_the_working_dir_cannot_shadow_the_package(serverless, tmp_path):
+    """Issue 17 item 5: a program's working_dir holds a folder called hpc_serverless; the
+    runner and the program import the real package, and the program's relative paths and
+    sibling modules still mean its working_dir."""
+    wd = _src(tmp_path, """
+        import os
+        import hpc_serverless
+        from hpc_serverless import save_result
+        from helper import VALUE
+        save_result({"value": VALUE, "data": open("data.txt").read(), "package": hpc_serverless.__file__})
+    """)
+    (wd / "helper.py").write_text("VALUE = 7\n")
+    (wd / "data.txt").write_text("relative ok")
+    (wd / "hpc_serverless").mkdir()
+    (wd / "hpc_serverless" / "__init__.py").write_text("raise ImportError('the shadow was imported')\n")
+    job = serverless.run_program(Program("shadowed", "main.py", working_dir=str(wd)))
+    result = job.result(timeout=180)
+    assert result["value"] == 7 and result["data"] == "relative ok"
+    assert "/workdir/" not in result["package"]

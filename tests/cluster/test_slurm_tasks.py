@@ -268,3 +268,28 @@ def test_explicit_cpu_1_beats_site_default_cpu_2(site_path, tmp_path):
             assert [cpus for _, cpus in get([one, default], timeout=180)] == ["1", "2"]
     finally:
         provider.backend.close()
+
+
+def _shadow(folder: Path) -> None:
+    """A folder called hpc_serverless that is not the package (a site's storage, a checkout)."""
+    (folder / "hpc_serverless" / "store").mkdir(parents=True)
+    (folder / "hpc_serverless" / "__init__.py").write_text("raise ImportError('the shadow was imported')\n")
+
+
+def test_a_folder_in_the_submission_dir_cannot_shadow_the_package(on_slurm, tmp_path, monkeypatch):
+    """Issue 17 item 5: the job starts in the submission directory, which holds a folder
+    called hpc_serverless; the task still runs (one job), and relative paths still mean
+    the submission directory."""
+    _shadow(tmp_path)
+    (tmp_path / "input.txt").write_text("relative ok")
+    monkeypatch.chdir(tmp_path)
+
+    @distribute_task
+    def read_relative():
+        import hpc_serverless
+
+        return Path("input.txt").read_text(), os.getcwd(), hpc_serverless.__file__
+
+    text, cwd, package = get(read_relative(), timeout=180)
+    assert (text, cwd) == ("relative ok", str(tmp_path))
+    assert not package.startswith(str(tmp_path))
