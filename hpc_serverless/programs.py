@@ -63,6 +63,9 @@ class Program:
             if not isinstance(k, str) or not k.isidentifier():
                 raise ProgramError(f"Program {self.title!r}: env_vars key {k!r} is not a variable name")
         object.__setattr__(self, "_target", Target.of(self.target))
+        if self._target.requeue:
+            raise ProgramError(f"Program {self.title!r}: target 'requeue' applies to tasks "
+                               "(distribute_task), not to Programs: a program's job is not requeued")
 
     @property
     def resources(self) -> Target:

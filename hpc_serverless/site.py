@@ -186,7 +186,7 @@ def site_from_mapping(data: Mapping[str, Any], *, source: str | None = None,
         raw["name"] = Path(source).stem
     raw["source"] = source
     try:
-        return Site(**raw)
+        site = Site(**raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(err["loc"])
@@ -208,6 +208,13 @@ def site_from_mapping(data: Mapping[str, Any], *, source: str | None = None,
         if err["type"] == "missing":
             full = base
         raise ConfigError(msg, file=source, key=key, line=key_line(source, full)) from None
+    if site.scheduler == "pbs" and site.defaults.requeue:
+        from .schedulers.pbs import REQUEUE_UNSUPPORTED
+
+        full = (*base, "defaults", "requeue")
+        raise ConfigError(REQUEUE_UNSUPPORTED, file=source, key=".".join(map(str, full)),
+                          line=key_line(source, full))
+    return site
 
 
 def load_site(path: str | os.PathLike[str]) -> Site:

@@ -293,3 +293,40 @@ def test_a_folder_in_the_submission_dir_cannot_shadow_the_package(on_slurm, tmp_
     text, cwd, package = get(read_relative(), timeout=180)
     assert (text, cwd) == ("relative ok", str(tmp_path))
     assert not package.startswith(str(tmp_path))
+
+
+@distribute_task(target={"requeue": 1, "directives": ["--no-requeue"]})
+def marks_then_sleeps(marker, seconds):
+    Path(marker).write_text("started")
+    time.sleep(seconds)
+    return "finished"
+
+
+def _signal_when_started(ref, marker: Path) -> None:
+    """Send the job the scheduler's time-limit warning (SIGUSR2 to the batch step) now."""
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.3)
+    assert marker.exists(), "the task did not start"
+    subprocess.run(["scancel", "--signal=USR2", "--batch", ref.job_id], check=True)
+
+
+def test_failed_requeue_is_reported_and_the_task_runs_on(on_slurm, tmp_path):
+    """Issue 17 item 7: `scontrol requeue` fails (the job was submitted --no-requeue); the
+    task is not cut short as COMPLETED-without-result: it runs on, returns its value, and
+    its log says why it was not requeued (one short job)."""
+    marker = tmp_path / "started"
+    ref = marks_then_sleeps(str(marker), 6)
+    _signal_when_started(ref, marker)
+    assert get(ref, timeout=120) == "finished"
+    log = "".join(p.read_text() for p in Path(on_slurm.site.storage_path / "jobs").glob(f"{ref.job_id}_0_log.*"))
+    assert "could not requeue the job: `scontrol requeue" in log and "disabled" in log, log
+
+
+@pytest.mark.slow
+def test_failed_requeue_then_timeout_says_why(on_slurm):
+    """Issue 17 item 7 (slow: ~1.5 min): the requeue fails and the task runs into its
+    time limit; the TaskTimeoutError says TIMEOUT and why there was no requeue."""
+    ref = slow.options(time=1, requeue=1, directives=["--no-requeue"])(600, "never")
+    with pytest.raises(TaskTimeoutError, match=r"TIMEOUT.*could not be requeued.*scontrol requeue"):
+        get(ref, timeout=300)
