@@ -45,6 +45,8 @@ def main(argv: list[str]) -> int:
     else:
         status, state = "FAILED", "FAILED"
         reason = (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
+        if code == -signal.SIGTERM and (os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")):
+            reason += " (SIGTERM from the scheduler: its time limit, a preemption, or a cancel)"
     record = {"status": status, "state": state, "reason": reason, "exit_code": code,
               "started": started, "ended": time.time()}
     tmp = job_dir / ".exit.json.tmp"

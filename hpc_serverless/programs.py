@@ -129,7 +129,7 @@ class Job:
         status = self.wait(timeout)
         if status != TaskStatus.SUCCEEDED:
             info = self.info()
-            reason = info.get("reason") or info.get("state") or status
+            reason = why_it_ended(info) or status
             tail = "\n".join(self.logs().rstrip().splitlines()[-15:])
             raise JobFailedError(f"job {self.job_id} ({info.get('title', '')}) ended {status} ({reason}); "
                                  f"last lines of its log:\n{tail}")
@@ -137,6 +137,15 @@ class Job:
 
     def __repr__(self) -> str:
         return f"<Job {self.job_id} on {self.provider}>"
+
+
+def why_it_ended(info: Mapping[str, Any]) -> str:
+    """The scheduler's state and the reason, as a user reads them: "TIMEOUT: it ran past its
+    time limit" (the state only where it says more than the status)."""
+    state, reason, status = info.get("state") or "", info.get("reason") or "", info.get("status")
+    said = [s for s in (state if state not in ("", status, "FAILED", "RUNNING", "COMPLETED") else "",
+                        reason) if s]
+    return ": ".join(said)
 
 
 # -- inside a program ---------------------------------------------------------------------------

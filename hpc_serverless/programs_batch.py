@@ -22,6 +22,19 @@ if TYPE_CHECKING:
     from .providers.batch import BatchProvider
 
 
+#: scheduler states that say why a job's program was killed better than "signal 15" does
+_SCHEDULER_KNOWS_BETTER = frozenset({"TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "DEADLINE",
+                                     "BOOT_FAIL", "CANCELLED"})
+#: how long after its program was killed a job may still be open in the scheduler
+_SCHEDULER_GRACE_S = 90.0
+
+
+def _killed_from_outside(exit_record: Mapping[str, Any]) -> bool:
+    """The runner's record of a program killed by a signal (not a user's stop())."""
+    code = exit_record.get("exit_code")
+    return exit_record.get("status") == TaskStatus.FAILED and isinstance(code, int) and code < 0
+
+
 class BatchJobs:
     """The JobBackend of a batch provider."""
 
@@ -120,6 +133,24 @@ class BatchJobs:
         except FileNotFoundError:
             ex = None
         sid = record.get("scheduler_job_id")
+        if ex is not None and sid and _killed_from_outside(ex):
+            # the runner saw its program killed by a signal nobody asked for through stop():
+            # the scheduler knows why (TIMEOUT, OUT_OF_MEMORY, PREEMPTED...); ask it
+            state = self.provider.backend.job_states([sid])[sid]
+            if state is not None and state.final and state.state in _SCHEDULER_KNOWS_BETTER:
+                from .schedulers.slurm import FAILURE_TEXT
+
+                cancelled = state.state == "CANCELLED"  # scancel/qdel from outside stop()
+                info.update(status=TaskStatus.STOPPED if cancelled else TaskStatus.FAILED, state=state.state,
+                            reason=state.reason or FAILURE_TEXT.get(state.state, state.state.lower()),
+                            exit_code=ex.get("exit_code"), ended=ex.get("ended"))
+                return info
+            if (state is None or not state.final) and time.time() - float(ex.get("ended") or 0) < _SCHEDULER_GRACE_S:
+                # the scheduler has not ended the job yet (it kills, then records): not final yet
+                info.update(status=TaskStatus.RUNNING, state=state.state if state else "ENDING",
+                            reason=f"its program was {ex.get('reason', 'killed')}; waiting for the "
+                                   "scheduler's word on why")
+                return info
         if ex is not None:
             info.update(status=ex["status"], state=ex["state"], reason=ex.get("reason", ""),
                         exit_code=ex.get("exit_code"), ended=ex.get("ended"))

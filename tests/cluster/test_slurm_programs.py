@@ -220,3 +220,19 @@ def test_a_folder_in_the_working_dir_cannot_shadow_the_package(serverless, tmp_p
     result = job.result(timeout=180)
     assert result["value"] == 7 and result["data"] == "relative ok"
     assert "/workdir/" not in result["package"]
+
+
+@pytest.mark.slow
+def test_program_killed_at_its_time_limit_reads_timeout(serverless, tmp_path, scheduler):
+    """Issue 17 item 8 (slow: a one-minute time limit runs out): the program's job reads
+    FAILED with the scheduler's TIMEOUT, not "killed by signal 15"."""
+    wd = _src(tmp_path, "import time\nprint('started', flush=True)\ntime.sleep(600)\n")
+    job = serverless.run_program(Program("overrun", "main.py", working_dir=str(wd), target={"time": 1}))
+    assert job.wait(timeout=240) == "FAILED"
+    info = job.info()
+    if scheduler == "slurm":
+        assert info["state"] == "TIMEOUT" and "signal 15" not in info["reason"], info
+    else:  # Slurm's PBS wrappers say nothing of why a job ended: the runner's words, with the likely cause
+        assert "time limit" in info["reason"], info
+    with pytest.raises(JobFailedError, match="TIMEOUT" if scheduler == "slurm" else "FAILED"):
+        job.result(timeout=5)
