@@ -145,7 +145,10 @@ class QuantumServerless:
         return self._current().run_program(program, arguments)
 
     def get_job_by_id(self, job_id: str) -> Any:
-        return self._current().get_job_by_id(job_id)
+        """The job `job_id` on whichever configured provider ran it (see programs.find_job)."""
+        from .programs import find_job
+
+        return find_job(job_id, self.providers, self._current())
 
     def jobs(self) -> list[Any]:
         return self._current().jobs()

@@ -74,8 +74,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, default=str))
     else:
-        reason = f" ({info['reason']})" if info.get("reason") else ""
-        print(f"{info['status']}{reason}")
+        from .programs import why_it_ended
+
+        why = why_it_ended(info)
+        print(f"{info['status']}" + (f" ({why})" if why else ""))
     return 0
 
 

@@ -25,6 +25,7 @@ builtin fits, the error also subclasses it, so generic handlers keep working::
     │   ├── HostKeyError                 an SSH host key unknown or changed: refused
     │   └── AuthenticationError          SSH login refused (key, password, one-time code)
     ├── ProgramError(ValueError)         a Program that cannot be run (missing entrypoint)
+    ├── JobNotFoundError(LookupError)    get_job_by_id() of an id no provider has (says where it looked)
     └── JobFailedError(RuntimeError)     job.result() of a program that failed or was stopped
 
 An exception raised *inside* a task is not wrapped: `get` re-raises the original type,
@@ -156,6 +157,14 @@ class AuthenticationError(TransportError):
 
 class ProgramError(HPCServerlessError, ValueError):
     """A Program that cannot be submitted (missing entrypoint, bad working dir)."""
+
+
+class JobNotFoundError(HPCServerlessError, LookupError):
+    """No job with this id where it was looked for; ``where`` names the place(s)."""
+
+    def __init__(self, message: str, *, job_id: str, where: str) -> None:
+        super().__init__(message)
+        self.job_id, self.where = job_id, where
 
 
 class RemoteTraceback(Exception):

@@ -1,4 +1,5 @@
-"""Runs a program's entrypoint and records how it ended: ``python -m hpc_serverless.program_runner``.
+"""Runs a program's entrypoint and records how it ended: ``python -m hpc_serverless.program_runner``
+(started behind :data:`hpc_serverless.launch.GUARD`, as is the entrypoint).
 
 Used by the local provider (a detached process per job). The exit record is what
 ``Job.status()`` reads, so a job that ends while nobody watches is still judged right.
@@ -14,18 +15,28 @@ import sys
 import time
 from pathlib import Path
 
+from .launch import script_argv
+
 
 def main(argv: list[str]) -> int:
     job_dir, entrypoint = Path(argv[0]), argv[1]
     started = time.time()
     print(f"[hpc-serverless] job {job_dir.name}: {sys.executable} {entrypoint}", flush=True)
-    child = subprocess.Popen([sys.executable, entrypoint])
+    child: subprocess.Popen[bytes] | None = None
+    early: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        child.send_signal(signum)
+        if child is None:
+            early.append(signum)  # stopped before the program started: do not start it
+        else:
+            child.send_signal(signum)
 
+    # the handler goes in before the child starts, so a stop at any moment is recorded
     signal.signal(signal.SIGTERM, forward)
-    code = child.wait()
+    if not early and not (job_dir / "stop-requested").exists():
+        # behind the guard: a folder called hpc_serverless in the working dir is not imported
+        child = subprocess.Popen(script_argv(sys.executable, entrypoint))
+    code = child.wait() if child is not None else -signal.SIGTERM
     stopped = (job_dir / "stop-requested").exists()
     if stopped:
         status, state, reason = "STOPPED", "CANCELLED", "stopped by the user"
@@ -34,6 +45,8 @@ def main(argv: list[str]) -> int:
     else:
         status, state = "FAILED", "FAILED"
         reason = (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
+        if code == -signal.SIGTERM and (os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")):
+            reason += " (SIGTERM from the scheduler: its time limit, a preemption, or a cancel)"
     record = {"status": status, "state": state, "reason": reason, "exit_code": code,
               "started": started, "ended": time.time()}
     tmp = job_dir / ".exit.json.tmp"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -19,15 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
-from .errors import GetTimeoutError, HPCServerlessError, JobFailedError, ProgramError
+from .errors import GetTimeoutError, HPCServerlessError, JobFailedError, JobNotFoundError, ProgramError
+from .launch import module_argv
 from .refs import TaskStatus
 from .store import ObjectStore
 from .target import Target
 
 if TYPE_CHECKING:
+    from .providers.base import Provider
     from .providers.local import LocalProvider
 
-__all__ = ["Program", "Job", "get_arguments", "save_result", "LocalJobs"]
+__all__ = ["Program", "Job", "get_arguments", "save_result", "LocalJobs", "find_job", "new_job_id"]
 
 JOB_DIR_ENV = "HPC_SERVERLESS_JOB_DIR"
 ARGUMENTS_KEY = "arguments"
@@ -60,6 +63,9 @@ class Program:
             if not isinstance(k, str) or not k.isidentifier():
                 raise ProgramError(f"Program {self.title!r}: env_vars key {k!r} is not a variable name")
         object.__setattr__(self, "_target", Target.of(self.target))
+        if self._target.requeue:
+            raise ProgramError(f"Program {self.title!r}: target 'requeue' applies to tasks "
+                               "(distribute_task), not to Programs: a program's job is not requeued")
 
     @property
     def resources(self) -> Target:
@@ -123,7 +129,7 @@ class Job:
         status = self.wait(timeout)
         if status != TaskStatus.SUCCEEDED:
             info = self.info()
-            reason = info.get("reason") or info.get("state") or status
+            reason = why_it_ended(info) or status
             tail = "\n".join(self.logs().rstrip().splitlines()[-15:])
             raise JobFailedError(f"job {self.job_id} ({info.get('title', '')}) ended {status} ({reason}); "
                                  f"last lines of its log:\n{tail}")
@@ -131,6 +137,15 @@ class Job:
 
     def __repr__(self) -> str:
         return f"<Job {self.job_id} on {self.provider}>"
+
+
+def why_it_ended(info: Mapping[str, Any]) -> str:
+    """The scheduler's state and the reason, as a user reads them: "TIMEOUT: it ran past its
+    time limit" (the state only where it says more than the status)."""
+    state, reason, status = info.get("state") or "", info.get("reason") or "", info.get("status")
+    said = [s for s in (state if state not in ("", status, "FAILED", "RUNNING", "COMPLETED") else "",
+                        reason) if s]
+    return ": ".join(said)
 
 
 # -- inside a program ---------------------------------------------------------------------------
@@ -158,8 +173,55 @@ def save_result(result: Any) -> bool:
 
 
 # -- the local runner ------------------------------------------------------------------------------
-def new_job_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+#: a job id: "<provider>-YYYYmmdd-HHMMSS-xxxxxx" (older ids have no provider part)
+_JOB_ID_RE = re.compile(r"^(?:(?P<provider>[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})-)?\d{8}-\d{6}-[0-9a-f]{6}$")
+
+
+def new_job_id(provider: str | None = None) -> str:
+    """A fresh job id; it carries the provider's name (when that is a plain word), so a
+    later process goes straight to the provider that ran it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    if provider and _JOB_ID_RE.match(f"{provider}-{stamp}"):
+        return f"{provider}-{stamp}"
+    return stamp
+
+
+def provider_of_job_id(job_id: str) -> str | None:
+    """The provider name a job id carries (None for older ids and ids of other shapes)."""
+    m = _JOB_ID_RE.match(job_id)
+    return m.group("provider") if m else None
+
+
+def find_job(job_id: str, providers: Sequence[Provider], current: Provider) -> Job:
+    """The job `job_id` on whichever provider has it: the one the id names first, then
+    `current`, then the rest in configuration order. A provider that is not connected
+    and would need a password or one-time code to log in is not searched (nobody should be
+    asked for a code just to look), and the error says so, beside where it did look."""
+    named = provider_of_job_id(job_id)
+    order = [p for p in providers if p.name == named] + [current] + list(providers)
+    seen: set[int] = set()
+    looked: list[str] = []
+    skipped: list[str] = []
+    for provider in order:
+        if id(provider) in seen:
+            continue
+        seen.add(id(provider))
+        chosen = provider is current or provider.name == named
+        if not chosen:
+            blocker = provider.search_blocker()
+            if blocker is not None:
+                skipped.append(f"{provider.name} ({blocker})")
+                continue
+        try:
+            return provider.get_job_by_id(job_id)
+        except JobNotFoundError as exc:
+            looked.append(f"{provider.name} ({exc.where})")
+    where = "; ".join(looked)
+    message = f"no job {job_id!r} on any configured provider; looked on: {where}"
+    if skipped:
+        message += (f"; not searched: {'; '.join(skipped)} (to look there, choose the provider: "
+                    "--provider NAME, or set_provider(NAME))")
+    raise JobNotFoundError(message, job_id=job_id, where=where)
 
 
 class LocalJobs:
@@ -176,8 +238,8 @@ class LocalJobs:
             raise HPCServerlessError(f"invalid job id {job_id!r}")
         d = self.root / job_id
         if not (d / "record.json").exists():
-            raise HPCServerlessError(f"no job {job_id!r} on provider '{self.provider.name}' "
-                                     f"(looked in {self.root})")
+            raise JobNotFoundError(f"no job {job_id!r} on provider '{self.provider.name}' "
+                                   f"(looked in {self.root})", job_id=job_id, where=str(self.root))
         return d
 
     def run(self, program: Program, arguments: Mapping[str, Any] | None) -> Job:
@@ -186,7 +248,7 @@ class LocalJobs:
         wd = program.check()
         self.provider.check_target(program.resources)
         _check_dependencies(program)
-        job_id = new_job_id()
+        job_id = new_job_id(self.provider.name)
         d = self.root / job_id
         d.mkdir(mode=0o700, parents=True)
         store = ObjectStore(d)
@@ -204,7 +266,7 @@ class LocalJobs:
             env["HPC_SERVERLESS_CPUS"] = str(program.resources.cpu)
         with open(d / "output.log", "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "hpc_serverless.program_runner", str(d), program.entrypoint],
+                module_argv(sys.executable, "hpc_serverless.program_runner", str(d), program.entrypoint),
                 cwd=d / "workdir", env=env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
         record["pid"] = proc.pid
@@ -235,6 +297,8 @@ class LocalJobs:
             info.update(status=TaskStatus.RUNNING, state="RUNNING", reason="")
         elif exit_file.exists():  # it finished between the two checks
             return self.job_info(job_id)
+        elif (d / "stop-requested").exists():  # stopped before its runner could record it
+            info.update(status=TaskStatus.STOPPED, state="CANCELLED", reason="stopped by the user")
         else:
             info.update(status=TaskStatus.FAILED, state="LOST",
                         reason="the job's process is gone without writing its exit status "
@@ -262,7 +326,7 @@ class LocalJobs:
         except ProcessLookupError:
             return False
         for _ in range(50):
-            if (d / "exit.json").exists():
+            if (d / "exit.json").exists() or not _alive(pid):
                 break
             time.sleep(0.1)
         else:
@@ -270,6 +334,9 @@ class LocalJobs:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            _write_stopped(d, "stopped by the user (killed: it did not end within 5 s of SIGTERM)")
+        if not (d / "exit.json").exists():  # the runner died before it could write its record
+            _write_stopped(d, "stopped by the user")
         return True
 
 
@@ -287,6 +354,13 @@ def _alive(pid: Any) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def _write_stopped(job_dir: Path, reason: str) -> None:
+    """The exit record of a job the user stopped, written for a runner that could not."""
+    if not (job_dir / "exit.json").exists():
+        _write_json(job_dir / "exit.json", {"status": TaskStatus.STOPPED, "state": "CANCELLED",
+                                            "reason": reason, "exit_code": None, "ended": time.time()})
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -12,13 +12,27 @@ import posixpath
 import time
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .errors import HPCServerlessError, ProgramError, SchedulerError
+from .errors import HPCServerlessError, JobNotFoundError, ProgramError, SchedulerError
+from .launch import module_argv
 from .programs import ARGUMENTS_KEY, JOB_DIR_ENV, RESULT_KEY, Job, Program, new_job_id
 from .refs import TaskStatus
 from .store import ObjectStore
 
 if TYPE_CHECKING:
     from .providers.batch import BatchProvider
+
+
+#: scheduler states that say why a job's program was killed better than "signal 15" does
+_SCHEDULER_KNOWS_BETTER = frozenset({"TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "DEADLINE",
+                                     "BOOT_FAIL", "CANCELLED"})
+#: how long after its program was killed a job may still be open in the scheduler
+_SCHEDULER_GRACE_S = 90.0
+
+
+def _killed_from_outside(exit_record: Mapping[str, Any]) -> bool:
+    """The runner's record of a program killed by a signal (not a user's stop())."""
+    code = exit_record.get("exit_code")
+    return exit_record.get("status") == TaskStatus.FAILED and isinstance(code, int) and code < 0
 
 
 class BatchJobs:
@@ -38,8 +52,14 @@ class BatchJobs:
         try:
             return dict(json.loads(self.fs.read_bytes(posixpath.join(self._dir(job_id), "record.json"))))
         except FileNotFoundError:
-            raise HPCServerlessError(f"no job {job_id!r} on provider '{self.provider.name}' "
-                                     f"(looked in {self.root})") from None
+            where = self.where()
+            raise JobNotFoundError(f"no job {job_id!r} on provider '{self.provider.name}' "
+                                   f"(looked in {where})", job_id=job_id, where=where) from None
+
+    def where(self) -> str:
+        """Where the job records are, as a user would look for them."""
+        host = self.provider.site.host
+        return f"{host}:{self.root}" if host else self.root
 
     def _write_record(self, job_dir: str, record: Mapping[str, Any]) -> None:
         self.fs.write_atomic(posixpath.join(job_dir, "record.json"), json.dumps(record, indent=1).encode())
@@ -54,15 +74,15 @@ class BatchJobs:
         return provider.scheduler.program_script(
             target, job_name=program.title, job_id=job_id, job_dir=job_dir, env=env,
             workdir=posixpath.join(job_dir, "workdir"),
-            command=[provider.site.python, "-m", "hpc_serverless.program_runner", job_dir,
-                     program.entrypoint])
+            command=module_argv(provider.site.python, "hpc_serverless.program_runner", job_dir,
+                                program.entrypoint))
 
     def run(self, program: Program, arguments: Mapping[str, Any] | None) -> Job:
         if not isinstance(program, Program):
             raise ProgramError(f"run_program() takes a Program, not {type(program).__name__}")
         wd = program.check()  # before anything is written or submitted
         self.provider.check_target(program.resources)
-        job_id = new_job_id()
+        job_id = new_job_id(self.provider.name)
         job_dir = self._dir(job_id)
         script = self.render(program, job_id)
         self.fs.makedirs(job_dir, 0o700)
@@ -113,11 +133,27 @@ class BatchJobs:
         except FileNotFoundError:
             ex = None
         sid = record.get("scheduler_job_id")
+        if ex is not None and sid and _killed_from_outside(ex):
+            # the runner saw its program killed by a signal nobody asked for through stop():
+            # the scheduler knows why (TIMEOUT, OUT_OF_MEMORY, PREEMPTED...); ask it
+            state = self.provider.backend.job_states([sid])[sid]
+            if state is not None and state.final and state.state in _SCHEDULER_KNOWS_BETTER:
+                from .schedulers.slurm import FAILURE_TEXT
+
+                cancelled = state.state == "CANCELLED"  # scancel/qdel from outside stop()
+                info.update(status=TaskStatus.STOPPED if cancelled else TaskStatus.FAILED, state=state.state,
+                            reason=state.reason or FAILURE_TEXT.get(state.state, state.state.lower()),
+                            exit_code=ex.get("exit_code"), ended=ex.get("ended"))
+                return info
+            if (state is None or not state.final) and time.time() - float(ex.get("ended") or 0) < _SCHEDULER_GRACE_S:
+                # the scheduler has not ended the job yet (it kills, then records): not final yet
+                info.update(status=TaskStatus.RUNNING, state=state.state if state else "ENDING",
+                            reason=f"its program was {ex.get('reason', 'killed')}; waiting for the "
+                                   "scheduler's word on why")
+                return info
         if ex is not None:
             info.update(status=ex["status"], state=ex["state"], reason=ex.get("reason", ""),
                         exit_code=ex.get("exit_code"), ended=ex.get("ended"))
-            if ex["state"] == "FAILED" and (ex.get("exit_code") or 0) < 0 and sid:
-                self._why_killed(sid, info, ex)
             return info
         state = self.provider.backend.job_states([sid])[sid] if sid else None
         if state is None:
@@ -142,24 +178,6 @@ class BatchJobs:
                         reason=state.reason or FAILURE_TEXT.get(state.state, state.state.lower()),
                         exit_code=state.exit_code)
         return info
-
-    def _why_killed(self, sid: str, info: dict[str, Any], ex: dict[str, Any]) -> None:
-        """The runner saw its program killed by a signal: usually the scheduler's doing (time
-        limit, memory, qdel/scancel), and the scheduler's final state says which. Until the
-        scheduler has it (a PBS MoM records the exit status after the runner exits), the job
-        still counts as running."""
-        from .schedulers.slurm import FAILURE_TEXT
-
-        state = self.provider.backend.job_states([sid])[sid]
-        if state is None:
-            return
-        if not state.final:
-            if time.time() - float(ex.get("ended") or 0) < 60:
-                info.update(status=TaskStatus.RUNNING, state=state.state, reason=f"ending ({ex.get('reason')})")
-            return
-        if state.state not in ("COMPLETED", "FAILED"):
-            info.update(status=TaskStatus.STOPPED if state.status == TaskStatus.STOPPED else TaskStatus.FAILED,
-                        state=state.state, reason=state.reason or FAILURE_TEXT.get(state.state, state.state.lower()))
 
     def job_logs(self, job_id: str) -> str:
         try:

@@ -195,7 +195,7 @@ def site_from_mapping(data: Mapping[str, Any], *, source: str | None = None,
     if isinstance(cdir, str) and source and not raw.get("host") and not os.path.isabs(expand(cdir)):
         raw["commands_dir"] = os.path.join(os.path.dirname(os.path.abspath(source)), cdir)  # beside the file
     try:
-        return Site(**raw)
+        site = Site(**raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(err["loc"])
@@ -217,6 +217,13 @@ def site_from_mapping(data: Mapping[str, Any], *, source: str | None = None,
         if err["type"] == "missing":
             full = base
         raise ConfigError(msg, file=source, key=key, line=key_line(source, full)) from None
+    if site.scheduler == "pbs" and site.defaults.requeue:
+        from .schedulers.pbs import REQUEUE_UNSUPPORTED
+
+        full = (*base, "defaults", "requeue")
+        raise ConfigError(REQUEUE_UNSUPPORTED, file=source, key=".".join(map(str, full)),
+                          line=key_line(source, full))
+    return site
 
 
 def load_site(path: str | os.PathLike[str]) -> Site:

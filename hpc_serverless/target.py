@@ -110,6 +110,10 @@ class Target:
     """Resources for one task or program. Construct from a dict with :meth:`of`.
 
     ``mem_mib`` and ``time_s`` hold the converted values (None: the site's default).
+    ``given`` names the fields the user said, so that ``cpu=1`` on a site whose defaults
+    say ``cpu: 2`` stays 1: a value equal to the built-in default is still a choice.
+    Built directly (``Target(cpu=4)``), the fields that differ from the defaults count
+    as given.
     """
 
     cpu: int = 1
@@ -125,11 +129,17 @@ class Target:
     env: Mapping[str, str] = field(default_factory=dict)
     directives: tuple[str, ...] = ()
     requeue: int = 0
-
+    given: frozenset[str] | None = field(default=None, repr=False)  # None: inferred (see above)
 
     #: the keys a target dict may have; `queue` is PBS's word for `partition`
     KEYS = ("cpu", "mem", "gpu", "time", "mpi", "nodes", "partition", "queue",
             "account", "qos", "constraint", "env", "directives", "requeue")
+
+    def __post_init__(self) -> None:
+        if self.given is None:
+            object.__setattr__(self, "given", _differing_fields(self))
+        else:
+            object.__setattr__(self, "given", frozenset(self.given))
 
     @classmethod
     def of(cls, value: Target | Mapping[str, Any] | None = None, /, **kwargs: Any) -> Target:
@@ -174,6 +184,8 @@ class Target:
             directives=tuple(d.strip() for d in directives),
             requeue=_count(int(raw["requeue"]) if isinstance(raw.get("requeue"), bool) else raw.get("requeue", 0),
                            "requeue", 0),
+            given=frozenset(_KEY_FIELDS.get(k, k) for k, v in raw.items()
+                            if v is not None and k not in ("env", "directives")),
         )
 
     @property
@@ -185,11 +197,11 @@ class Target:
         """This target with gaps filled from a site's defaults (explicit values win)."""
         if defaults is None:
             return self
-        base = Target()
+        mine_given = self._given()
         kw: dict[str, Any] = {}
-        for f in fields(self):
-            mine, default = getattr(self, f.name), getattr(defaults, f.name)
-            kw[f.name] = default if mine == getattr(base, f.name) else mine
+        for f in _VALUE_FIELDS:
+            kw[f] = getattr(self if f in mine_given else defaults, f)
+        kw["given"] = mine_given | defaults._given()
         kw["env"] = {**defaults.env, **self.env}
         kw["directives"] = tuple(defaults.directives) + tuple(
             d for d in self.directives if d not in defaults.directives)
@@ -198,10 +210,10 @@ class Target:
     def as_dict(self) -> dict[str, Any]:
         """The target as a user would write it (memory in 'NM', time in seconds as 'HH:MM:SS')."""
         out: dict[str, Any] = {}
-        base = Target()
+        given = self._given()
         for f in fields(self):
             v = getattr(self, f.name)
-            if v == getattr(base, f.name):
+            if f.name == "given" or (f.name not in given and v == _BUILTIN[f.name]):
                 continue
             if f.name == "mem_mib":
                 out["mem"] = f"{v}M"
@@ -215,7 +227,23 @@ class Target:
                 out[f.name] = v
         return out
 
+    def _given(self) -> frozenset[str]:
+        # a Target unpickled from before `given` existed has the class default, None
+        return self.given if self.given is not None else _differing_fields(self)
+
     def __hash__(self) -> int:
         return hash((self.cpu, self.mem_mib, self.gpu, self.time_s, self.mpi, self.nodes,
                      self.partition, self.account, self.qos, self.constraint,
-                     tuple(sorted(self.env.items())), self.directives, self.requeue))
+                     tuple(sorted(self.env.items())), self.directives, self.requeue, self.given))
+
+
+#: target-dict keys whose field has another name
+_KEY_FIELDS = {"mem": "mem_mib", "time": "time_s", "queue": "partition"}
+#: the fields a site default can fill (env and directives are merged, not replaced)
+_VALUE_FIELDS = tuple(f.name for f in fields(Target) if f.name not in ("given", "env", "directives"))
+_BUILTIN: dict[str, Any] = {f.name: getattr(Target(given=frozenset()), f.name) for f in fields(Target)}
+
+
+def _differing_fields(t: Target) -> frozenset[str]:
+    """The value fields of ``t`` that differ from the built-in defaults (a Target built directly)."""
+    return frozenset(f for f in _VALUE_FIELDS if getattr(t, f) != _BUILTIN[f])

@@ -24,6 +24,7 @@ from typing import Any
 
 from .calls import execute
 from .errors import DependencyError, SerializationError, WorkerDiedError
+from .launch import module_argv
 from .serialization import loads, pack_exception, unpack_exception
 from .store import ObjectStore
 
@@ -36,6 +37,12 @@ def task_key(task_id: str) -> str:
 
 def result_key(task_id: str) -> str:
     return f"results/{task_id[:2]}/{task_id}"
+
+
+def note_key(task_id: str) -> str:
+    """Where the worker leaves a line for the client about a job that may end without a
+    result (a failed requeue), so the error at get() can say it."""
+    return f"notes/{task_id[:2]}/{task_id}"
 
 
 def function_key(fn_key: str) -> str:
@@ -150,12 +157,26 @@ def _on_time_limit_signal(store: ObjectStore, task_id: str, spec: dict[str, Any]
         if done >= int(spec.get("requeue", 0)) or argv is None:
             print("[hpc-serverless] the job's time limit is near; no requeue left", file=sys.stderr, flush=True)
             return
-        spec["requeued"] = done + 1
+        spec["requeued"] = done + 1  # written first: a requeue ends this run at once
         store.put(spec, task_key(task_id), what="the task's spec", overwrite=True)
         print(f"[hpc-serverless] time limit near: requeueing ({done + 1} of {spec['requeue']}); the task "
               "starts again and resumes from its last checkpoint", file=sys.stderr, flush=True)
-        subprocess.run(argv, check=False)
-        os._exit(0)  # the scheduler ends this run; nothing of it is the task's result
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+            code, said = result.returncode, (result.stderr.strip() or result.stdout.strip() or "(no output)")
+        except (OSError, subprocess.SubprocessError) as exc:
+            code, said = -1, str(exc)
+        if code == 0:
+            os._exit(0)  # the scheduler ends this run; nothing of it is the task's result
+        # not requeued: say so (log, and a note for the client's error), and run on; the
+        # task may still finish in time, else the scheduler ends it as TIMEOUT
+        why = f"`{shlex.join(argv)}` exited {code}: {' / '.join(said.splitlines()[-2:])}"
+        spec["requeued"] = done
+        store.put(spec, task_key(task_id), what="the task's spec", overwrite=True)
+        store.put(f"the job could not be requeued near its time limit: {why}", note_key(task_id),
+                  what="a note on the task's job", overwrite=True)
+        print(f"[hpc-serverless] could not requeue the job: {why}; the task runs on and ends as "
+              "TIMEOUT if its time runs out", file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGUSR2, handler)
 
@@ -165,7 +186,7 @@ def _run_ranks(store_root: str, task_id: str, spec: dict[str, Any],
     """Start the task's MPI ranks through the site's launcher and wait for them."""
     # $PBS_NODEFILE, $SLURM_NTASKS...: the launcher's words expand here, on the compute side
     launcher = [os.path.expandvars(a) for a in spec["launcher"]]
-    argv = [*launcher, sys.executable, "-m", "hpc_serverless.worker", "rank", store_root, task_id]
+    argv = [*launcher, *module_argv(sys.executable, "hpc_serverless.worker", "rank", store_root, task_id)]
     env = {**os.environ, **spec.get("launcher_env", {})}
     if verbose:
         print(f"[hpc-serverless] launching {spec['mpi']} ranks: {shlex.join(argv)}", flush=True)

@@ -13,6 +13,22 @@ os.chmod(_home, 0o700)
 os.environ["HPC_SERVERLESS_HOME"] = str(_home)
 os.environ["HPC_SERVERLESS_NO_PROGRESS"] = "1"
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="also run tests marked slow (each takes minutes: real time limits, requeues)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` need minutes each (a real time limit runs out); CI stays short
+    without them. Run them with --slow."""
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow (minutes): run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 #: paths with spaces, quotes, ';' and a newline: whatever we build must survive them
 HOSTILE_NAMES = ["with space", "quo'te", 'dq"uote', "semi;colon", "dollar$HOME", "new\nline"]
 

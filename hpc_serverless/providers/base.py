@@ -55,6 +55,11 @@ class Provider(abc.ABC):
     def jobs(self) -> list[Job]:
         """The programs this user has run on this provider, newest first."""
 
+    def search_blocker(self) -> str | None:
+        """Why this provider cannot be searched for a job without asking someone for a
+        password or one-time code (None: it can; a cluster may connect to find out)."""
+        return None
+
     def describe(self) -> str:
         return self.name
 

@@ -398,12 +398,25 @@ class BatchBackend:
         why = FAILURE_TEXT.get(st.state, st.reason or st.state.lower())
         where = f"{self.scheduler.name} job {t.job_id}"
         detail = f"{where} ended {st.state}" + (f" ({st.reason})" if st.reason else "") + f": {why}"
+        note = self._note(t.ref.task_id)
+        if note:
+            detail += f"; {note}"
         if st.state == "TIMEOUT":
             return TaskTimeoutError(f"task {t.name}: {detail}")
         if st.state in ("CANCELLED", "REVOKED"):
             return TaskCancelledError(f"task {t.name}: {detail}")
         return WorkerDiedError(f"task {t.name}: {detail}, without storing a result. Its log: "
                                f"{self.provider.log_path_hint(t.job_id or '')}")
+
+    def _note(self, task_id: str) -> str | None:
+        """What the worker left for us about its job (a failed requeue), if anything."""
+        from ..worker import note_key
+
+        try:
+            key = note_key(task_id)
+            return str(self.store.get(key)) if self.store.exists(key) else None
+        except HPCServerlessError:  # a note is a courtesy; the error stands without it
+            return None
 
     def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState | None]:
         """States of program jobs, from a cache no older than poll_interval: however often
@@ -627,6 +640,9 @@ class BatchProvider(Provider):
         from ..programs_batch import BatchJobs
 
         return BatchJobs(self).list()
+
+    def search_blocker(self) -> str | None:
+        return self.transport.login_blocker()
 
     def describe(self) -> str:
         return f"{self.name} ({self.scheduler.name} site '{self.site.name}' via {self.transport.describe()})"

@@ -50,6 +50,7 @@ from ..errors import (
     TaskTimeoutError,
     WorkerDiedError,
 )
+from ..launch import module_argv
 from ..refs import TaskRef, TaskStatus, register_backend
 from ..serialization import loads, pack_exception, unpack_exception
 
@@ -159,7 +160,7 @@ class LocalPool:
         paths = [p for p in sys.path if p]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hpc_serverless.providers.pool_worker"],
+            module_argv(sys.executable, "hpc_serverless.providers.pool_worker"),
             pass_fds=(child.fileno(), lifeline), env=env, stdin=subprocess.DEVNULL, close_fds=True,
             **_own_process_group())  # out of reach of the driver's Ctrl-C / kernel interrupt
         child.close()

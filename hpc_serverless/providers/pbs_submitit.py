@@ -19,6 +19,7 @@ import submitit
 from submitit.core import core, job_environment, utils
 
 from ..errors import SchedulerError
+from ..launch import module_command
 from ..schedulers import pbs as P
 from .submitit_glue import place_script, submit_array
 
@@ -105,7 +106,7 @@ class PBSExecutor(core.PicklingExecutor):
 
     @property
     def _submitit_command_str(self) -> str:
-        return " ".join([self.python, "-u -m submitit.core._submit", shlex.quote(str(self.folder))])
+        return module_command(self.python, "submitit.core._submit", str(self.folder), unbuffered=True)
 
     def _make_submission_file_text(self, command: str, uid: str) -> str:
         logs = str(self.folder).replace("/%j", "")

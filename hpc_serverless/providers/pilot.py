@@ -97,6 +97,7 @@ from ..errors import (
     TaskCancelledError,
     WorkerDiedError,
 )
+from ..launch import GUARD
 from ..refs import TaskRef, TaskStatus, register_backend
 from ..serialization import loads, unpack_exception
 from ..target import Target, format_hms
@@ -274,7 +275,8 @@ def pilot_cluster_kwargs(site: Site, store_root: str, shape: WorkerShape | None 
                        "--lifetime-stagger", f"{int(shape.stagger)}s"]
     kw: dict[str, Any] = {
         "cores": t.cpu, "processes": shape.processes, "memory": f"{t.mem_mib}MiB",
-        "python": shlex.quote(site.python), "job_name": _job_name(site),
+        # dask-jobqueue appends "-m distributed.cli.dask_worker": it runs behind our guard
+        "python": f"{shlex.quote(site.python)} -c {shlex.quote(GUARD)}", "job_name": _job_name(site),
         "job_script_prologue": [*site.setup, export_lines(env)],
         "worker_extra_args": extra_args,
         "death_timeout": int(p.connect_timeout),

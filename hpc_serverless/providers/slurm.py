@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..errors import ConfigError, SchedulerError
+from ..launch import module_command
 from ..schedulers import slurm as S
 from ..schedulers.common import JobState
 from ..target import Target
@@ -58,6 +59,11 @@ def _executor_class() -> type:
         @classmethod
         def affinity(cls) -> int:  # sbatch may be remote: do not look for it here
             return 2
+
+        @property
+        def _submitit_command_str(self) -> str:
+            # behind the guard: the job's working directory cannot shadow our package
+            return module_command(self.python, "submitit.core._submit", str(self.folder), unbuffered=True)
 
         def _submit_command(self, command: str) -> Any:
             uid = uuid.uuid4().hex

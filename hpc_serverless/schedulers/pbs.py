@@ -95,11 +95,19 @@ def final_state(exit_status: int | None, comment: str = "", flavor: str = "torqu
 
 
 # -- targets ----------------------------------------------------------------------------------------
+#: why `requeue` is refused on PBS sites (rather than silently doing nothing)
+REQUEUE_UNSUPPORTED = (
+    "target 'requeue' is not supported on PBS sites yet: the task would not be requeued near "
+    "its walltime and would end as TIMEOUT; drop 'requeue' (save_checkpoint still works: "
+    "submit the task again to resume), or run it on a Slurm site")
+
 def resource_list(target: Target, flavor: str) -> list[str]:
     """The `-l` resources of a target (site defaults merged), in the site's dialect."""
     if target.qos or target.constraint:
         raise TargetError("PBS has no 'qos' or 'constraint'; put the site's equivalent in "
                           "'directives' (e.g. '-l select=...:model=X' or '-l place=scatter')")
+    if target.requeue:
+        raise TargetError(REQUEUE_UNSUPPORTED)
     ranks_per_node = max(1, math.ceil(target.mpi / target.nodes))
     res: list[str] = []
     if flavor == "torque":

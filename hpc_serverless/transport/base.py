@@ -61,6 +61,11 @@ class Transport(abc.ABC):
 
         return LOCAL
 
+    def login_blocker(self) -> str | None:
+        """Connect now if that needs nobody at a keyboard; else say why not (None: ready).
+        Local commands are always ready."""
+        return None
+
     def close(self) -> None:
         """Release connections (nothing to do for local commands)."""
 

@@ -469,6 +469,33 @@ class SSHTransport(Transport):
         self._connection()
         return self
 
+    def login_blocker(self) -> str | None:
+        """Connect with keys, the agent or a configured password only; if the server wants
+        a typed answer (password, one-time code), say so instead of asking for it."""
+        t = self._transport
+        if t is not None and t.is_active():
+            return None
+        asked: list[str] = []
+
+        def refuse(title: str, instructions: str, prompts: list[tuple[str, bool]]) -> list[str]:
+            asked.extend(text for text, _ in prompts)
+            raise AuthenticationError("a typed answer is needed")
+
+        with self._lock:
+            handler, self.interactive_handler = self.interactive_handler, refuse
+            try:
+                self.open()
+            except AuthenticationError as exc:
+                if asked:
+                    return (f"not connected, and logging in to {self.describe()} asks for "
+                            f"{asked[0].strip().rstrip(':') or 'a password or code'}")
+                return f"not connected: {str(exc).splitlines()[0]}"
+            except TransportError as exc:
+                return f"cannot connect: {str(exc).splitlines()[0]}"
+            finally:
+                self.interactive_handler = handler
+        return None
+
     def _connection(self) -> Any:
         t = self._transport
         if t is not None and t.is_active():

@@ -92,3 +92,19 @@ def test_program_logs_and_result(serverless, tmp_path):
     job = serverless.run_program(Program("pbs prog", "main.py", working_dir=str(wd)), arguments={"k": 1})
     assert job.result(timeout=180) == 45
     assert job.status() == "SUCCEEDED" and "on PBS with {'k': 1}" in job.logs()
+
+
+def test_requeue_is_refused_at_submission(serverless, tmp_path):
+    """Issue 17 item 7: `requeue` does nothing on PBS yet, so it is refused at the call
+    (no job is submitted), and in a PBS site's defaults at load (file and key named)."""
+    from hpc_serverless.errors import ConfigError, TargetError
+
+    provider = serverless.provider("pbs")
+    before = provider.transport.counts.get("qsub", 0)
+    with serverless.context("pbs"), pytest.raises(TargetError, match="'requeue' is not supported on PBS"):
+        cube.options(requeue=1)(2)
+    assert provider.transport.counts.get("qsub", 0) == before
+    site = tmp_path / "pbs-requeue.yaml"
+    site.write_text(open(PBS_SITE).read().replace("defaults:\n", "defaults:\n  requeue: 2\n"))
+    with pytest.raises(ConfigError, match=r"pbs-requeue\.yaml:\d+, key 'defaults.requeue': target 'requeue'"):
+        PBSProvider("pbs2", site=str(site))

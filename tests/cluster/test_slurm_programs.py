@@ -170,3 +170,69 @@ def test_sites_check(site_path, scheduler):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "valid" in out.stdout and ("sinfo" if scheduler == "slurm" else "qstat") in out.stdout
+
+
+def test_job_found_from_a_new_process_whichever_provider_ran_it(site_path, tmp_path):
+    """Issue 17 item 2: the configuration's default is `local`; the job ran on `cluster`
+    through set_provider. A new process (API and CLI, no --provider) finds it there, and an
+    unknown id says where it was looked for."""
+    cfg = tmp_path / "serverless.yaml"
+    cfg.write_text(f"providers:\n  - name: local\n  - name: cluster\n    site: {site_path}\n")
+    wd = _src(tmp_path, "from hpc_serverless import save_result\nsave_result(42)\n")
+    s = QuantumServerless.load_configuration(cfg)
+    job = s.set_provider("cluster").run_program(Program("found again", "main.py", working_dir=str(wd)))
+    assert job.job_id.startswith("cluster-")
+    code = textwrap.dedent(f"""
+        from hpc_serverless import QuantumServerless
+        job = QuantumServerless.load_configuration({str(cfg)!r}).get_job_by_id({job.job_id!r})
+        print(job.provider, job.result(timeout=180))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["cluster", "42"]
+    cli = [sys.executable, "-m", "hpc_serverless.cli", "--config", str(cfg)]
+    status = subprocess.run([*cli, "status", job.job_id], capture_output=True, text=True, timeout=120)
+    assert (status.returncode, status.stdout.strip()) == (0, "SUCCEEDED"), status.stderr
+    missing = subprocess.run([*cli, "status", "20000101-000000-abcdef"], capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 1
+    line = missing.stderr.strip()
+    assert line.startswith("error: no job '20000101-000000-abcdef' on any configured provider"), line
+    assert "local (" in line and "cluster (" in line and str(s.provider("cluster").site.storage_path) in line
+
+
+def test_a_folder_in_the_working_dir_cannot_shadow_the_package(serverless, tmp_path):
+    """Issue 17 item 5: a program's working_dir holds a folder called hpc_serverless; the
+    runner and the program import the real package, and the program's relative paths and
+    sibling modules still mean its working_dir."""
+    wd = _src(tmp_path, """
+        import os
+        import hpc_serverless
+        from hpc_serverless import save_result
+        from helper import VALUE
+        save_result({"value": VALUE, "data": open("data.txt").read(), "package": hpc_serverless.__file__})
+    """)
+    (wd / "helper.py").write_text("VALUE = 7\n")
+    (wd / "data.txt").write_text("relative ok")
+    (wd / "hpc_serverless").mkdir()
+    (wd / "hpc_serverless" / "__init__.py").write_text("raise ImportError('the shadow was imported')\n")
+    job = serverless.run_program(Program("shadowed", "main.py", working_dir=str(wd)))
+    result = job.result(timeout=180)
+    assert result["value"] == 7 and result["data"] == "relative ok"
+    assert "/workdir/" not in result["package"]
+
+
+@pytest.mark.slow
+def test_program_killed_at_its_time_limit_reads_timeout(serverless, tmp_path, scheduler):
+    """Issue 17 item 8 (slow: a one-minute time limit runs out): the program's job reads
+    FAILED with the scheduler's TIMEOUT, not "killed by signal 15"."""
+    wd = _src(tmp_path, "import time\nprint('started', flush=True)\ntime.sleep(600)\n")
+    job = serverless.run_program(Program("overrun", "main.py", working_dir=str(wd), target={"time": 1}))
+    assert job.wait(timeout=240) == "FAILED"
+    info = job.info()
+    if scheduler == "slurm":
+        assert info["state"] == "TIMEOUT" and "signal 15" not in info["reason"], info
+    else:  # Slurm's PBS wrappers say nothing of why a job ended: the runner's words, with the likely cause
+        assert "time limit" in info["reason"], info
+    with pytest.raises(JobFailedError, match="TIMEOUT" if scheduler == "slurm" else "FAILED"):
+        job.result(timeout=5)

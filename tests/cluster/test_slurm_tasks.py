@@ -249,3 +249,86 @@ def test_requeue_near_time_limit_resumes_from_checkpoint(on_slurm):
         time.sleep(2)
     result = get(ref, timeout=60)
     assert result == {"done": [0, 1, 4, 9], "runs": 2}
+
+
+def test_explicit_cpu_1_beats_site_default_cpu_2(site_path, tmp_path):
+    """Issue 17 item 1: a site's `defaults: {cpu: 2}` fills a gap, it does not override a
+    task that says cpu=1 (two one-task jobs)."""
+    import yaml
+
+    from hpc_serverless import QuantumServerless, SlurmProvider
+
+    data = yaml.safe_load(Path(site_path).read_text())
+    data["name"] = "localhost-slurm-cpu2"
+    data.setdefault("defaults", {})["cpu"] = 2
+    site = tmp_path / "cpu2.yaml"
+    site.write_text(yaml.safe_dump(data))
+    provider = SlurmProvider("cpu2", site=str(site))
+    try:
+        with QuantumServerless().add_provider(provider).context("cpu2"):
+            one, default = where.options(cpu=1)(), where()
+            assert [cpus for _, cpus in get([one, default], timeout=180)] == ["1", "2"]
+    finally:
+        provider.backend.close()
+
+
+def _shadow(folder: Path) -> None:
+    """A folder called hpc_serverless that is not the package (a site's storage, a checkout)."""
+    (folder / "hpc_serverless" / "store").mkdir(parents=True)
+    (folder / "hpc_serverless" / "__init__.py").write_text("raise ImportError('the shadow was imported')\n")
+
+
+def test_a_folder_in_the_submission_dir_cannot_shadow_the_package(on_slurm, tmp_path, monkeypatch):
+    """Issue 17 item 5: the job starts in the submission directory, which holds a folder
+    called hpc_serverless; the task still runs (one job), and relative paths still mean
+    the submission directory."""
+    _shadow(tmp_path)
+    (tmp_path / "input.txt").write_text("relative ok")
+    monkeypatch.chdir(tmp_path)
+
+    @distribute_task
+    def read_relative():
+        import hpc_serverless
+
+        return Path("input.txt").read_text(), os.getcwd(), hpc_serverless.__file__
+
+    text, cwd, package = get(read_relative(), timeout=180)
+    assert (text, cwd) == ("relative ok", str(tmp_path))
+    assert not package.startswith(str(tmp_path))
+
+
+@distribute_task(target={"requeue": 1, "directives": ["--no-requeue"]})
+def marks_then_sleeps(marker, seconds):
+    Path(marker).write_text("started")
+    time.sleep(seconds)
+    return "finished"
+
+
+def _signal_when_started(ref, marker: Path) -> None:
+    """Send the job the scheduler's time-limit warning (SIGUSR2 to the batch step) now."""
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.3)
+    assert marker.exists(), "the task did not start"
+    subprocess.run(["scancel", "--signal=USR2", "--batch", ref.job_id], check=True)
+
+
+def test_failed_requeue_is_reported_and_the_task_runs_on(on_slurm, tmp_path):
+    """Issue 17 item 7: `scontrol requeue` fails (the job was submitted --no-requeue); the
+    task is not cut short as COMPLETED-without-result: it runs on, returns its value, and
+    its log says why it was not requeued (one short job)."""
+    marker = tmp_path / "started"
+    ref = marks_then_sleeps(str(marker), 6)
+    _signal_when_started(ref, marker)
+    assert get(ref, timeout=120) == "finished"
+    log = "".join(p.read_text() for p in Path(on_slurm.site.storage_path / "jobs").glob(f"{ref.job_id}_0_log.*"))
+    assert "could not requeue the job: `scontrol requeue" in log and "disabled" in log, log
+
+
+@pytest.mark.slow
+def test_failed_requeue_then_timeout_says_why(on_slurm):
+    """Issue 17 item 7 (slow: ~1.5 min): the requeue fails and the task runs into its
+    time limit; the TaskTimeoutError says TIMEOUT and why there was no requeue."""
+    ref = slow.options(time=1, requeue=1, directives=["--no-requeue"])(600, "never")
+    with pytest.raises(TaskTimeoutError, match=r"TIMEOUT.*could not be requeued.*scontrol requeue"):
+        get(ref, timeout=300)

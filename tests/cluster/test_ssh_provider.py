@@ -152,3 +152,34 @@ def test_program_over_ssh_follow_survives_dropped_connection(remote_config, tmp_
             f"{str(remote_config)!r}); j = s.get_job_by_id({job.job_id!r}); print(j.status(), j.result())")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert other.stdout.strip() == "SUCCEEDED {'n': 8}", other.stderr
+
+
+def test_job_search_does_not_prompt_for_a_provider_that_is_not_connected(tmp_path, site_path):
+    """Issue 17 item 2: get_job_by_id looks on every configured provider, but logs in to one
+    that is not connected only if no one has to type anything; otherwise it says it did not
+    search there. With a password in the configuration, the same provider is searched."""
+    from hpc_serverless.errors import JobNotFoundError
+
+    prompts = []
+
+    def recorder(title, instructions, asked):
+        prompts.append(asked)
+        raise AssertionError("prompted")
+
+    for password in (None, "hpcsl-test-pw"):
+        entry = {"host": "127.0.0.1", "port": 2222, "username": "hpcsl", "key_filename": None,
+                 "known_hosts": KNOWN_HOSTS, **({"password": password} if password else {})}
+        s = QuantumServerless.load_configuration(_config(tmp_path, site_path, **entry)).set_provider("local")
+        transport = s.provider("remote").transport
+        transport.look_for_keys = transport.allow_agent = False  # noqa: B010 - only the password may let us in
+        transport.interactive_handler = recorder
+        with pytest.raises(JobNotFoundError) as e:
+            s.get_job_by_id("20000101-000000-abcdef")
+        msg = str(e.value)
+        if password is None:
+            assert "not searched: remote (not connected, and logging in to hpcsl@127.0.0.1:2222 asks for" in msg
+            assert transport.connection is None
+        else:
+            assert "not searched" not in msg and "remote (127.0.0.1:/tmp/hpcs-remote-" in msg, msg
+        transport.close()
+    assert prompts == []

@@ -207,3 +207,36 @@ def test_polling_is_batched_and_rate_bounded(fake):
     gaps = [b - a for a, b in zip(sched.poll_times, sched.poll_times[1:])]
     assert all(g >= 0.045 for g in gaps), gaps
     assert len(sched.poll_times) <= elapsed / 0.05 + 2
+
+
+@pytest.mark.parametrize("scheduler_state,status,state", [
+    ("TIMEOUT", "FAILED", "TIMEOUT"),          # the scheduler's reason, not "killed by signal 15"
+    ("OUT_OF_MEMORY", "FAILED", "OUT_OF_MEMORY"),
+    ("CANCELLED", "STOPPED", "CANCELLED"),     # scancel from outside job.stop()
+    ("RUNNING", "RUNNING", "RUNNING"),         # killed, but not ended by the scheduler yet: not final
+    ("COMPLETED", "FAILED", "FAILED"),         # nothing better known: the runner's record stands
+])
+def test_program_killed_by_a_signal_reads_the_schedulers_reason(fake, scheduler_state, status, state):
+    """Issue 17 item 8: a program whose runner recorded "killed by signal 15" reads as the
+    scheduler says (TIMEOUT at its time limit), once the scheduler has ended the job."""
+    import json
+
+    from hpc_serverless.programs_batch import BatchJobs
+
+    provider, sched, _s = fake()
+    jobs = BatchJobs(provider)
+    job_dir = provider.site.storage_path / "programs" / "cluster-20261124-120000-abcdef"
+    job_dir.mkdir(parents=True)
+    (job_dir / "record.json").write_text(json.dumps({"job_id": job_dir.name, "title": "t",
+                                                      "scheduler_job_id": "77"}))
+    (job_dir / "exit.json").write_text(json.dumps({
+        "status": "FAILED", "state": "FAILED", "exit_code": -15, "ended": time.time(),
+        "reason": "killed by signal 15 (SIGTERM from the scheduler: its time limit, a preemption, or a cancel)"}))
+    sched.states["77"] = scheduler_state
+    info = jobs.job_info(job_dir.name)
+    assert (info["status"], info["state"]) == (status, state), info
+    if state == "TIMEOUT":
+        from hpc_serverless.programs import why_it_ended
+
+        assert "time limit" in info["reason"] and "signal 15" not in info["reason"]
+        assert why_it_ended(info).startswith("TIMEOUT: it ran past its time limit")  # job.result()'s and the CLI's words

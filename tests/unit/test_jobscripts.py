@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from hpc_serverless import Program, Target
+from hpc_serverless.launch import module_argv
 from hpc_serverless.providers.slurm import SlurmScheduler
 from hpc_serverless.site import site_from_mapping
 from hpc_serverless.transport import MockTransport
@@ -54,8 +55,8 @@ def test_slurm_program_script_golden():
     text = sched.program_script(target, job_name="bench; rm -rf ~", job_id="20260101-000000-abcdef",
                                 job_dir=job_dir, env={"HPC_SERVERLESS_JOB_DIR": job_dir, **target.env},
                                 workdir=f"{job_dir}/workdir",
-                                command=["/opt/venv/bin/python", "-m", "hpc_serverless.program_runner",
-                                         job_dir, "my script.py"])
+                                command=module_argv("/opt/venv/bin/python", "hpc_serverless.program_runner",
+                                                    job_dir, "my script.py"))
     check_golden("slurm_program.sh", text)
     assert "export MY_VAR='a value; with $(danger) '\"'\"'quotes'\"'\"''" in text
     # bash parses the script without error
@@ -103,8 +104,8 @@ def test_pbs_program_script_golden(flavor):
     text = sched.program_script(target, job_name="vqe $(id)", job_id="20260101-000000-abcdef",
                                 job_dir=job_dir, env={"HPC_SERVERLESS_JOB_DIR": job_dir},
                                 workdir=f"{job_dir}/workdir",
-                                command=["/opt/venv/bin/python", "-m", "hpc_serverless.program_runner",
-                                         job_dir, "main.py"])
+                                command=module_argv("/opt/venv/bin/python", "hpc_serverless.program_runner",
+                                                    job_dir, "main.py"))
     check_golden(f"pbs_{flavor}_program.sh", text)
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)
     assert "#PBS -l select=2:ncpus=8" in text if flavor == "pbspro" else "#PBS -l nodes=2:ppn=8" in text

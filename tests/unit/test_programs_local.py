@@ -88,3 +88,80 @@ def test_unknown_job_id():
         QuantumServerless().get_job_by_id("20000101-000000-abcdef")
     with pytest.raises(HPCServerlessError, match="invalid job id"):
         QuantumServerless().get_job_by_id("../etc")
+
+
+def test_stop_right_after_start_reads_stopped(tmp_path):
+    """Issue 17 item 3: a program stopped before (or while) its runner starts is STOPPED,
+    not FAILED/LOST; and a program that outlives SIGTERM (killed after the grace period)
+    is STOPPED too."""
+    import time
+
+    s = QuantumServerless()
+    job = s.run_program(_program(tmp_path, "import time\ntime.sleep(60)\n"))
+    assert job.stop() is True
+    assert job.info()["status"] == "STOPPED", job.info()
+    stubborn = s.run_program(_program(tmp_path, """
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("start", flush=True)
+        time.sleep(60)
+    """, name="stubborn.py"))
+    for _ in range(100):
+        if "start" in stubborn.logs():
+            break
+        time.sleep(0.1)
+    assert stubborn.stop() is True
+    info = stubborn.info()
+    assert info["status"] == "STOPPED" and info["reason"].startswith("stopped by the user"), info
+
+
+def test_a_folder_in_the_working_dir_cannot_shadow_the_package(tmp_path):
+    """Issue 17 item 5 on the local provider: the runner, the program and the local pool's
+    workers import the real package although the working dir holds a folder of its name."""
+    program = _program(tmp_path, """
+        import hpc_serverless
+        from hpc_serverless import distribute_task, get, save_result
+        from helper import VALUE
+
+        @distribute_task
+        def where():
+            import hpc_serverless
+            return hpc_serverless.__file__
+
+        save_result({"value": VALUE, "data": open("data.txt").read(), "package": hpc_serverless.__file__,
+                     "worker": get(where(), timeout=60)})
+    """)
+    wd = tmp_path / "src"
+    (wd / "helper.py").write_text("VALUE = 7\n")
+    (wd / "data.txt").write_text("relative ok")
+    (wd / "hpc_serverless").mkdir()
+    (wd / "hpc_serverless" / "__init__.py").write_text("raise ImportError('the shadow was imported')\n")
+    job = QuantumServerless().run_program(program)
+    result = job.result(timeout=120)
+    assert result["value"] == 7 and result["data"] == "relative ok"
+    assert "/workdir/" not in result["package"] and "/workdir/" not in result["worker"]
+
+
+@pytest.mark.parametrize("shadow", ["regular", "namespace"])
+def test_launch_guard_keeps_the_package_and_the_cwd_modules(tmp_path, shadow):
+    """`python -c GUARD -m mod`: the package comes from the install even when the cwd holds
+    a folder of its name (with or without __init__.py); the cwd's own modules still import."""
+    from hpc_serverless.launch import module_argv, script_argv
+
+    pkg = tmp_path / "hpc_serverless"
+    (pkg / "store").mkdir(parents=True)
+    if shadow == "regular":
+        (pkg / "__init__.py").write_text("raise ImportError('the shadow was imported')\n")
+    (tmp_path / "probe.py").write_text(textwrap.dedent("""
+        import sys
+        import hpc_serverless
+        from hpc_serverless.store import ObjectStore
+        print(hpc_serverless.__file__, sys.argv[1:])
+    """))
+    for argv in (module_argv(sys.executable, "probe", "a b"), script_argv(sys.executable, "probe.py", "a b")):
+        out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        path, args = out.stdout.split(" ", 1)
+        assert not path.startswith(str(tmp_path)) and args.strip() == "['a b']"
+    plain = subprocess.run([sys.executable, "-m", "probe"], cwd=tmp_path, capture_output=True, text=True)
+    assert plain.returncode != 0 or plain.stdout.startswith(str(tmp_path))  # what the guard prevents

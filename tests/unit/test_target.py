@@ -88,3 +88,27 @@ def test_merged_over_defaults():
     t = Target.of({"cpu": 4, "env": {"B": "2"}}).merged_over(defaults)
     assert t.cpu == 4 and t.partition == "debug" and t.time_s == 600
     assert t.env == {"A": "1", "B": "2"} and t.directives == ("--x",)
+
+
+@pytest.mark.parametrize("key,explicit,site", [("cpu", 1, 2), ("gpu", 0, 1), ("mpi", 1, 4),
+                                                ("nodes", 1, 2), ("requeue", 0, 2)])
+def test_explicit_value_equal_to_builtin_default_beats_site_default(key, explicit, site):
+    """A task that says cpu=1 on a site whose defaults say cpu=2 gets 1 core (issue 17, item 1):
+    'equal to the built-in default' is not 'not given'."""
+    defaults = Target.of({key: site})
+    field = {"cpu": "cpu", "gpu": "gpu", "mpi": "mpi", "nodes": "nodes", "requeue": "requeue"}[key]
+    assert getattr(Target.of({key: explicit}).merged_over(defaults), field) == explicit
+    assert getattr(Target.of({}).merged_over(defaults), field) == site       # not given: the site's
+    assert getattr(Target().merged_over(defaults), field) == site
+
+
+def test_given_keys_survive_as_dict_options_and_pickle():
+    import pickle
+
+    t = Target.of({"cpu": 1, "mem": "1G"})
+    assert t.given == frozenset({"cpu", "mem_mib"})
+    assert t.as_dict() == {"cpu": 1, "mem": "1024M"}          # cpu=1 is said, so it is kept
+    assert Target.of(t.as_dict()) == t and Target.of({"mem": "1G"}) != t
+    assert pickle.loads(pickle.dumps(t)).given == t.given
+    merged = t.merged_over(Target.of({"cpu": 2, "time": 5}))
+    assert merged.cpu == 1 and merged.time_s == 300 and merged.given == {"cpu", "mem_mib", "time_s"}
