@@ -17,8 +17,7 @@ from .programs import Job, Program, get_arguments, save_result
 from .providers.local import LocalProvider
 from .refs import ObjectRef, TaskRef
 from .target import Target
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "HPCServerlessError",

@@ -23,7 +23,10 @@ builtin fits, the error also subclasses it, so generic handlers keep working::
     ├── SchedulerError(RuntimeError)     the batch scheduler refused or failed a command
     ├── TransportError(ConnectionError)  running a command or moving a file failed
     │   ├── HostKeyError                 an SSH host key unknown or changed: refused
-    │   └── AuthenticationError          SSH login refused (key, password, one-time code)
+    │   ├── AuthenticationError          SSH login refused (key, password, one-time code)
+    │   └── AgentError                   the agent on a site's login node cannot start or serve
+    │                                        (python without hpc_serverless, versions differ,
+    │                                        storage not writable by the cluster account)
     ├── ProgramError(ValueError)         a Program that cannot be run (missing entrypoint)
     ├── JobNotFoundError(LookupError)    get_job_by_id() of an id no provider has (says where it looked)
     └── JobFailedError(RuntimeError)     job.result() of a program that failed or was stopped
@@ -151,6 +154,12 @@ class HostKeyError(TransportError):
 
 class AuthenticationError(TransportError):
     """The SSH server refused every way we had to log in."""
+
+    transient = False
+
+
+class AgentError(TransportError):
+    """The agent that serves a site reached over SSH cannot start, or does not match us."""
 
     transient = False
 

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .config import key_line, read_config_file
 from .errors import ConfigError, TargetError
 from .target import Target
 
-__all__ = ["Site", "MpiLauncher", "PilotSettings", "load_site", "site_from_mapping", "expand"]
+__all__ = ["Site", "MpiLauncher", "PilotSettings", "load_site", "site_from_mapping", "expand", "on_cluster",
+           "shell_word", "CLUSTER_SIDE_KEYS"]
+
+#: keys of a site that name things on the cluster: over SSH they expand there, not here
+CLUSTER_SIDE_KEYS = ("storage", "python", "commands_dir")
 
 _VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
 
@@ -125,6 +130,7 @@ class Site(_Frozen):
     array_linger: float = Field(default=0.1, ge=0)
     accounting: Literal["auto", "sacct", "squeue"] = "auto"
     mode: Literal["jobs", "pilot"] = "jobs"
+    agent_grace: float = Field(default=600.0, ge=0)   # seconds an agent outlives its last client
     pilot: PilotSettings = Field(default_factory=PilotSettings)
     source: str | None = None
 
@@ -138,7 +144,11 @@ class Site(_Frozen):
 
     @field_validator("storage", "python", "key_filename", "known_hosts", "ssh_config", "commands_dir")
     @classmethod
-    def _expand(cls, v: str | None) -> str | None:
+    def _expand(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # a site reached over SSH: what the cluster side uses means what it means in the
+        # cluster account's environment, so the agent expands it there (on_cluster)
+        if info.field_name in CLUSTER_SIDE_KEYS and info.data.get("host"):
+            return v
         return expand(v) if isinstance(v, str) else v
 
     @field_validator("setup", "directives", mode="before")
@@ -176,6 +186,43 @@ class Site(_Frozen):
         """A scheduler command (qsub, sbatch, ...): from ``commands_dir`` if the site names
         one, else whatever PATH finds."""
         return f"{self.commands_dir.rstrip('/')}/{name}" if self.commands_dir else name
+
+
+def on_cluster(site: Site) -> Site:
+    """The site as its agent on the login node uses it: no host (commands run there), and
+    storage, python and commands_dir expanded in this (the cluster account's) environment;
+    python, if the file names none, is this interpreter (the agent's own)."""
+    update: dict[str, Any] = {"host": None}
+    for key in CLUSTER_SIDE_KEYS:
+        value = getattr(site, key)
+        if isinstance(value, str):
+            update[key] = expand(value)
+    if "python" not in site.model_fields_set:
+        update["python"] = sys.executable
+    return site.model_copy(update=update)
+
+
+def shell_word(value: str) -> str:
+    """`value` as one shell word that expands ~, $VAR, ${VAR} and ${VAR:-default} the way
+    :func:`expand` does, in the shell's environment; everything else is quoted literally
+    (names are checked by the pattern, so nothing typed runs as code)."""
+    out: list[str] = []
+    if value == "~" or value.startswith("~/"):
+        out.append('"$HOME"')
+        value = value[1:]
+    pos = 0
+    for m in _VAR.finditer(value):
+        if m.start() > pos:
+            out.append(shlex.quote(value[pos:m.start()]))
+        name = m.group("braced") or m.group("plain")
+        if m.group("default") is not None:
+            out.append(f'"${{{name}:-$(printf %s {shell_word(m.group("default"))})}}"')
+        else:
+            out.append(f'"${{{name}}}"')
+        pos = m.end()
+    if pos < len(value) or not out:
+        out.append(shlex.quote(value[pos:]))
+    return "".join(out)
 
 
 def _valid_keys(model: type[BaseModel]) -> list[str]:

@@ -53,7 +53,7 @@ def versions() -> dict[str, str]:
     """What must match between the client and the compute side for pickles to load."""
     import cloudpickle
 
-    from . import __version__
+    from .version import __version__
 
     return {"python": platform.python_version(), "cloudpickle": cloudpickle.__version__,
             "hpc_serverless": __version__}

@@ -534,6 +534,19 @@ class BatchBackend:
             self._cv.notify_all()
 
 
+def remote_or_new(cls: type, scheduler: str, name: str, site: Any, password: str | None,
+                  transport: Transport | None, overrides: Mapping[str, Any]) -> Any:
+    """``SlurmProvider(host=...)``/``PBSProvider(host=...)``: a site reached over SSH is
+    served by its agent, so the object made is a RemoteProvider; else a new `cls`."""
+    if transport is None:
+        s = BatchProvider.resolve_site(scheduler, name, site, overrides)
+        if s.remote:
+            from .remote import RemoteProvider
+
+            return RemoteProvider(name, s, password=password)
+    return object.__new__(cls)
+
+
 class BatchProvider(Provider):
     """A provider whose tasks are batch jobs on a site (Slurm, PBS)."""
 
@@ -546,19 +559,21 @@ class BatchProvider(Provider):
         """A Site from a path, a Site or a mapping, with connection overrides applied
         (the arguments of SlurmProvider/PBSProvider, as in the seed's GatewayProvider)."""
         from ..errors import ConfigError
-        from ..site import Site, load_site, site_from_mapping
+        from ..site import Site, site_from_mapping
 
         if site is None:
             raise ConfigError(f"provider {name!r} needs a site (a site_configs/*.yaml path)")
-        if isinstance(site, Site):
-            s = site
-        elif isinstance(site, Mapping):
-            s = site_from_mapping({"scheduler": scheduler, **site}, name=name)
-        else:
-            s = load_site(site)
         changes = {k: v for k, v in overrides.items() if v is not None and not (k == "port" and v == 22)}
-        if changes:
-            s = s.model_copy(update=changes)
+        if isinstance(site, Site):
+            s = site.model_copy(update=changes) if changes else site
+        else:
+            # the overrides are validated with the file's keys: a `host` given here means the
+            # cluster-side keys are the cluster's to expand (site.on_cluster), not ours
+            from ..config import read_config_file
+
+            raw = {"scheduler": scheduler, **site} if isinstance(site, Mapping) else read_config_file(site)
+            source = None if isinstance(site, Mapping) else str(site)
+            s = site_from_mapping({**raw, **changes}, source=source, name=name)
         if s.scheduler != scheduler:
             other = "SlurmProvider" if s.scheduler == "slurm" else "PBSProvider"
             raise ConfigError(f"site '{s.name}' is a {s.scheduler} site; use {other}",
@@ -587,7 +602,6 @@ class BatchProvider(Provider):
 
     def submit(self, fn: RemoteFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any],
                target: Target) -> TaskRef:
-        target = self.effective_target(target)
         deps = find_task_refs(args, kwargs)
         for d in deps:
             if d.backend_key != self.backend.key:
@@ -595,16 +609,32 @@ class BatchProvider(Provider):
                     f"{d!r} belongs to provider '{d.provider}'; a task on '{self.name}' can only "
                     "depend on tasks of the same provider (pass get(ref) instead)")
         blob = pack_arguments(fn.function, args, kwargs)
-        self.backend.ensure_function(fn.key, fn.function_bytes)
-        task_id = secrets.token_hex(12)
-        spec = {"task_id": task_id, "name": fn.name, "fn_key": fn.key, "args": blob,
-                "deps": [(d.task_id, d.function) for d in deps], "env": dict(target.env) or None,
+        return self.submit_packed(secrets.token_hex(12), fn.name, fn.key, fn.function_bytes, blob,
+                                  [(d.task_id, d.function, d._job_id) for d in deps], target)
+
+    def submit_packed(self, task_id: str, name: str, fn_key: str, fn_bytes: bytes | None, blob: bytes,
+                      deps: Sequence[tuple[str, str, str | None]], target: Target) -> TaskRef:
+        """Queue a call whose arguments are pickled already (here, or by a remote client
+        through the agent). `deps` are (task id, function, job id) of upstream tasks; ones
+        this process does not know (a new agent) are tracked from their job id and result."""
+        target = self.effective_target(target)
+        with self.backend._lock:
+            known = self.backend._tasks.get(task_id)
+            if known is not None:  # the same call sent twice (a retried request): queued once
+                return known.ref
+            for dep_id, dep_fn, dep_job in deps:
+                self.backend._task(TaskRef(dep_id, self.backend.key, self.name, dep_fn, job_id=dep_job))
+        if fn_bytes is not None:
+            self.backend.ensure_function(fn_key, fn_bytes)
+        spec = {"task_id": task_id, "name": name, "fn_key": fn_key, "args": blob,
+                "deps": [(d[0], d[1]) for d in deps], "env": dict(target.env) or None,
                 "mpi": target.mpi, "requeue": target.requeue, "versions": versions(),
                 **self.mpi_launch(target)}
         # not fsync'ed: if this process dies before submitting, the task is lost with it anyway
-        self.store.put(spec, task_key(task_id), what=f"the call of {fn.name}()", durable=False)
-        ref = TaskRef(task_id, self.backend.key, self.name, fn.name, backend=self.backend)
-        self.backend.enqueue(BatchTask(ref, target, [d.task_id for d in deps], fn.name))
+        self.store.put(spec, task_key(task_id), what=f"the call of {name}()", durable=False,
+                       overwrite=True)
+        ref = TaskRef(task_id, self.backend.key, self.name, name, backend=self.backend)
+        self.backend.enqueue(BatchTask(ref, target, [d[0] for d in deps], name))
         return ref
 
     def mpi_launch(self, target: Target) -> dict[str, Any]:

@@ -14,6 +14,10 @@ if TYPE_CHECKING:
 
 
 def provider_for_site(site: Site, name: str | None = None, password: str | None = None) -> Provider:
+    if site.remote:  # the login-node provider, run by an agent at the far end of one SSH channel
+        from .remote import RemoteProvider
+
+        return RemoteProvider(name or site.name, site, password=password)
     if site.mode == "pilot":  # many small tasks through a few dask worker jobs
         from .pilot import PilotProvider
 

@@ -15,7 +15,7 @@ from ..errors import SchedulerError
 from ..schedulers import pbs as P
 from ..schedulers.common import JobState
 from ..target import Target
-from .batch import BatchProvider, BatchTask, Scheduler
+from .batch import BatchProvider, BatchTask, Scheduler, remote_or_new
 from .submitit_glue import submit_calls
 
 if TYPE_CHECKING:
@@ -125,6 +125,14 @@ class PBSScheduler(Scheduler):
 class PBSProvider(BatchProvider):
     """A PBS Pro or Torque site (``pbs_flavor`` in the site file). Same arguments as
     :class:`~hpc_serverless.SlurmProvider`."""
+
+    def __new__(cls, name: str = "cluster", host: str | None = None, username: str | None = None,
+                password: str | None = None, key_filename: str | None = None, port: int = 22,
+                site: Any = None, python: str | None = None, transport: Transport | None = None) -> Any:
+        # with a host, the site is served by its agent on the login node: a RemoteProvider
+        return remote_or_new(cls, "pbs", name, site, password, transport,
+                             {"host": host, "username": username, "port": port,
+                              "key_filename": key_filename, "python": python})
 
     def __init__(self, name: str = "cluster", host: str | None = None, username: str | None = None,
                  password: str | None = None, key_filename: str | None = None, port: int = 22,

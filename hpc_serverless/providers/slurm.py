@@ -21,7 +21,7 @@ from ..launch import module_command
 from ..schedulers import slurm as S
 from ..schedulers.common import JobState
 from ..target import Target
-from .batch import BatchProvider, BatchTask, Scheduler
+from .batch import BatchProvider, BatchTask, Scheduler, remote_or_new
 from .submitit_glue import place_script, submit_array, submit_calls
 
 if TYPE_CHECKING:
@@ -216,6 +216,14 @@ class SlurmProvider(BatchProvider):
     ``SlurmProvider(name="cluster", site="site_configs/x.yaml")``, or with ``host=``,
     ``username=``, ``password=``, ``key_filename=``, ``port=`` to reach it over SSH.
     """
+
+    def __new__(cls, name: str = "cluster", host: str | None = None, username: str | None = None,
+                password: str | None = None, key_filename: str | None = None, port: int = 22,
+                site: Any = None, python: str | None = None, transport: Transport | None = None) -> Any:
+        # with a host, the site is served by its agent on the login node: a RemoteProvider
+        return remote_or_new(cls, "slurm", name, site, password, transport,
+                             {"host": host, "username": username, "port": port,
+                              "key_filename": key_filename, "python": python})
 
     def __init__(self, name: str = "cluster", host: str | None = None, username: str | None = None,
                  password: str | None = None, key_filename: str | None = None, port: int = 22,

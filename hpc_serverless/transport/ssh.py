@@ -1007,6 +1007,36 @@ class SSHTransport(Transport):
                     "running: it may or may not have completed (retry if that is safe)")
         return code, bytes(out), bytes(err_buf)
 
+    def open_stream(self, command: str, timeout: float = 60.0) -> Any:
+        """Start `command` (a shell line the caller has quoted) on a channel of its own and
+        return the paramiko Channel: its stdin, stdout and stderr stay open for a
+        conversation (the agent's). Reconnects first if the connection dropped."""
+
+        def op(t: Any) -> Any:
+            chan = self._open_channel(t, time.monotonic() + timeout)
+            try:
+                chan.exec_command(command)
+            except (EOFError, OSError, paramiko.SSHException) as exc:
+                chan.close()
+                self._settle(t, 0.2)
+                if not t.is_active():
+                    raise _Lost() from exc
+                raise TransportError(f"{self.describe()} refused to run `{_short(command)}`: {exc}") from exc
+            with self._chan_lock:
+                self._channels.add(chan)
+            return chan
+
+        return self._retrying(f"starting `{_short(command)}`", op)
+
+    def client_port(self) -> int | None:
+        """The local port of the connection to the site (None when not connected)."""
+        t = self._transport
+        sock = getattr(t, "sock", None) if t is not None else None
+        try:
+            return int(sock.getsockname()[1]) if sock is not None else None
+        except (OSError, AttributeError, TypeError, IndexError):
+            return None
+
     # -- files ---------------------------------------------------------------------------
     def upload_tree(self, local_dir: str | os.PathLike[str], remote_dir: str, *,
                     timeout: float = 3600.0) -> None:

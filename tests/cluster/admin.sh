@@ -28,14 +28,21 @@ case ${1:-} in
         listener=$(cat "$STATE/sshd-$port.pid")
         filter="( sport = :$port )"
         [[ -n $client ]] && filter="( sport = :$port and dport = :$client )"
-        killed=0
+        # pick every process of the session first, then kill: once a session's privileged
+        # monitor is gone, its unprivileged child (user@notty, which holds the socket too)
+        # is reparented to init and would no longer look like one of this listener's
+        victims=()
         for pid in $(ss -tnpH state established "$filter" | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u); do
             [[ $pid == "$listener" ]] && continue
             p=$pid
             while ((p > 1)); do   # only sessions of this listener
                 p=$(awk '/^PPid:/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 1)
-                if [[ $p == "$listener" ]]; then kill -KILL "$pid" 2>/dev/null && killed=$((killed + 1)); break; fi
+                if [[ $p == "$listener" ]]; then victims+=("$pid"); break; fi
             done
+        done
+        killed=0
+        for pid in ${victims[@]+"${victims[@]}"}; do
+            kill -KILL "$pid" 2>/dev/null && killed=$((killed + 1))
         done
         echo "$killed" ;;
     *)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -36,10 +37,15 @@ def _need_sshd():
 
 
 def _config(tmp_path, site_path, **entry) -> Path:
+    """A provider entry over the test site that logs in as the cluster account hpcsl (not
+    the client's): storage in its home, its python linked to this run's interpreter."""
     import yaml
 
-    remote_storage = f"/tmp/hpcs-remote-{secrets.token_hex(4)}"
-    provider = {"name": "remote", "site": site_path, "storage": remote_storage, **entry}
+    provider = {"name": "remote", "site": site_path, "username": "hpcsl",
+                "storage": "${SCRATCH:-$HOME}/hpcs-remote-" + secrets.token_hex(4),
+                "python": "~/hpcs-venv/bin/python",
+                "setup": [f"ln -sfn {shlex.quote(sys.prefix)} \"$HOME/hpcs-venv\""],
+                "agent_grace": 30, **entry}
     cfg = tmp_path / "serverless.yaml"
     cfg.write_text(yaml.safe_dump({"providers": [{"name": "local"}, provider], "default": "remote"}))
     return cfg
@@ -47,7 +53,7 @@ def _config(tmp_path, site_path, **entry) -> Path:
 
 @pytest.fixture
 def remote_config(tmp_path, site_path):
-    return _config(tmp_path, site_path, host="127.0.0.1", port=2222, username="root",
+    return _config(tmp_path, site_path, host="127.0.0.1", port=2222,
                    key_filename=KEY, known_hosts=KNOWN_HOSTS)
 
 
@@ -66,12 +72,14 @@ def test_tasks_and_objects_over_ssh(remote_config):
         table = put({"h": [1.0, 2.0, 3.0]})
         refs = [energy(i, table) for i in range(5)]
         assert get(refs, timeout=180) == [6.0 * i for i in range(5)]
-    # one connection carried every command and file
-    assert provider.transport.connections == 1
-    assert provider.transport.counts["sbatch"] == 1
+    # one connection, one agent channel, carried every call and byte
+    assert provider.transport.connections == 1 and provider.agent.channels == 1
+    assert provider.stats()["sbatch"] == 1
     # the objects live on the remote storage, owned by the cluster account (the client,
     # another account, cannot even look: it asks over the connection)
-    assert provider.transport.run(["test", "-f", f"{provider.site.storage}/store/{table.key}"]).ok
+    assert str(provider.store.root).startswith("/home/hpcsl/hpcs-remote-")
+    assert not os.access(str(provider.store.root), os.F_OK)
+    assert provider.transport.run(["test", "-f", f"{provider.store.root}/{table.key}"]).ok
     # a failing task's traceback names this file and line, read here, not on the cluster
     with s.context("remote"), pytest.raises(ZeroDivisionError) as e:
         get(energy(1, {"h": []}, divide=True), timeout=180)
@@ -88,7 +96,7 @@ def test_seed_tutorial_from_outside(remote_config):
 
 
 def test_password_auth_provider(tmp_path, site_path):
-    cfg = _config(tmp_path, site_path, host="127.0.0.1", port=2222, username="hpcsl",
+    cfg = _config(tmp_path, site_path, host="127.0.0.1", port=2222,
                   password="hpcsl-test-pw", key_filename=None, known_hosts=KNOWN_HOSTS)
     cfg_text = cfg.read_text()
     s = QuantumServerless.load_configuration(cfg)
@@ -107,7 +115,7 @@ def test_password_auth_provider(tmp_path, site_path):
 def test_unknown_host_key_is_refused(tmp_path, site_path):
     empty = tmp_path / "known_hosts"
     empty.write_text("")
-    cfg = _config(tmp_path, site_path, host="127.0.0.1", port=2222, username="root",
+    cfg = _config(tmp_path, site_path, host="127.0.0.1", port=2222,
                   key_filename=KEY, known_hosts=str(empty))
     s = QuantumServerless.load_configuration(cfg)
     with s.context("remote"), pytest.raises(HostKeyError, match=r"(?s)127\.0\.0\.1 port 2222 is not known.*SHA256:"):

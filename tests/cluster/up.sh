@@ -6,7 +6,7 @@
 #   nodes        : n[1-4], 2 CPUs and 4000 MB each, slurmd ports 17001-17004
 #   sshd         : 127.0.0.1:2222 and 127.0.0.1:2223 (second one for ProxyJump tests)
 #   ssh key      : /root/.ssh/hpcsl_test_key (root and hpcsl accept it)
-#   user         : hpcsl / hpcsl-test-pw (password login)
+#   user         : hpcsl / hpcsl-test-pw (password login): the cluster account, home 0700
 #   test client  : hpcs-dev, unprivileged, home 0700: scripts/test.sh runs the suite as this
 #                  user (a scientist on the login node); it has copies of the ssh key, the
 #                  known_hosts and ssh config in ~/.ssh, and may run only
@@ -308,6 +308,9 @@ ssh-keygen -A >/dev/null
 if ! id "$TEST_USER" >/dev/null 2>&1; then
     useradd -m -s /bin/bash "$TEST_USER"
 fi
+# the cluster account's home is its own: the test client (another account) cannot read it,
+# so a client that touches the cluster's files directly instead of through the agent fails
+chmod 700 "$(getent passwd "$TEST_USER" | cut -d: -f6)"
 echo "$TEST_USER:$TEST_PASSWORD" | chpasswd
 mkdir -p /root/.ssh && chmod 700 /root/.ssh
 [[ -s $KEY ]] || ssh-keygen -q -t ed25519 -N '' -C hpcsl-test -f "$KEY"

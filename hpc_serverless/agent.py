@@ -1,0 +1,517 @@
+"""``python -m hpc_serverless.agent``: a site's login-node provider, serving remote clients.
+
+A client that reaches a site over SSH starts this module on the login node the way a
+batch script starts: the site's ``setup`` lines, then the site's ``python``. It runs the
+same provider a user on the login node runs (SlurmProvider/PBSProvider with commands run
+here), with everything in the site file resolved in this account's environment. Two roles:
+
+* relay (what the SSH channel runs): reads the client's hello, checks versions, resolves
+  the site, checks that its storage is writable, finds the daemon that serves this
+  site's storage (a Unix socket in ``/tmp/hpcs-agent-<uid>/``) or starts one, and passes
+  bytes both ways until the channel closes;
+* daemon (``--serve SOCKET``): holds the provider and answers requests. It outlives its
+  channels for ``agent_grace`` seconds, so a dropped connection or a sleeping laptop loses
+  nothing, and a request sent again (same id) is answered from the first run. Where it
+  runs is recorded in ``<storage>/agent.json``.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import fcntl
+import functools
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from .wire import FrameError, encode, exact_reader, read_frame, versions
+
+if TYPE_CHECKING:
+    from .providers.batch import BatchProvider
+    from .site import Site
+
+log = logging.getLogger("hpc_serverless.agent")
+
+#: requests answered are remembered this many at a time (a retried request is answered again)
+_REMEMBER = 20000
+
+
+def version_problem(client: dict[str, Any], here: dict[str, Any]) -> str | None:
+    """A sentence naming both sides if client and agent cannot work together, else None."""
+    keys = ("protocol", "hpc_serverless", "python")
+    if all(client.get(k) == here.get(k) for k in keys):
+        return None
+    return (f"the client has hpc_serverless {client.get('hpc_serverless')} on Python {client.get('python')} "
+            f"(protocol {client.get('protocol')}), the agent has hpc_serverless {here.get('hpc_serverless')} "
+            f"on Python {here.get('python')} (protocol {here.get('protocol')})")
+
+
+def _hello_error(kind: str, message: str) -> dict[str, Any]:
+    # builtins only: a client of another version can still read why it was refused
+    return {"id": "hello", "ok": False, "kind": kind, "message": message, "versions": versions()}
+
+
+def _write(fd: int, message: Any) -> None:
+    for part in encode(message):
+        view = part
+        while view.nbytes:
+            n = os.write(fd, view)
+            view = view[n:]
+
+
+def _where() -> str:
+    import getpass
+
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+# -- relay ------------------------------------------------------------------------------------------
+def socket_path(site: Site) -> Path:
+    """The daemon's socket for this site's storage (short: Unix socket paths are limited)."""
+    digest = hashlib.sha256(str(site.storage_path).encode()).hexdigest()[:20]
+    return Path(tempfile.gettempdir()) / f"hpcs-agent-{os.getuid()}" / f"{digest}.sock"
+
+
+def check_storage(site: Site) -> str | None:
+    """A sentence if this account cannot create and write the site's storage, else None."""
+    from .fs import LOCAL
+
+    path = str(site.storage_path)
+    try:
+        LOCAL.makedirs(path, 0o700)
+        LOCAL.makedirs(os.path.join(path, "store"), 0o700)
+        probe = os.path.join(path, f".probe-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.unlink(probe)
+    except OSError as exc:
+        return (f"the site's storage {path} (resolved on the cluster side) is not writable by "
+                f"{_where()}: {exc.strerror or exc}. Set `storage` in the site file to a directory "
+                "this account may write on the filesystem the compute nodes share")
+    return None
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{path} must belong to uid {os.getuid()} with mode 0700")
+
+
+def _connect(path: Path) -> socket.socket | None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+        return s
+    except OSError:
+        s.close()
+        return None
+
+
+def _daemon_socket(site: Site, site_bytes: bytes) -> socket.socket:
+    """A connection to this site's daemon, starting one if none answers."""
+    path = socket_path(site)
+    _private_dir(path.parent)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one daemon per site, whoever comes first starts it
+        conn = _connect(path)
+        if conn is not None:
+            return conn
+        log_path = site.storage_path / "agent.log"
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen([sys.executable, "-m", "hpc_serverless.agent", "--serve", str(path)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=logf,
+                                    start_new_session=True, close_fds=True, cwd=str(site.storage_path))
+        assert proc.stdin is not None
+        proc.stdin.write(site_bytes)
+        proc.stdin.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            conn = _connect(path)
+            if conn is not None:
+                return conn
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the agent daemon exited ({proc.returncode}) at start: {tail}")
+            time.sleep(0.05)
+        raise RuntimeError(f"the agent daemon did not open {path} within 60 s (log: {log_path})")
+
+
+def relay() -> int:
+    """What the SSH channel runs: hello, then bytes both ways between channel and daemon."""
+    read_in = exact_reader(lambda n: os.read(0, n))
+    try:
+        hello = read_frame(read_in)
+    except (EOFError, FrameError) as exc:
+        print(f"hpc_serverless.agent: no hello from the client ({exc})", file=sys.stderr)
+        return 2
+    here = versions()
+    problem = version_problem(hello.get("versions", {}), here)
+    if problem:
+        _write(1, _hello_error("version", problem))
+        return 3
+    from .site import on_cluster
+
+    try:
+        site = on_cluster(pickle.loads(hello["site"]))
+    except Exception as exc:  # noqa: BLE001 - reported to the client, which shows it
+        _write(1, _hello_error("site", f"the agent cannot read the site: {type(exc).__name__}: {exc}"))
+        return 3
+    problem = check_storage(site)
+    if problem:
+        _write(1, _hello_error("storage", problem))
+        return 3
+    try:
+        conn = _daemon_socket(site, pickle.dumps(site))
+    except (OSError, RuntimeError) as exc:
+        _write(1, _hello_error("start", f"the agent on {_where()} could not start: {exc}"))
+        return 3
+    for part in encode(hello):
+        conn.sendall(part)
+
+    def upstream() -> None:  # channel -> daemon
+        try:
+            while data := os.read(0, 1 << 20):
+                conn.sendall(data)
+        except OSError:
+            pass
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    threading.Thread(target=upstream, daemon=True).start()
+    try:
+        while data := conn.recv(1 << 20):
+            view = memoryview(data)
+            while view.nbytes:
+                view = view[os.write(1, view):]
+    except OSError:
+        pass
+    return 0
+
+
+# -- daemon ------------------------------------------------------------------------------------------
+class Agent:
+    """The provider of one site and the requests its clients send."""
+
+    def __init__(self, site: Site) -> None:
+        from .providers.factory import provider_for_site
+
+        self.site = site
+        provider = provider_for_site(site, site.name)
+        from .providers.batch import BatchProvider
+
+        if not isinstance(provider, BatchProvider):
+            raise RuntimeError(f"site '{site.name}': mode {site.mode} is not served over SSH yet; "
+                               "use mode: jobs from outside the cluster")
+        self.provider: BatchProvider = provider
+        self.backend = provider.backend
+        self._pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="agent")
+        self._answers: collections.OrderedDict[str, concurrent.futures.Future[Any]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.clients = 0
+        self.last_left = time.monotonic()
+
+    def info(self) -> dict[str, Any]:
+        return {"id": "hello", "ok": True, "versions": versions(), "where": _where(), "pid": os.getpid(),
+                "store_root": str(self.provider.store.root), "storage": str(self.site.storage_path),
+                "python": self.site.python, "backend_key": self.backend.key}
+
+    # -- connections ---------------------------------------------------------------------------
+    def serve_connection(self, conn: socket.socket) -> None:
+        write_lock = threading.Lock()
+
+        def send(message: Any) -> None:
+            with write_lock:
+                for part in encode(message):
+                    conn.sendall(part)
+
+        read = exact_reader(conn.recv)
+        with self._lock:
+            self.clients += 1
+        try:
+            hello = read_frame(read)
+            problem = version_problem(hello.get("versions", {}), versions())
+            if problem:
+                send(_hello_error("version", problem + f" (a running agent, pid {os.getpid()}: it "
+                                  "leaves after its grace period, or end it with kill)"))
+                return
+            send(self.info())
+            while True:
+                request = read_frame(read)
+                future = self._submit(request)
+                future.add_done_callback(functools.partial(self._answer, send, request["id"]))
+        except (EOFError, OSError, FrameError):
+            pass
+        finally:
+            conn.close()
+            with self._lock:
+                self.clients -= 1
+                self.last_left = time.monotonic()
+
+    def _submit(self, request: dict[str, Any]) -> concurrent.futures.Future[Any]:
+        """Run a request once: a request id seen before gets the first run's answer."""
+        rid = request["id"]
+        with self._lock:
+            known = self._answers.get(rid)
+            if known is not None:
+                return known
+            future = self._pool.submit(self.handle, request["op"], request.get("args", ()))
+            self._answers[rid] = future
+            while len(self._answers) > _REMEMBER:
+                self._answers.popitem(last=False)
+            return future
+
+    @staticmethod
+    def _answer(send: Callable[[Any], None], rid: str, future: concurrent.futures.Future[Any]) -> None:
+        exc = future.exception()
+        reply = {"id": rid, "ok": exc is None}
+        if exc is None:
+            reply["value"] = future.result()
+        else:
+            reply["error"] = _portable(exc)
+        try:
+            send(reply)
+        except OSError:
+            pass  # that client is gone; a retry of the request on a new channel gets it again
+
+    def handle(self, op: str, args: tuple[Any, ...]) -> Any:
+        method = getattr(self, f"op_{op}", None)
+        if method is None:
+            raise RuntimeError(f"the agent does not know the operation {op!r}")
+        return method(*args)
+
+    # -- tasks ---------------------------------------------------------------------------------
+    def _ref(self, task_id: str, function: str, job_id: str | None) -> Any:
+        from .refs import TaskRef
+
+        ref = TaskRef(task_id, self.backend.key, self.provider.name, function, job_id=job_id,
+                      backend=self.backend)
+        with self.backend._lock:
+            task = self.backend._task(ref)  # a task of an earlier agent: tracked from its job id
+            if task.job_id is None and job_id:
+                task.job_id = job_id
+        return ref
+
+    def op_submit(self, calls: list[dict[str, Any]]) -> list[tuple[str | None, BaseException | None]]:
+        """Queue a batch of calls, submit them now (arrays by target), return their job ids."""
+        tasks = []
+        for c in calls:
+            ref = self.provider.submit_packed(c["task_id"], c["name"], c["fn_key"], c["fn_bytes"], c["args"],
+                                              c["deps"], c["target"])
+            tasks.append(self.backend._tasks[ref.task_id])
+        self.backend.flush()
+        return [(t.job_id, _portable(t.error) if t.error else None) for t in tasks]
+
+    def op_check_target(self, target: Any) -> None:
+        self.provider.check_target(target)
+
+    def op_poll(self, items: list[tuple[str, str, str | None]], wait: float,
+                inline_limit: int) -> dict[str, dict[str, Any]]:
+        """States of tasks; the results of finished ones inline (up to `inline_limit`
+        bytes in all). Waits up to `wait` s for one of them to finish: one round trip
+        per poll whatever the number of tasks."""
+        from .refs import TaskStatus
+
+        refs = [self._ref(*item) for item in items]
+        deadline = time.monotonic() + min(wait, 5.0)
+        while True:
+            states = {r.task_id: self.backend.task_status(r) for r in refs}
+            if any(s in TaskStatus.FINAL for s in states.values()) or time.monotonic() >= deadline:
+                break
+            with self.backend._lock:
+                self.backend._start()
+            time.sleep(0.05)
+        out: dict[str, dict[str, Any]] = {}
+        budget = inline_limit
+        for r in refs:
+            with self.backend._lock:
+                t = self.backend._task(r)
+            entry: dict[str, Any] = {"status": states[r.task_id], "job_id": t.job_id}
+            if t.error is not None:
+                entry["error"] = _portable(t.error)
+            elif states[r.task_id] in TaskStatus.FINAL and budget > 0:
+                outcome = self._outcome(r.task_id)
+                if outcome is not None:
+                    entry["outcome"] = outcome
+                    budget -= len(outcome[1])
+            out[r.task_id] = entry
+        return out
+
+    def _outcome(self, task_id: str) -> tuple[bool, bytes] | None:
+        from .errors import ObjectNotFoundError
+        from .worker import result_key
+
+        try:
+            ok, payload, _info = self.provider.store.get(result_key(task_id))
+        except ObjectNotFoundError:
+            return None
+        return bool(ok), bytes(payload)
+
+    def op_result(self, task_id: str, function: str, job_id: str | None) -> tuple[bool, bytes] | None:
+        return self._outcome(task_id)
+
+    def op_info(self, task_id: str, function: str, job_id: str | None) -> dict[str, Any]:
+        return self.backend.task_info(self._ref(task_id, function, job_id))
+
+    def op_cancel(self, task_id: str, function: str, job_id: str | None) -> bool:
+        return self.backend.task_cancel(self._ref(task_id, function, job_id))
+
+    # -- objects -------------------------------------------------------------------------------
+    def op_write_parts(self, key: str, parts: list[Any], overwrite: bool, type_name: str,
+                       meta: dict[str, Any] | None, durable: bool | None) -> int:
+        return self.provider.store.write_parts(key, [memoryview(p) for p in parts], overwrite=overwrite,
+                                               type_name=type_name, meta=meta, durable=durable)
+
+    def op_read_parts(self, key: str) -> tuple[Any, list[Any], dict[str, Any]]:
+        data, buffers, header = self.provider.store.read_parts(key)
+        return (pickle.PickleBuffer(data), [pickle.PickleBuffer(b) for b in buffers], header)
+
+    def op_header(self, key: str) -> dict[str, Any] | None:
+        return self.provider.store.header(key)
+
+    def op_exists(self, key: str) -> bool:
+        return self.provider.store.exists(key)
+
+    def op_delete(self, key: str) -> None:
+        self.provider.store.delete(key)
+
+    # -- programs ------------------------------------------------------------------------------
+    def op_run_program(self, program: Any, arguments: Any, tar: bytes) -> str:
+        """Unpack the client's working dir here, then run the program as on the login node."""
+        import dataclasses
+
+        tmp = tempfile.mkdtemp(prefix="hpcs-workdir-")
+        try:
+            with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+                _safe_extract(tf, tmp)
+            job = self.provider.run_program(dataclasses.replace(program, working_dir=tmp), arguments)
+            return job.job_id
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def op_render_program(self, program: Any, arguments: Any) -> str:
+        return self.provider.render_program(program, arguments)
+
+    def op_get_job(self, job_id: str) -> str:
+        return self.provider.get_job_by_id(job_id).job_id
+
+    def op_jobs(self) -> list[str]:
+        return [j.job_id for j in self.provider.jobs()]
+
+    def _jobs(self) -> Any:
+        from .programs_batch import BatchJobs
+
+        return BatchJobs(self.provider)
+
+    def op_job_info(self, job_id: str) -> dict[str, Any]:
+        return dict(self._jobs().job_info(job_id))
+
+    def op_job_logs(self, job_id: str) -> str:
+        return str(self._jobs().job_logs(job_id))
+
+    def op_job_stop(self, job_id: str) -> bool:
+        return bool(self._jobs().job_stop(job_id))
+
+    def op_job_result(self, job_id: str) -> tuple[Any, list[Any]]:
+        from .programs import RESULT_KEY
+        from .store import ObjectStore
+
+        jobs = self._jobs()
+        jobs.job_info(job_id)  # names a job that does not exist
+        data, buffers, _ = ObjectStore(jobs._dir(job_id)).read_parts(RESULT_KEY)
+        return pickle.PickleBuffer(data), [pickle.PickleBuffer(b) for b in buffers]
+
+    # -- facts ---------------------------------------------------------------------------------
+    def op_stats(self) -> dict[str, int]:
+        return self.provider.stats()
+
+    def op_ping(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "clients": self.clients}
+
+
+def _safe_extract(tf: tarfile.TarFile, dest: str) -> None:
+    """Extract regular files and directories that stay inside `dest` (tarfile's "data"
+    filter where this Python has it)."""
+    if hasattr(tarfile, "data_filter"):
+        tf.extractall(dest, filter="data")
+        return
+    for m in tf.getmembers():
+        name = os.path.normpath(m.name)
+        if name.startswith(("/", "..")) or not (m.isfile() or m.isdir()):
+            raise RuntimeError(f"refusing {m.name!r} in the working dir's archive")
+    tf.extractall(dest)  # noqa: S202 - members checked above
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """`exc` if it survives a pickle round trip, else an HPCServerlessError that tells it."""
+    from .errors import HPCServerlessError
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - any exception that cannot travel is described instead
+        return HPCServerlessError(f"{type(exc).__name__}: {exc}")
+
+
+def serve(path: str) -> int:
+    """The daemon: read the site from stdin, listen on `path`, serve until idle."""
+    site: Site = pickle.loads(sys.stdin.buffer.read())
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(process)d %(levelname)s %(message)s")
+    agent = Agent(site)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if os.path.exists(path):
+        os.unlink(path)  # a dead daemon's (the relay holds the site's lock while we start)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    sock.settimeout(1.0)
+    record = {"where": _where(), "pid": os.getpid(), "socket": path, "started": time.time(),
+              "versions": versions()}
+    from .fs import LOCAL
+
+    LOCAL.write_atomic(str(site.storage_path / "agent.json"), json.dumps(record).encode())
+    log.info("serving %s on %s", site.name, path)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while not stop.is_set():
+        try:
+            conn, _ = sock.accept()
+        except TimeoutError:
+            if agent.clients == 0 and time.monotonic() - agent.last_left > site.agent_grace:
+                log.info("no client for %.0f s: leaving", site.agent_grace)
+                break
+            continue
+        threading.Thread(target=agent.serve_connection, args=(conn,), daemon=True).start()
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[0] == "--serve":
+        return serve(args[1])
+    return relay()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
