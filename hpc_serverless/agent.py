@@ -30,6 +30,7 @@ import pickle
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
@@ -107,10 +108,12 @@ def check_storage(site: Site) -> str | None:
 
 
 def _private_dir(path: Path) -> None:
+    """The agent's socket folder: anyone who can reach the socket can make the agent run
+    code as this user, so it must be ours, private, and not a link planted in /tmp."""
     path.mkdir(mode=0o700, exist_ok=True)
-    st = path.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise PermissionError(f"{path} must belong to uid {os.getuid()} with mode 0700")
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{path} must be a directory of uid {os.getuid()} with mode 0700")
 
 
 def _connect(path: Path) -> socket.socket | None:

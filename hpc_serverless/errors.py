@@ -171,7 +171,9 @@ class ProgramError(HPCServerlessError, ValueError):
 class JobNotFoundError(HPCServerlessError, LookupError):
     """No job with this id where it was looked for; ``where`` names the place(s)."""
 
-    def __init__(self, message: str, *, job_id: str, where: str) -> None:
+    def __init__(self, message: str, *, job_id: str = "", where: str = "") -> None:
+        # keyword defaults: an exception is unpickled as cls(message), then its __dict__
+        # (it travels from the agent on a login node)
         super().__init__(message)
         self.job_id, self.where = job_id, where
 

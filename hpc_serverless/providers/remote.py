@@ -24,7 +24,7 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..calls import find_task_refs, pack_arguments
-from ..errors import GetTimeoutError, HPCServerlessError, TaskCancelledError
+from ..errors import GetTimeoutError, HPCServerlessError, JobNotFoundError, TaskCancelledError
 from ..programs import Job, Program
 from ..refs import TaskRef, TaskStatus, register_backend, register_store
 from ..serialization import loads, unpack_exception
@@ -381,7 +381,12 @@ class RemoteProvider(Provider):
         return str(self.agent.call("render_program", program, dict(arguments or {})))
 
     def get_job_by_id(self, job_id: str) -> Job:
-        return Job(str(self.agent.call("get_job", job_id)), RemoteJobs(self), self.name)
+        try:
+            return Job(str(self.agent.call("get_job", job_id)), RemoteJobs(self), self.name)
+        except JobNotFoundError as exc:  # the agent looked on the login node: say which one
+            where = f"{self.site.host}:{exc.where}"
+            raise JobNotFoundError(f"no job {job_id!r} on provider '{self.name}' (looked in {where})",
+                                   job_id=job_id, where=where) from None
 
     def jobs(self) -> list[Job]:
         return [Job(j, RemoteJobs(self), self.name) for j in self.agent.call("jobs")]
@@ -394,6 +399,10 @@ class RemoteProvider(Provider):
     def close(self) -> None:
         self.agent.close()
         self.transport.close()
+
+    def search_blocker(self) -> str | None:
+        """Looking for a job here must not ask anyone for a password just to look."""
+        return self.transport.login_blocker()
 
     def describe(self) -> str:
         return f"{self.name} ({self.site.scheduler} site '{self.site.name}' via an agent at {self.transport.describe()})"

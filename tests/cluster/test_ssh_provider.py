@@ -188,6 +188,6 @@ def test_job_search_does_not_prompt_for_a_provider_that_is_not_connected(tmp_pat
             assert "not searched: remote (not connected, and logging in to hpcsl@127.0.0.1:2222 asks for" in msg
             assert transport.connection is None
         else:
-            assert "not searched" not in msg and "remote (127.0.0.1:/tmp/hpcs-remote-" in msg, msg
+            assert "not searched" not in msg and "remote (127.0.0.1:/home/hpcsl/" in msg, msg
         transport.close()
     assert prompts == []
