@@ -32,3 +32,17 @@ def drop_ssh(port: int = 2222, client_port: int | None = None) -> int:
     """Kill the sshd processes serving connections to `port` (from `client_port` only, if
     given): a dropped connection, as a network or a login node would drop it. How many."""
     return int(admin("drop-ssh", str(port), *([str(client_port)] if client_port else [])).strip() or 0)
+
+
+def cluster_python() -> dict[str, object]:
+    """Site keys that give the cluster account this test run's interpreter (readable by
+    every account) as `~/hpcs-venv-<id>/bin/python`, linked by a setup line, so it builds no
+    venv of its own. The link is named after this run's venv: runs from several checkouts
+    at once must not relink each other's."""
+    import hashlib
+    import shlex
+    import sys
+
+    link = "hpcs-venv-" + hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    return {"python": f"~/{link}/bin/python",
+            "setup": [f"ln -sfn {shlex.quote(sys.prefix)} \"$HOME/{link}\""]}

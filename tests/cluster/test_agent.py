@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import shlex
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ import pytest
 from hpc_serverless import HPCServerlessError, QuantumServerless, distribute_task, get, put
 from hpc_serverless.errors import StoreError
 
-from ..testcluster import KEY, KNOWN_HOSTS
+from ..testcluster import KEY, KNOWN_HOSTS, cluster_python
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ssh]
 
@@ -38,8 +36,8 @@ def _need_sshd():
 
 def write_site(path: Path, **extra: object) -> Path:
     """A site file as a user writes it from example-slurm.yaml. The cluster account's
-    python is ~/hpcs-venv/bin/python, which the setup line links to this test run's
-    interpreter (readable by every account), so hpcsl does not build a venv of its own."""
+    python is this test run's interpreter, linked by a setup line
+    (tests/testcluster.cluster_python) (readable by every account), so hpcsl does not build a venv of its own."""
     import yaml
 
     site = {
@@ -47,8 +45,7 @@ def write_site(path: Path, **extra: object) -> Path:
         "host": "127.0.0.1", "port": 2222, "username": CLUSTER_USER,
         "key_filename": KEY, "known_hosts": KNOWN_HOSTS,
         "storage": "${SCRATCH:-$HOME}/hpc_serverless/t-" + secrets.token_hex(4),
-        "python": "~/hpcs-venv/bin/python",
-        "setup": [f"ln -sfn {shlex.quote(sys.prefix)} \"$HOME/hpcs-venv\""],
+        **cluster_python(),
         "defaults": {"partition": "debug", "time": 10, "mem": "400M"},
         "poll_interval": 1, "max_poll_interval": 3, "agent_grace": 20,
         **extra,

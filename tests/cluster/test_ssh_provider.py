@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shlex
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,7 @@ import pytest
 from hpc_serverless import Program, QuantumServerless, distribute_task, get, put
 from hpc_serverless.errors import HostKeyError
 
-from ..testcluster import KEY, KNOWN_HOSTS, SSH_CONFIG, drop_ssh
+from ..testcluster import KEY, KNOWN_HOSTS, SSH_CONFIG, cluster_python, drop_ssh
 from ..traceback_checks import assert_user_frame
 from .conftest import ROOT
 
@@ -43,8 +42,7 @@ def _config(tmp_path, site_path, **entry) -> Path:
 
     provider = {"name": "remote", "site": site_path, "username": "hpcsl",
                 "storage": "${SCRATCH:-$HOME}/hpcs-remote-" + secrets.token_hex(4),
-                "python": "~/hpcs-venv/bin/python",
-                "setup": [f"ln -sfn {shlex.quote(sys.prefix)} \"$HOME/hpcs-venv\""],
+                **cluster_python(),
                 "agent_grace": 30, **entry}
     cfg = tmp_path / "serverless.yaml"
     cfg.write_text(yaml.safe_dump({"providers": [{"name": "local"}, provider], "default": "remote"}))
