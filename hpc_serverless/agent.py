@@ -396,16 +396,16 @@ class Agent:
         self.provider.store.delete(key)
 
     # -- programs ------------------------------------------------------------------------------
-    def op_run_program(self, program: Any, arguments: Any, tar: bytes) -> str:
-        """Unpack the client's working dir here, then run the program as on the login node."""
+    def op_run_program(self, program: Any, arguments: Any, tar: bytes, name: str | None = None) -> str:
+        """Unpack the client's working dir here, then run the program as on the login node
+        (its job id starting with the client's provider `name`)."""
         import dataclasses
 
         tmp = tempfile.mkdtemp(prefix="hpcs-workdir-")
         try:
             with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
                 _safe_extract(tf, tmp)
-            job = self.provider.run_program(dataclasses.replace(program, working_dir=tmp), arguments)
-            return job.job_id
+            return self._jobs().run(dataclasses.replace(program, working_dir=tmp), arguments, name=name).job_id
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -442,6 +442,12 @@ class Agent:
         return pickle.PickleBuffer(data), [pickle.PickleBuffer(b) for b in buffers]
 
     # -- facts ---------------------------------------------------------------------------------
+    def op_site_check(self) -> list[str]:
+        """`hpc-serverless sites check` of a site with a host: the login node's checks, here."""
+        from .sites import login_node_checks
+
+        return login_node_checks(self.provider)
+
     def op_stats(self) -> dict[str, int]:
         return self.provider.stats()
 

@@ -37,7 +37,7 @@ from pathlib import PurePosixPath
 from typing import IO, Any
 
 from .errors import CorruptObjectError, ObjectNotFoundError, SerializationError, StoreError, UnsafeStoreError
-from .fs import FS, LOCAL
+from .fs import LOCAL
 from .serialization import dumps_oob, loads
 
 __all__ = ["ObjectStore", "new_object_id"]
@@ -61,10 +61,9 @@ def new_object_id() -> str:
 class ObjectStore:
     """Objects under one root directory, addressed by relative keys ("objects/ab/abcd...")."""
 
-    def __init__(self, root: str | os.PathLike[str], fs: FS | None = None) -> None:
-        self.fs = fs or LOCAL
-        raw = str(root) if self.fs.remote else os.path.expandvars(os.path.expanduser(str(root)))
-        self.root = PurePosixPath(raw if self.fs.remote else os.path.abspath(raw))
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.fs = LOCAL
+        self.root = PurePosixPath(os.path.abspath(os.path.expandvars(os.path.expanduser(str(root)))))
         self._checked_dirs: set[PurePosixPath] = set()
 
     def __repr__(self) -> str:

@@ -374,7 +374,7 @@ class RemoteProvider(Provider):
         with tarfile.open(fileobj=buf, mode="w") as tf:
             for entry in sorted(os.listdir(wd)):
                 tf.add(os.path.join(wd, entry), arcname=entry, filter=_anonymous)
-        job_id = self.agent.call("run_program", program, dict(arguments or {}), buf.getvalue())
+        job_id = self.agent.call("run_program", program, dict(arguments or {}), buf.getvalue(), self.name)
         return Job(str(job_id), RemoteJobs(self), self.name)
 
     def render_program(self, program: Program, arguments: Mapping[str, Any] | None = None) -> str:

@@ -176,3 +176,15 @@ def test_killed_agent_is_replaced_and_tasks_are_found_again(site_file):
         assert get(refs, timeout=180) == [0.0, 3.0, 6.0]
         assert get(table) == {"h": [3.0]}
     assert provider.agent.info["pid"] != first
+
+
+def test_sites_check_runs_on_the_login_node_through_the_agent(site_file):
+    """`hpc-serverless sites check` of a site with a host: the scheduler's commands and the
+    storage probe run in the cluster account (storage resolved there), not on the laptop."""
+    from hpc_serverless.sites import check_site
+
+    lines = list(check_site(str(site_file)))
+    assert f"agent: {CLUSTER_USER}@" in lines[1]
+    assert any(line.startswith("  sinfo -h") and ": ok" in line for line in lines)
+    assert lines[-1].startswith(f"  storage /home/{CLUSTER_USER}/hpc_serverless/t-") and "writable" in lines[-1]
+
