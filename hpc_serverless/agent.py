@@ -44,6 +44,7 @@ from .wire import FrameError, encode, exact_reader, read_frame, versions
 
 if TYPE_CHECKING:
     from .providers.batch import BatchProvider
+    from .providers.pilot import PilotBackend
     from .site import Site
 
 log = logging.getLogger("hpc_serverless.agent")
@@ -221,10 +222,11 @@ class Agent:
         from .providers.batch import BatchProvider
 
         if not isinstance(provider, BatchProvider):
-            raise RuntimeError(f"site '{site.name}': mode {site.mode} is not served over SSH yet; "
-                               "use mode: jobs from outside the cluster")
+            raise RuntimeError(f"site '{site.name}': mode {site.mode} is not served over SSH")
         self.provider: BatchProvider = provider
-        self.backend = provider.backend
+        self.backend = provider.backend  # programs' job states (and tasks in job mode)
+        #: in pilot mode the dask scheduler runs here, where the workers can reach it
+        self.pilot: PilotBackend | None = getattr(provider, "pilot", None)
         self._pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="agent")
         self._answers: collections.OrderedDict[str, concurrent.futures.Future[Any]] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -234,7 +236,8 @@ class Agent:
     def info(self) -> dict[str, Any]:
         return {"id": "hello", "ok": True, "versions": versions(), "where": _where(), "pid": os.getpid(),
                 "store_root": str(self.provider.store.root), "storage": str(self.site.storage_path),
-                "python": self.site.python, "backend_key": self.backend.key}
+                "python": self.site.python, "mode": self.site.mode,
+                "backend_key": self.pilot.key if self.pilot is not None else self.backend.key}
 
     # -- connections ---------------------------------------------------------------------------
     def serve_connection(self, conn: socket.socket) -> None:
@@ -314,11 +317,11 @@ class Agent:
 
     def op_submit(self, calls: list[dict[str, Any]]) -> list[tuple[str | None, BaseException | None]]:
         """Queue a batch of calls, submit them now (arrays by target), return their job ids."""
-        tasks = []
-        for c in calls:
-            ref = self.provider.submit_packed(c["task_id"], c["name"], c["fn_key"], c["fn_bytes"], c["args"],
-                                              c["deps"], c["target"])
-            tasks.append(self.backend._tasks[ref.task_id])
+        refs = [self.provider.submit_packed(c["task_id"], c["name"], c["fn_key"], c["fn_bytes"], c["args"],
+                                            c["deps"], c["target"]) for c in calls]
+        if self.pilot is not None:  # the pilot's flusher sends them to the workers at once
+            return [(None, None) for _ in refs]
+        tasks = [self.backend._tasks[r.task_id] for r in refs]
         self.backend.flush()
         return [(t.job_id, _portable(t.error) if t.error else None) for t in tasks]
 
@@ -332,6 +335,8 @@ class Agent:
         per poll whatever the number of tasks."""
         from .refs import TaskStatus
 
+        if self.pilot is not None:
+            return self._poll_pilot(self.pilot, items, wait, inline_limit)
         refs = [self._ref(*item) for item in items]
         deadline = time.monotonic() + min(wait, 5.0)
         while True:
@@ -357,10 +362,51 @@ class Agent:
             out[r.task_id] = entry
         return out
 
+    def _poll_pilot(self, pilot: PilotBackend, items: list[tuple[str, str, str | None]], wait: float,
+                    inline_limit: int) -> dict[str, dict[str, Any]]:
+        """op_poll in pilot mode: the calls live in this process (in the pilot backend), and
+        the wait ends as soon as one of them is final (the collector notifies)."""
+        from .errors import HPCServerlessError
+        from .refs import TaskStatus
+
+        deadline = time.monotonic() + min(wait, 5.0)
+        out: dict[str, dict[str, Any]] = {}
+        with pilot._lock:
+            calls = {tid: pilot._calls.get(tid) for tid, _f, _j in items}
+            while not any(c is None or c.final for c in calls.values()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                pilot._cv.wait(remaining)
+            budget = inline_limit
+            for tid, c in calls.items():
+                if c is None:
+                    out[tid] = {"status": TaskStatus.FAILED, "job_id": None, "error": HPCServerlessError(
+                        f"task {tid} is not known to the agent serving this pilot site (pilot tasks live "
+                        "in the agent that ran them, which has been replaced since)")}
+                    continue
+                status = pilot.task_status(c.ref)
+                entry: dict[str, Any] = {"status": status, "job_id": c.ref._job_id}
+                if c.error is not None:
+                    entry["error"] = _portable(c.error)
+                elif c.outcome is not None and c.outcome[1] is not None and budget > 0:
+                    entry["outcome"] = (bool(c.outcome[0]), c.outcome[1])
+                    budget -= len(c.outcome[1])
+                out[tid] = entry
+        return out
+
     def _outcome(self, task_id: str) -> tuple[bool, bytes] | None:
         from .errors import ObjectNotFoundError
         from .worker import result_key
 
+        if self.pilot is not None:
+            with self.pilot._lock:
+                c = self.pilot._calls.get(task_id)
+                outcome = c.outcome if c is not None else None
+            if outcome is None:
+                return None
+            if outcome[1] is not None:  # small results came back inside dask messages
+                return bool(outcome[0]), outcome[1]
         try:
             ok, payload, _info = self.provider.store.get(result_key(task_id))
         except ObjectNotFoundError:
@@ -371,10 +417,20 @@ class Agent:
         return self._outcome(task_id)
 
     def op_info(self, task_id: str, function: str, job_id: str | None) -> dict[str, Any]:
+        if self.pilot is not None:
+            return self.pilot.task_info(self._pilot_ref(task_id, function))
         return self.backend.task_info(self._ref(task_id, function, job_id))
 
     def op_cancel(self, task_id: str, function: str, job_id: str | None) -> bool:
+        if self.pilot is not None:
+            return self.pilot.task_cancel(self._pilot_ref(task_id, function))
         return self.backend.task_cancel(self._ref(task_id, function, job_id))
+
+    def _pilot_ref(self, task_id: str, function: str) -> Any:
+        from .refs import TaskRef
+
+        assert self.pilot is not None
+        return TaskRef(task_id, self.pilot.key, self.provider.name, function, backend=self.pilot)
 
     # -- objects -------------------------------------------------------------------------------
     def op_write_parts(self, key: str, parts: list[Any], overwrite: bool, type_name: str,
