@@ -40,7 +40,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .wire import FrameError, encode, exact_reader, read_frame, versions
+from .streaming import Filling, read_request
+from .wire import FrameError, encode, exact_reader, exact_reader_into, read_frame, versions
 
 if TYPE_CHECKING:
     from .providers.batch import BatchProvider
@@ -74,6 +75,10 @@ def _write(fd: int, message: Any) -> None:
         while view.nbytes:
             n = os.write(fd, view)
             view = view[n:]
+
+
+def _readinto(fd: int, view: memoryview) -> int:
+    return os.readv(fd, [view])
 
 
 def _where() -> str:
@@ -185,26 +190,15 @@ def relay() -> int:
     except (OSError, RuntimeError) as exc:
         _write(1, _hello_error("start", f"the agent on {_where()} could not start: {exc}"))
         return 3
+    # the daemon reads and writes the channel's own pipes (no copy through this process):
+    # they travel with the first byte, the hello follows on the socket
+    socket.send_fds(conn, [b"F"], [0, 1])
     for part in encode(hello):
         conn.sendall(part)
-
-    def upstream() -> None:  # channel -> daemon
-        try:
-            while data := os.read(0, 1 << 20):
-                conn.sendall(data)
-        except OSError:
-            pass
-        try:
-            conn.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    threading.Thread(target=upstream, daemon=True).start()
-    try:
-        while data := conn.recv(1 << 20):
-            view = memoryview(data)
-            while view.nbytes:
-                view = view[os.write(1, view):]
+    os.close(0)
+    os.close(1)
+    try:  # until the daemon is done with this client (the channel stays open as long)
+        conn.recv(1)
     except OSError:
         pass
     return 0
@@ -241,48 +235,78 @@ class Agent:
 
     # -- connections ---------------------------------------------------------------------------
     def serve_connection(self, conn: socket.socket) -> None:
+        """One client: its relay hands over the SSH channel's pipes (stdin, stdout) with the
+        first byte, then the hello on the socket; requests and answers use the pipes."""
         write_lock = threading.Lock()
-
-        def send(message: Any) -> None:
-            with write_lock:
-                for part in encode(message):
-                    conn.sendall(part)
-
-        read = exact_reader(conn.recv)
+        fds: list[int] = []
         with self._lock:
             self.clients += 1
         try:
-            hello = read_frame(read)
+            _first, fds, _flags, _addr = socket.recv_fds(conn, 1, 2)
+            if len(fds) != 2:
+                raise EOFError("the relay sent no channel")
+            rfd, wfd = fds
+
+            def send(message: Any) -> None:
+                with write_lock:
+                    _write(wfd, message)
+
+            hello = read_frame(exact_reader(conn.recv))
+            read = exact_reader_into(functools.partial(_readinto, rfd))
             problem = version_problem(hello.get("versions", {}), versions())
             if problem:
                 send(_hello_error("version", problem + f" (a running agent, pid {os.getpid()}: it "
                                   "leaves after its grace period, or end it with kill)"))
                 return
             send(self.info())
-            while True:
-                request = read_frame(read)
-                future = self._submit(request)
+            readinto = functools.partial(_readinto, rfd)
+
+            def start(request: dict[str, Any], filling: Filling | None) -> None:
+                future = self._submit(request, filling)
                 future.add_done_callback(functools.partial(self._answer, send, request["id"]))
+
+            while True:
+                read_request(read, readinto, start)
         except (EOFError, OSError, FrameError):
             pass
         finally:
-            conn.close()
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            conn.close()  # the relay leaves, and with it the channel
             with self._lock:
                 self.clients -= 1
                 self.last_left = time.monotonic()
 
-    def _submit(self, request: dict[str, Any]) -> concurrent.futures.Future[Any]:
-        """Run a request once: a request id seen before gets the first run's answer."""
+    def _submit(self, request: dict[str, Any], filling: Filling | None = None) -> concurrent.futures.Future[Any]:
+        """Run a request once: a request id seen before gets the first run's answer. A put
+        still streaming in (`filling`) is written as it arrives; if its stream breaks, its
+        id is forgotten, so that the client's retry runs it again."""
         rid = request["id"]
         with self._lock:
             known = self._answers.get(rid)
-            if known is not None:
-                return known
-            future = self._pool.submit(self.handle, request["op"], request.get("args", ()))
+            broken = known is not None and known.done() and isinstance(known.exception(), EOFError)
+            if known is not None and not broken:
+                return known  # (a put's bytes are still read off the stream, and dropped)
+            if filling is not None:
+                key, parts, overwrite, type_name, meta, durable = request["args"]
+                future = self._pool.submit(self.provider.store.write_parts, key, [memoryview(p) for p in parts],
+                                           overwrite=overwrite, type_name=type_name, meta=meta, durable=durable,
+                                           ready=filling.wait)
+                future.add_done_callback(functools.partial(self._forget_broken, rid))
+            else:
+                future = self._pool.submit(self.handle, request["op"], request.get("args", ()))
             self._answers[rid] = future
             while len(self._answers) > _REMEMBER:
                 self._answers.popitem(last=False)
             return future
+
+    def _forget_broken(self, rid: str, future: concurrent.futures.Future[Any]) -> None:
+        if isinstance(future.exception(), EOFError):
+            with self._lock:
+                self._answers.pop(rid, None)
 
     @staticmethod
     def _answer(send: Callable[[Any], None], rid: str, future: concurrent.futures.Future[Any]) -> None:

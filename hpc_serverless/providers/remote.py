@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..calls import find_task_refs, pack_arguments
 from ..errors import GetTimeoutError, HPCServerlessError, JobNotFoundError, TaskCancelledError
@@ -57,8 +57,8 @@ class RemoteStore(ObjectStore):
 
     def write_parts(self, key: str, parts: list[memoryview], *, overwrite: bool = False,
                     type_name: str = "", meta: dict[str, Any] | None = None,
-                    durable: bool | None = None) -> int:
-        self.path_of(key)  # a bad key is refused here
+                    durable: bool | None = None, ready: Callable[[int, int], None] | None = None) -> int:
+        self.path_of(key)  # a bad key is refused here (`ready` is for parts still arriving: not here)
         return int(self._agent.call("write_parts", key, [pickle.PickleBuffer(p) for p in parts],
                                     overwrite, type_name, meta, durable))
 
