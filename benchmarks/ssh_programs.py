@@ -3,8 +3,9 @@
     python benchmarks/ssh_programs.py [--n 50] [--host 127.0.0.1] [--port 2222] [--user root]
                                       [--key ~/.ssh/id_ed25519] [--known-hosts FILE]
 
-Ours: `run_program` N times through a provider with a host (one connection carries the
-staging tar stream, the SFTP writes of arguments/record/script, and sbatch).
+Ours: `run_program` N times through a provider with a host (one agent request each,
+over one connection, carries the working dir as a tar; the agent on the login node writes
+the record, arguments and script and runs sbatch).
 Baseline: what a shell script would do for each program with the OpenSSH client: `ssh
 mkdir`, `tar c | ssh tar x`, `ssh 'cat > job.sh'`, `ssh sbatch` (four ssh processes,
 each a new connection). Both submit the same trivial program to the same cluster.
@@ -36,7 +37,7 @@ def bench_ssh(n: int, site: str = "site_configs/localhost-slurm.yaml", host: str
         "key_filename": key, "known_hosts": known_hosts, "storage": remote_root}]})
     s.set_provider("remote")
     program = Program("bench", "main.py", working_dir=str(src), target={"time": 1})
-    s.provider("remote").transport.run(["true"])  # connect once, outside the timing
+    s.provider("remote").agent.connect()  # connect and start the agent once, outside the timing
     t0 = time.perf_counter()
     for _ in range(n):
         s.run_program(program)

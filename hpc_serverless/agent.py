@@ -40,10 +40,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .wire import FrameError, encode, exact_reader, read_frame, versions
+from .streaming import Filling, read_request
+from .wire import FrameError, encode, exact_reader, exact_reader_into, read_frame, versions
 
 if TYPE_CHECKING:
     from .providers.batch import BatchProvider
+    from .providers.pilot import PilotBackend
     from .site import Site
 
 log = logging.getLogger("hpc_serverless.agent")
@@ -73,6 +75,10 @@ def _write(fd: int, message: Any) -> None:
         while view.nbytes:
             n = os.write(fd, view)
             view = view[n:]
+
+
+def _readinto(fd: int, view: memoryview) -> int:
+    return os.readv(fd, [view])
 
 
 def _where() -> str:
@@ -184,26 +190,15 @@ def relay() -> int:
     except (OSError, RuntimeError) as exc:
         _write(1, _hello_error("start", f"the agent on {_where()} could not start: {exc}"))
         return 3
+    # the daemon reads and writes the channel's own pipes (no copy through this process):
+    # they travel with the first byte, the hello follows on the socket
+    socket.send_fds(conn, [b"F"], [0, 1])
     for part in encode(hello):
         conn.sendall(part)
-
-    def upstream() -> None:  # channel -> daemon
-        try:
-            while data := os.read(0, 1 << 20):
-                conn.sendall(data)
-        except OSError:
-            pass
-        try:
-            conn.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    threading.Thread(target=upstream, daemon=True).start()
-    try:
-        while data := conn.recv(1 << 20):
-            view = memoryview(data)
-            while view.nbytes:
-                view = view[os.write(1, view):]
+    os.close(0)
+    os.close(1)
+    try:  # until the daemon is done with this client (the channel stays open as long)
+        conn.recv(1)
     except OSError:
         pass
     return 0
@@ -221,10 +216,11 @@ class Agent:
         from .providers.batch import BatchProvider
 
         if not isinstance(provider, BatchProvider):
-            raise RuntimeError(f"site '{site.name}': mode {site.mode} is not served over SSH yet; "
-                               "use mode: jobs from outside the cluster")
+            raise RuntimeError(f"site '{site.name}': mode {site.mode} is not served over SSH")
         self.provider: BatchProvider = provider
-        self.backend = provider.backend
+        self.backend = provider.backend  # programs' job states (and tasks in job mode)
+        #: in pilot mode the dask scheduler runs here, where the workers can reach it
+        self.pilot: PilotBackend | None = getattr(provider, "pilot", None)
         self._pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="agent")
         self._answers: collections.OrderedDict[str, concurrent.futures.Future[Any]] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -234,52 +230,83 @@ class Agent:
     def info(self) -> dict[str, Any]:
         return {"id": "hello", "ok": True, "versions": versions(), "where": _where(), "pid": os.getpid(),
                 "store_root": str(self.provider.store.root), "storage": str(self.site.storage_path),
-                "python": self.site.python, "backend_key": self.backend.key}
+                "python": self.site.python, "mode": self.site.mode,
+                "backend_key": self.pilot.key if self.pilot is not None else self.backend.key}
 
     # -- connections ---------------------------------------------------------------------------
     def serve_connection(self, conn: socket.socket) -> None:
+        """One client: its relay hands over the SSH channel's pipes (stdin, stdout) with the
+        first byte, then the hello on the socket; requests and answers use the pipes."""
         write_lock = threading.Lock()
-
-        def send(message: Any) -> None:
-            with write_lock:
-                for part in encode(message):
-                    conn.sendall(part)
-
-        read = exact_reader(conn.recv)
+        fds: list[int] = []
         with self._lock:
             self.clients += 1
         try:
-            hello = read_frame(read)
+            _first, fds, _flags, _addr = socket.recv_fds(conn, 1, 2)
+            if len(fds) != 2:
+                raise EOFError("the relay sent no channel")
+            rfd, wfd = fds
+
+            def send(message: Any) -> None:
+                with write_lock:
+                    _write(wfd, message)
+
+            hello = read_frame(exact_reader(conn.recv))
+            read = exact_reader_into(functools.partial(_readinto, rfd))
             problem = version_problem(hello.get("versions", {}), versions())
             if problem:
                 send(_hello_error("version", problem + f" (a running agent, pid {os.getpid()}: it "
                                   "leaves after its grace period, or end it with kill)"))
                 return
             send(self.info())
-            while True:
-                request = read_frame(read)
-                future = self._submit(request)
+            readinto = functools.partial(_readinto, rfd)
+
+            def start(request: dict[str, Any], filling: Filling | None) -> None:
+                future = self._submit(request, filling)
                 future.add_done_callback(functools.partial(self._answer, send, request["id"]))
+
+            while True:
+                read_request(read, readinto, start)
         except (EOFError, OSError, FrameError):
             pass
         finally:
-            conn.close()
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            conn.close()  # the relay leaves, and with it the channel
             with self._lock:
                 self.clients -= 1
                 self.last_left = time.monotonic()
 
-    def _submit(self, request: dict[str, Any]) -> concurrent.futures.Future[Any]:
-        """Run a request once: a request id seen before gets the first run's answer."""
+    def _submit(self, request: dict[str, Any], filling: Filling | None = None) -> concurrent.futures.Future[Any]:
+        """Run a request once: a request id seen before gets the first run's answer. A put
+        still streaming in (`filling`) is written as it arrives; if its stream breaks, its
+        id is forgotten, so that the client's retry runs it again."""
         rid = request["id"]
         with self._lock:
             known = self._answers.get(rid)
-            if known is not None:
-                return known
-            future = self._pool.submit(self.handle, request["op"], request.get("args", ()))
+            broken = known is not None and known.done() and isinstance(known.exception(), EOFError)
+            if known is not None and not broken:
+                return known  # (a put's bytes are still read off the stream, and dropped)
+            if filling is not None:
+                key, parts, overwrite, type_name, meta, durable = request["args"]
+                future = self._pool.submit(self.provider.store.write_parts, key, [memoryview(p) for p in parts],
+                                           overwrite=overwrite, type_name=type_name, meta=meta, durable=durable,
+                                           ready=filling.wait)
+                future.add_done_callback(functools.partial(self._forget_broken, rid))
+            else:
+                future = self._pool.submit(self.handle, request["op"], request.get("args", ()))
             self._answers[rid] = future
             while len(self._answers) > _REMEMBER:
                 self._answers.popitem(last=False)
             return future
+
+    def _forget_broken(self, rid: str, future: concurrent.futures.Future[Any]) -> None:
+        if isinstance(future.exception(), EOFError):
+            with self._lock:
+                self._answers.pop(rid, None)
 
     @staticmethod
     def _answer(send: Callable[[Any], None], rid: str, future: concurrent.futures.Future[Any]) -> None:
@@ -314,11 +341,11 @@ class Agent:
 
     def op_submit(self, calls: list[dict[str, Any]]) -> list[tuple[str | None, BaseException | None]]:
         """Queue a batch of calls, submit them now (arrays by target), return their job ids."""
-        tasks = []
-        for c in calls:
-            ref = self.provider.submit_packed(c["task_id"], c["name"], c["fn_key"], c["fn_bytes"], c["args"],
-                                              c["deps"], c["target"])
-            tasks.append(self.backend._tasks[ref.task_id])
+        refs = [self.provider.submit_packed(c["task_id"], c["name"], c["fn_key"], c["fn_bytes"], c["args"],
+                                            c["deps"], c["target"]) for c in calls]
+        if self.pilot is not None:  # the pilot's flusher sends them to the workers at once
+            return [(None, None) for _ in refs]
+        tasks = [self.backend._tasks[r.task_id] for r in refs]
         self.backend.flush()
         return [(t.job_id, _portable(t.error) if t.error else None) for t in tasks]
 
@@ -332,6 +359,8 @@ class Agent:
         per poll whatever the number of tasks."""
         from .refs import TaskStatus
 
+        if self.pilot is not None:
+            return self._poll_pilot(self.pilot, items, wait, inline_limit)
         refs = [self._ref(*item) for item in items]
         deadline = time.monotonic() + min(wait, 5.0)
         while True:
@@ -357,10 +386,51 @@ class Agent:
             out[r.task_id] = entry
         return out
 
+    def _poll_pilot(self, pilot: PilotBackend, items: list[tuple[str, str, str | None]], wait: float,
+                    inline_limit: int) -> dict[str, dict[str, Any]]:
+        """op_poll in pilot mode: the calls live in this process (in the pilot backend), and
+        the wait ends as soon as one of them is final (the collector notifies)."""
+        from .errors import HPCServerlessError
+        from .refs import TaskStatus
+
+        deadline = time.monotonic() + min(wait, 5.0)
+        out: dict[str, dict[str, Any]] = {}
+        with pilot._lock:
+            calls = {tid: pilot._calls.get(tid) for tid, _f, _j in items}
+            while not any(c is None or c.final for c in calls.values()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                pilot._cv.wait(remaining)
+            budget = inline_limit
+            for tid, c in calls.items():
+                if c is None:
+                    out[tid] = {"status": TaskStatus.FAILED, "job_id": None, "error": HPCServerlessError(
+                        f"task {tid} is not known to the agent serving this pilot site (pilot tasks live "
+                        "in the agent that ran them, which has been replaced since)")}
+                    continue
+                status = pilot.task_status(c.ref)
+                entry: dict[str, Any] = {"status": status, "job_id": c.ref._job_id}
+                if c.error is not None:
+                    entry["error"] = _portable(c.error)
+                elif c.outcome is not None and c.outcome[1] is not None and budget > 0:
+                    entry["outcome"] = (bool(c.outcome[0]), c.outcome[1])
+                    budget -= len(c.outcome[1])
+                out[tid] = entry
+        return out
+
     def _outcome(self, task_id: str) -> tuple[bool, bytes] | None:
         from .errors import ObjectNotFoundError
         from .worker import result_key
 
+        if self.pilot is not None:
+            with self.pilot._lock:
+                c = self.pilot._calls.get(task_id)
+                outcome = c.outcome if c is not None else None
+            if outcome is None:
+                return None
+            if outcome[1] is not None:  # small results came back inside dask messages
+                return bool(outcome[0]), outcome[1]
         try:
             ok, payload, _info = self.provider.store.get(result_key(task_id))
         except ObjectNotFoundError:
@@ -371,10 +441,20 @@ class Agent:
         return self._outcome(task_id)
 
     def op_info(self, task_id: str, function: str, job_id: str | None) -> dict[str, Any]:
+        if self.pilot is not None:
+            return self.pilot.task_info(self._pilot_ref(task_id, function))
         return self.backend.task_info(self._ref(task_id, function, job_id))
 
     def op_cancel(self, task_id: str, function: str, job_id: str | None) -> bool:
+        if self.pilot is not None:
+            return self.pilot.task_cancel(self._pilot_ref(task_id, function))
         return self.backend.task_cancel(self._ref(task_id, function, job_id))
+
+    def _pilot_ref(self, task_id: str, function: str) -> Any:
+        from .refs import TaskRef
+
+        assert self.pilot is not None
+        return TaskRef(task_id, self.pilot.key, self.provider.name, function, backend=self.pilot)
 
     # -- objects -------------------------------------------------------------------------------
     def op_write_parts(self, key: str, parts: list[Any], overwrite: bool, type_name: str,
@@ -396,16 +476,16 @@ class Agent:
         self.provider.store.delete(key)
 
     # -- programs ------------------------------------------------------------------------------
-    def op_run_program(self, program: Any, arguments: Any, tar: bytes) -> str:
-        """Unpack the client's working dir here, then run the program as on the login node."""
+    def op_run_program(self, program: Any, arguments: Any, tar: bytes, name: str | None = None) -> str:
+        """Unpack the client's working dir here, then run the program as on the login node
+        (its job id starting with the client's provider `name`)."""
         import dataclasses
 
         tmp = tempfile.mkdtemp(prefix="hpcs-workdir-")
         try:
             with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
                 _safe_extract(tf, tmp)
-            job = self.provider.run_program(dataclasses.replace(program, working_dir=tmp), arguments)
-            return job.job_id
+            return self._jobs().run(dataclasses.replace(program, working_dir=tmp), arguments, name=name).job_id
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -442,6 +522,12 @@ class Agent:
         return pickle.PickleBuffer(data), [pickle.PickleBuffer(b) for b in buffers]
 
     # -- facts ---------------------------------------------------------------------------------
+    def op_site_check(self) -> list[str]:
+        """`hpc-serverless sites check` of a site with a host: the login node's checks, here."""
+        from .sites import login_node_checks
+
+        return login_node_checks(self.provider)
+
     def op_stats(self) -> dict[str, int]:
         return self.provider.stats()
 

@@ -1,11 +1,10 @@
-"""Filesystems the object store and job records live on: this machine's, or a remote one
-over SFTP. The store is written against this small interface, so `put`/`get` work the
-same on a login node and on a laptop that reaches the cluster over SSH.
+"""The filesystem the object store and job records live on: this machine's, which on a
+login node is its view of the cluster's shared filesystem. (A laptop never writes a
+cluster's files: a site reached over SSH is served by its agent on the login node.)
 """
 
 from __future__ import annotations
 
-import abc
 import os
 import secrets
 import stat as stat_mod
@@ -18,43 +17,50 @@ class StatResult(NamedTuple):
     size: int
 
 
-class FS(abc.ABC):
-    """The operations the store needs. Paths are absolute POSIX strings."""
+class LocalFS:
+    """This machine's filesystem (a login node's view of the shared filesystem), with
+    the few operations the store and the job records need. Paths are absolute POSIX strings."""
 
-    remote = False
-
-    @abc.abstractmethod
     def open_new(self, path: str, mode: int = 0o600) -> IO[bytes]:
-        """Create `path` (must not exist) for writing, with permissions `mode`."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        return os.fdopen(fd, "wb", buffering=0)
 
-    @abc.abstractmethod
     def open_read(self, path: str) -> IO[bytes]:
-        """Open for reading; FileNotFoundError if missing."""
+        return open(path, "rb", buffering=0)
 
-    @abc.abstractmethod
     def stat(self, path: str) -> StatResult:
-        """FileNotFoundError if missing."""
+        st = os.stat(path)
+        return StatResult(st.st_mode, st.st_uid, st.st_size)
 
-    @abc.abstractmethod
     def mkdir(self, path: str, mode: int = 0o700) -> None:
-        """One level; FileExistsError if it exists."""
+        os.mkdir(path, mode)
 
-    @abc.abstractmethod
     def link_noreplace(self, src: str, dst: str) -> None:
-        """Give `src` the name `dst` as well; FileExistsError if `dst` exists."""
+        try:
+            os.link(src, dst)
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links: check, then rename
+            if os.path.exists(dst):
+                raise FileExistsError(dst) from None
+            os.replace(src, dst)
+            return
+        os.unlink(src)
 
-    @abc.abstractmethod
-    def replace(self, src: str, dst: str) -> None: ...
+    def replace(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
 
-    @abc.abstractmethod
     def unlink(self, path: str) -> None:
-        """Remove a file; no error if it is already gone."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
-    @abc.abstractmethod
-    def listdir(self, path: str) -> list[str]: ...
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
 
     def sync(self, f: IO[bytes]) -> None:
-        """Make what was written to `f` durable (fsync)."""
+        os.fsync(f.fileno())
 
     def owner_uid(self) -> int | None:
         """The uid files we write get (to check a store's directories are ours)."""
@@ -101,51 +107,6 @@ class FS(abc.ABC):
         with self.open_new(tmp, mode) as f:
             f.write(data)
         self.replace(tmp, path)
-
-
-class LocalFS(FS):
-    """This machine's filesystem (a login node's view of the shared filesystem)."""
-
-    def open_new(self, path: str, mode: int = 0o600) -> IO[bytes]:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        return os.fdopen(fd, "wb", buffering=0)
-
-    def open_read(self, path: str) -> IO[bytes]:
-        return open(path, "rb", buffering=0)
-
-    def stat(self, path: str) -> StatResult:
-        st = os.stat(path)
-        return StatResult(st.st_mode, st.st_uid, st.st_size)
-
-    def mkdir(self, path: str, mode: int = 0o700) -> None:
-        os.mkdir(path, mode)
-
-    def link_noreplace(self, src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except FileExistsError:
-            raise
-        except OSError:  # a filesystem without hard links: check, then rename
-            if os.path.exists(dst):
-                raise FileExistsError(dst) from None
-            os.replace(src, dst)
-            return
-        os.unlink(src)
-
-    def replace(self, src: str, dst: str) -> None:
-        os.replace(src, dst)
-
-    def unlink(self, path: str) -> None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-
-    def listdir(self, path: str) -> list[str]:
-        return os.listdir(path)
-
-    def sync(self, f: IO[bytes]) -> None:
-        os.fsync(f.fileno())
 
 
 LOCAL = LocalFS()

@@ -2,13 +2,15 @@
 
 Everything about a job lives in ``<storage>/programs/<job id>/`` on the site's shared
 filesystem (record.json, job.sh, workdir/, arguments, output.log, result, exit.json), so
-any later process, on any login node or over SSH, finds it with the job id alone.
+any later process on any login node (or a laptop, through the site's agent) finds it
+with the job id alone.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
+import shutil
 import time
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -77,12 +79,14 @@ class BatchJobs:
             command=module_argv(provider.site.python, "hpc_serverless.program_runner", job_dir,
                                 program.entrypoint))
 
-    def run(self, program: Program, arguments: Mapping[str, Any] | None) -> Job:
+    def run(self, program: Program, arguments: Mapping[str, Any] | None, *, name: str | None = None) -> Job:
+        """Stage and submit; the job id starts with `name` (the client's provider name, which
+        an agent serving a remote client is told), else this provider's."""
         if not isinstance(program, Program):
             raise ProgramError(f"run_program() takes a Program, not {type(program).__name__}")
         wd = program.check()  # before anything is written or submitted
         self.provider.check_target(program.resources)
-        job_id = new_job_id(self.provider.name)
+        job_id = new_job_id(name or self.provider.name)
         job_dir = self._dir(job_id)
         script = self.render(program, job_id)
         self.fs.makedirs(job_dir, 0o700)
@@ -93,9 +97,8 @@ class BatchJobs:
             "target": program.resources.as_dict(), "dependencies": list(program.dependencies or []),
             "scheduler": self.provider.scheduler.name, "scheduler_job_id": None}
         self._write_record(job_dir, record)
-        ObjectStore(job_dir, fs=self.fs).put(dict(arguments or {}), ARGUMENTS_KEY,
-                                             what="the program's arguments")
-        self.provider.transport.upload_tree(str(wd), posixpath.join(job_dir, "workdir"))
+        ObjectStore(job_dir).put(dict(arguments or {}), ARGUMENTS_KEY, what="the program's arguments")
+        shutil.copytree(wd, posixpath.join(job_dir, "workdir"), symlinks=True, dirs_exist_ok=True)
         script_path = posixpath.join(job_dir, "job.sh")
         self.fs.write_atomic(script_path, script.encode(), mode=0o700)
         try:
@@ -186,7 +189,7 @@ class BatchJobs:
             return ""
 
     def job_result(self, job_id: str) -> Any:
-        store = ObjectStore(self._dir(job_id), fs=self.fs)
+        store = ObjectStore(self._dir(job_id))
         return store.get(RESULT_KEY) if store.exists(RESULT_KEY) else None
 
     def job_stop(self, job_id: str) -> bool:

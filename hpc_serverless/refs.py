@@ -69,8 +69,8 @@ _STORES: dict[str, ObjectStore] = {}
 
 
 def register_store(store: ObjectStore) -> None:
-    """Make refs to objects under `store.root` read through this store (and its
-    filesystem: a remote provider's store is reached over SFTP)."""
+    """Make refs to objects under `store.root` read through this store (a remote
+    provider's store reads through its agent)."""
     _STORES[str(store.root)] = store
 
 

@@ -1,10 +1,17 @@
-"""`hpc-serverless sites check`: validate a site file and, where possible, reach its scheduler."""
+"""`hpc-serverless sites check`: validate a site file and, where possible, reach its scheduler.
+
+A site with a host is checked where it runs: its agent on the login node runs the same
+checks (scheduler commands, storage) in the cluster account, after the site's setup lines.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import HPCServerlessError
+
+if TYPE_CHECKING:
+    from .providers.batch import BatchProvider
 
 
 def check_site(path: str, *, connect: bool = True) -> Iterator[str]:
@@ -19,16 +26,34 @@ def check_site(path: str, *, connect: bool = True) -> Iterator[str]:
     from .providers.factory import provider_for_site
 
     provider: Any = provider_for_site(site)
+    agent = getattr(provider, "agent", None)
+    if agent is None:
+        yield from login_node_checks(provider)
+        return
+    info = agent.connect()
+    v = info["versions"]
+    yield (f"  agent: {info['where']} (pid {info['pid']}), python {info['python']}, "
+           f"hpc_serverless {v['hpc_serverless']} on Python {v['python']}")
+    yield from agent.call("site_check")
+
+
+def login_node_checks(provider: BatchProvider) -> list[str]:
+    """Run the scheduler's read-only commands and write, read and delete a probe object."""
+    site = provider.site
     checks = (["sinfo", "-h", "-o", "%P %a %D %c %m"], ["squeue", "-h", "--me"]) if site.scheduler == "slurm" \
-        else (["qstat"],)
+        else ([site.command("qstat")],)
+    lines = []
     for argv in checks:
         result = provider.transport.run(argv, timeout=60)
         if not result.ok:
             raise HPCServerlessError(f"site '{site.name}': {result.describe()}")
         first = result.stdout.strip().splitlines()[:1]
-        yield f"  {' '.join(argv)}: ok{(' - ' + first[0]) if first else ''}"
+        lines.append(f"  {' '.join(argv)}: ok{(' - ' + first[0]) if first else ''}")
     provider.store.fs.makedirs(str(provider.store.root), 0o700)
     provider.store.put("probe", "probe/sites-check", overwrite=True)
-    assert provider.store.get("probe/sites-check") == "probe"
+    if provider.store.get("probe/sites-check") != "probe":
+        raise HPCServerlessError(f"site '{site.name}': the probe object read back differs from what was "
+                                 f"written in {provider.store.root}")
     provider.store.delete("probe/sites-check")
-    yield f"  storage {provider.store.root}: writable, 0700"
+    lines.append(f"  storage {provider.store.root}: writable, 0700")
+    return lines

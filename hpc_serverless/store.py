@@ -34,10 +34,10 @@ import threading
 import time
 import zlib
 from pathlib import PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 from .errors import CorruptObjectError, ObjectNotFoundError, SerializationError, StoreError, UnsafeStoreError
-from .fs import FS, LOCAL
+from .fs import LOCAL
 from .serialization import dumps_oob, loads
 
 __all__ = ["ObjectStore", "new_object_id"]
@@ -61,10 +61,9 @@ def new_object_id() -> str:
 class ObjectStore:
     """Objects under one root directory, addressed by relative keys ("objects/ab/abcd...")."""
 
-    def __init__(self, root: str | os.PathLike[str], fs: FS | None = None) -> None:
-        self.fs = fs or LOCAL
-        raw = str(root) if self.fs.remote else os.path.expandvars(os.path.expanduser(str(root)))
-        self.root = PurePosixPath(raw if self.fs.remote else os.path.abspath(raw))
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.fs = LOCAL
+        self.root = PurePosixPath(os.path.abspath(os.path.expandvars(os.path.expanduser(str(root)))))
         self._checked_dirs: set[PurePosixPath] = set()
 
     def __repr__(self) -> str:
@@ -131,9 +130,11 @@ class ObjectStore:
 
     def write_parts(self, key: str, parts: list[memoryview], *, overwrite: bool = False,
                     type_name: str = "", meta: dict[str, Any] | None = None,
-                    durable: bool | None = None) -> int:
+                    durable: bool | None = None, ready: Callable[[int, int], None] | None = None) -> int:
         """Write an object from raw parts. `durable` (default: objects under FSYNC_BELOW)
-        fsyncs before the rename, so it survives a crash of the writing node."""
+        fsyncs before the rename, so it survives a crash of the writing node. `ready(i, end)`,
+        if given, returns once part i holds its bytes up to `end` (parts still arriving: the
+        agent writes a put while it streams in); what it raises abandons the write."""
         path = self.path_of(key)
         self._ensure_dir(path.parent)
         header = json.dumps({
@@ -156,9 +157,11 @@ class ObjectStore:
                 crc = _Crc(zlib.crc32(head), total)
                 try:
                     _write_all(f, memoryview(head))
-                    for part in parts:
+                    for index, part in enumerate(parts):
                         for off in range(0, part.nbytes, _CHUNK):
                             chunk = part[off:off + _CHUNK]
+                            if ready is not None:
+                                ready(index, off + chunk.nbytes)
                             crc.add(chunk)
                             _write_all(f, chunk)
                 finally:

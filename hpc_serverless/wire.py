@@ -19,7 +19,8 @@ import platform
 import struct
 from typing import Any, Callable
 
-__all__ = ["PROTOCOL", "MAGIC", "versions", "encode", "read_frame"]
+__all__ = ["PROTOCOL", "MAGIC", "versions", "encode", "read_head", "read_frame", "exact_reader",
+           "exact_reader_into"]
 
 #: bumped whenever a message changes shape; the handshake refuses a different one
 PROTOCOL = 1
@@ -51,15 +52,20 @@ class FrameError(Exception):
     """The stream does not hold frames (a damaged stream, or not an agent at the far end)."""
 
 
-def read_frame(read_exact: Callable[[int], bytes | bytearray | memoryview]) -> Any:
-    """One message from a stream; `read_exact(n)` returns n bytes or raises EOFError."""
+def read_head(read_exact: Callable[[int], bytes | bytearray | memoryview]) -> list[int]:
+    """The sizes of a frame's parts (the pickle, then each buffer), from its head."""
     magic, count = _HEAD.unpack(read_exact(_HEAD.size))
     if magic != MAGIC or count > 1 << 20:
         raise FrameError(f"not an agent frame (starts {bytes(magic)!r})")
     sizes = [_SIZE.unpack(read_exact(_SIZE.size))[0] for _ in range(count)]
     if sum(sizes) > MAX_FRAME:
         raise FrameError("a frame of impossible size")
-    parts = [read_exact(n) for n in sizes]
+    return sizes
+
+
+def read_frame(read_exact: Callable[[int], bytes | bytearray | memoryview]) -> Any:
+    """One message from a stream; `read_exact(n)` returns n bytes or raises EOFError."""
+    parts = [read_exact(n) for n in read_head(read_exact)]
     return pickle.loads(parts[0], buffers=parts[1:])
 
 
@@ -78,6 +84,24 @@ def exact_reader(recv: Callable[[int], bytes]) -> Callable[[int], bytes | bytear
                 raise EOFError("the stream ended")
             view[got:got + len(chunk)] = chunk
             got += len(chunk)
+        return buf
+
+    return read_exact
+
+
+def exact_reader_into(readinto: Callable[[memoryview], int]) -> Callable[[int], bytes | bytearray | memoryview]:
+    """`read_exact` over a readinto-like function (os.readv on a pipe, socket.recv_into):
+    the bytes land in their final buffer, with no copy per chunk (puts are hundreds of MB)."""
+
+    def read_exact(n: int) -> bytes | bytearray | memoryview:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = readinto(view[got:])
+            if not k:
+                raise EOFError("the stream ended")
+            got += k
         return buf
 
     return read_exact

@@ -1,7 +1,8 @@
 """Tasks as batch jobs: the part that is the same for every scheduler.
 
 A batch provider is a composition: a :class:`~hpc_serverless.site.Site`, a transport
-(commands here or over SSH), an object store on the site's shared filesystem, and a
+(commands on this login node; a mock in tests), an object store on the site's shared
+filesystem, and a
 :class:`Scheduler` (Slurm, PBS) that knows how to submit, poll and cancel.
 
 :class:`BatchBackend` is the engine behind TaskRefs of such a provider. One thread per
@@ -39,6 +40,7 @@ from ..errors import (
     TaskTimeoutError,
     WorkerDiedError,
 )
+from ..fs import LOCAL
 from ..refs import TaskRef, TaskStatus, register_backend, register_store
 from ..schedulers.common import JobState
 from ..serialization import loads, unpack_exception
@@ -585,8 +587,14 @@ class BatchProvider(Provider):
         self.site = site
         self.transport = transport
         self.scheduler = scheduler
-        self.fs = transport.filesystem()
-        self._store = ObjectStore(site.storage_path / "store", fs=self.fs)
+        if site.remote:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"site '{site.name}' has a host ({site.host}): a site reached over SSH is "
+                              f"served by its agent; build it without transport= "
+                              f"(SlurmProvider(host=...) gives a RemoteProvider)", file=site.source, key="host")
+        self.fs = LOCAL
+        self._store = ObjectStore(site.storage_path / "store")
         register_store(self._store)
         self.backend = BatchBackend(self)
 

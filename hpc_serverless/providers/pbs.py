@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import shlex
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..errors import SchedulerError
@@ -73,17 +72,10 @@ class PBSScheduler(Scheduler):
         from .pbs_submitit import PBSExecutor
 
         name = tasks[0].name if len({t.name for t in tasks}) == 1 else "tasks"
-        jobs_root = str(self.site.storage_path / "jobs")
-
-        def make(staging: Path | None) -> PBSExecutor:
-            folder = self.folder if staging is None else staging / "jobs" / "%j"
-            ex = PBSExecutor(folder, shlex.quote(self.site.python), self.transport,
-                             None if staging is None else jobs_root)
-            ex.update_parameters(options=self.options(target, name, after), setup=self.setup_lines(),
-                                 flavor=self.flavor, qsub=self.site.command("qsub"))
-            return ex
-
-        return submit_calls(self.transport, jobs_root, make, tasks, self.store_root)
+        ex = PBSExecutor(self.folder, shlex.quote(self.site.python), self.transport)
+        ex.update_parameters(options=self.options(target, name, after), setup=self.setup_lines(),
+                             flavor=self.flavor, qsub=self.site.command("qsub"))
+        return submit_calls(ex, tasks, self.store_root)
 
     def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
         native = self._native_ids(job_ids)

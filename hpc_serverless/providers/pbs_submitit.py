@@ -21,7 +21,7 @@ from submitit.core import core, job_environment, utils
 from ..errors import SchedulerError
 from ..launch import module_command
 from ..schedulers import pbs as P
-from .submitit_glue import place_script, submit_array
+from .submitit_glue import submit_array
 
 if TYPE_CHECKING:
     from ..transport.base import Transport
@@ -85,12 +85,10 @@ class PBSExecutor(core.PicklingExecutor):
 
     job_class = PBSJob
 
-    def __init__(self, folder: str | Path, python: str = "python3", transport: Transport | None = None,
-                 remote_folder: str | None = None) -> None:
+    def __init__(self, folder: str | Path, python: str = "python3", transport: Transport | None = None) -> None:
         super().__init__(folder)
         self.python = python
         self._transport = transport
-        self._paths = (str(folder).replace("/%j", ""), remote_folder) if remote_folder else None
         self._throttling = 0.0
         self.parameters: dict[str, Any] = {"options": [], "setup": [], "flavor": "pbspro", "qsub": "qsub"}
 
@@ -121,10 +119,10 @@ class PBSExecutor(core.PicklingExecutor):
                  "", "# setup", *self.parameters["setup"], "", "export SUBMITIT_EXECUTOR=pbs", command, ""]
         return "\n".join(lines)
 
-    def _qsub(self, script: Path, uid: str, text: str, extra: list[str]) -> str:
+    def _qsub(self, script: Path, extra: list[str]) -> str:
         assert self._transport is not None
-        target = place_script(self._transport, self._paths, script, uid, text)
-        argv = [self.parameters["qsub"], *self.parameters["options"], *extra, "-o", "/dev/null", "-j", "oe", target]
+        argv = [self.parameters["qsub"], *self.parameters["options"], *extra, "-o", "/dev/null", "-j", "oe",
+                str(script)]
         result = self._transport.run(argv)
         if not result.ok:
             raise SchedulerError(f"PBS refused the job: {result.describe()}",
@@ -136,11 +134,10 @@ class PBSExecutor(core.PicklingExecutor):
         folder = utils.JobPaths.get_first_id_independent_folder(self.folder)
         folder.mkdir(parents=True, exist_ok=True)
         script = folder / f".submission_file_{uid}.sh"
-        text = self._make_submission_file_text(command, uid)
-        script.write_text(text)
+        script.write_text(self._make_submission_file_text(command, uid))
         count = self.parameters.get("map_count")
         extra = [] if not count else ["-J" if self.parameters["flavor"] == "pbspro" else "-t", f"0-{count - 1}"]
-        job_id = self._qsub(script, uid, text, extra)
+        job_id = self._qsub(script, extra)
         job: core.Job[Any] = PBSJob(folder=self.folder, job_id=job_id, tasks=[0])
         job.paths.move_temporary_file(script, "submission_file", keep_as_symlink=True)
         return job

@@ -66,8 +66,10 @@ until they are read.
 Not supported in pilot mode: per-task ``time`` limits (a task longer than a worker's
 lifetime is refused at the call; shorter ones are not cut off), task ``env`` is set
 process-wide while the call runs (tasks with different ``env`` sharing one worker
-process can see each other's), nested tasks, and sites reached over SSH (the workers
-must reach this process; use mode: jobs from outside the cluster).
+process can see each other's), and nested tasks. A site reached over SSH runs all this in
+its agent on the login node (the dask scheduler lives there, where the workers can reach
+it); the laptop's client sends calls and polls results through the agent, and pilot tasks
+live as long as that agent does.
 """
 
 from __future__ import annotations
@@ -382,6 +384,8 @@ class PilotBackend:
         self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
         self._calls: dict[str, _Call] = {}
+        #: each function's pickled bytes, by key (a remote client sends them once)
+        self.function_bytes: dict[str, bytes] = {}
         self._queue: list[_Call] = []
         self._done: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._chunks: dict[str, list[_Call]] = {}
@@ -975,7 +979,9 @@ class PilotProvider(BatchProvider):
                               file=s.source, key="mode")
         if s.remote:
             raise ConfigError("pilot mode runs the dask scheduler in this process, which the compute nodes "
-                              "must reach; from outside the cluster (a site with 'host') use mode: jobs",
+                              "must reach; a site with a 'host' runs it in its agent on the login node: "
+                              "build the provider from the site (QuantumServerless configuration, "
+                              "or SlurmProvider/PBSProvider(host=...)) rather than PilotProvider(host=...)",
                               file=s.source, key="mode")
         if transport is None:
             from ..transport import connect
@@ -1026,14 +1032,31 @@ class PilotProvider(BatchProvider):
                     f"{d!r} belongs to provider '{d.provider}'; a task on '{self.name}' can only "
                     "depend on tasks of the same provider (pass get(ref) instead)")
         blob = pack_arguments(fn.function, args, kwargs)
+        return self.submit_packed(secrets.token_hex(12), fn.name, fn.key, fn.function_bytes, blob,
+                                  [(d.task_id, d.function, d._job_id) for d in deps], target)
+
+    def submit_packed(self, task_id: str, name: str, fn_key: str, fn_bytes: bytes | None, blob: bytes,
+                      deps: Sequence[tuple[str, str, str | None]], target: Target) -> TaskRef:
+        """Queue a call whose arguments are pickled already (here, or by a laptop's client
+        through the agent, in whose process the dask scheduler then runs). A call sent
+        twice (a retried request) is queued once; `fn_bytes` may be None for a function
+        sent before."""
+        with self.pilot._lock:
+            known = self.pilot._calls.get(task_id)
+            if known is not None:
+                return known.ref
+            if fn_bytes is None:
+                fn_bytes = self.pilot.function_bytes.get(fn_key)
+            if fn_bytes is None:
+                raise HPCServerlessError(f"the function of {name}() ({fn_key}) was never sent to this "
+                                         "provider")
+            self.pilot.function_bytes[fn_key] = fn_bytes
         resources = {"cpu": target.cpu}
         if target.mem_mib:
             resources["mem"] = target.mem_mib
-        task_id = secrets.token_hex(12)
-        ref = TaskRef(task_id, self.pilot.key, self.name, fn.name, backend=self.pilot)
+        ref = TaskRef(task_id, self.pilot.key, self.name, name, backend=self.pilot)
         env = dict(target.env) or None
-        self.pilot.submit(_Call(ref, fn.name, fn.key, fn.function_bytes, blob, env,
-                                [d.task_id for d in deps], resources))
+        self.pilot.submit(_Call(ref, name, fn_key, fn_bytes, blob, env, [d[0] for d in deps], resources))
         return ref
 
     def start(self, wait: bool = True, timeout: float | None = None) -> PilotProvider:

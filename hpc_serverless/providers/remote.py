@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..calls import find_task_refs, pack_arguments
 from ..errors import GetTimeoutError, HPCServerlessError, JobNotFoundError, TaskCancelledError
@@ -57,8 +57,8 @@ class RemoteStore(ObjectStore):
 
     def write_parts(self, key: str, parts: list[memoryview], *, overwrite: bool = False,
                     type_name: str = "", meta: dict[str, Any] | None = None,
-                    durable: bool | None = None) -> int:
-        self.path_of(key)  # a bad key is refused here
+                    durable: bool | None = None, ready: Callable[[int, int], None] | None = None) -> int:
+        self.path_of(key)  # a bad key is refused here (`ready` is for parts still arriving: not here)
         return int(self._agent.call("write_parts", key, [pickle.PickleBuffer(p) for p in parts],
                                     overwrite, type_name, meta, durable))
 
@@ -374,7 +374,7 @@ class RemoteProvider(Provider):
         with tarfile.open(fileobj=buf, mode="w") as tf:
             for entry in sorted(os.listdir(wd)):
                 tf.add(os.path.join(wd, entry), arcname=entry, filter=_anonymous)
-        job_id = self.agent.call("run_program", program, dict(arguments or {}), buf.getvalue())
+        job_id = self.agent.call("run_program", program, dict(arguments or {}), buf.getvalue(), self.name)
         return Job(str(job_id), RemoteJobs(self), self.name)
 
     def render_program(self, program: Program, arguments: Mapping[str, Any] | None = None) -> str:

@@ -2,7 +2,7 @@
 
 submitit writes the batch script and the pickle that names our worker function; its
 sbatch command goes through our transport, so it is counted, rate-bounded and (with
-a `host`) can run over SSH. Status is ours: one sacct (or squeue) call per poll.
+a `host`) runs on the login node through the site's agent. Status is ours: one sacct (or squeue) call per poll.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..schedulers import slurm as S
 from ..schedulers.common import JobState
 from ..target import Target
 from .batch import BatchProvider, BatchTask, Scheduler, remote_or_new
-from .submitit_glue import place_script, submit_array, submit_calls
+from .submitit_glue import submit_array, submit_calls
 
 if TYPE_CHECKING:
     from ..site import Site
@@ -47,17 +47,13 @@ def _executor_class() -> type:
     from submitit.slurm.slurm import SlurmJob
 
     class TransportSlurmExecutor(submitit.SlurmExecutor):  # type: ignore[misc,name-defined]
-        def __init__(self, folder: Path, python: str, transport: Transport,
-                     remote_folder: str | None = None) -> None:
+        def __init__(self, folder: Path, python: str, transport: Transport) -> None:
             self._transport = transport
-            # over SSH submitit writes into a local staging folder; its paths in the script
-            # are rewritten to the site's, and the files follow in one upload
-            self._paths = (str(folder).replace("/%j", ""), remote_folder) if remote_folder else None
             super().__init__(folder, python=python)
             self._throttling = 0.0  # our engine batches and bounds the rate itself
 
         @classmethod
-        def affinity(cls) -> int:  # sbatch may be remote: do not look for it here
+        def affinity(cls) -> int:  # sbatch runs through our transport (a mock in tests)
             return 2
 
         @property
@@ -72,11 +68,9 @@ def _executor_class() -> type:
             script = folder / f".submission_file_{uid}.sh"
             # the job's log straight in jobs/ (which exists), not in jobs/<id>/: that folder
             # is made only after sbatch returns, and Slurm fails a job whose --output
-            # directory is missing when it starts (seen over SSH, where the upload lags)
-            text = _LOG_DIR.sub(r"\1/", self._make_submission_file_text(command, uid))
-            script.write_text(text)
-            target = place_script(self._transport, self._paths, script, uid, text)
-            result = self._transport.run(["sbatch", "--parsable", target])
+            # directory is missing when it starts
+            script.write_text(_LOG_DIR.sub(r"\1/", self._make_submission_file_text(command, uid)))
+            result = self._transport.run(["sbatch", "--parsable", str(script)])
             if not result.ok:
                 script.unlink(missing_ok=True)
                 raise SchedulerError(f"Slurm refused the job: {result.describe()}",
@@ -133,12 +127,10 @@ class SlurmScheduler(Scheduler):
         env = {**self.site.env, "HPC_SERVERLESS_STORE": self.store_root}
         return [*self.site.setup, export_lines(env)]
 
-    def executor(self, target: Target, name: str, after: Sequence[str], staging: Path | None = None) -> Any:
-        folder = self.folder if staging is None else staging / "jobs" / "%j"
-        remote = None if staging is None else str(self.site.storage_path / "jobs")
+    def executor(self, target: Target, name: str, after: Sequence[str]) -> Any:
         # exec: python replaces the batch shell, so the time-limit signal (B:, to the batch
         # shell) reaches our worker, which requeues tasks that ask for it
-        ex = _executor_class()(folder, "exec " + shlex.quote(self.site.python), self.transport, remote)
+        ex = _executor_class()(self.folder, "exec " + shlex.quote(self.site.python), self.transport)
         params = S.submitit_parameters(target, directives=self.site.directives)
         extra = dict(params.pop("additional_parameters", {}))
         if after:
@@ -154,8 +146,7 @@ class SlurmScheduler(Scheduler):
 
     def submit(self, tasks: Sequence[BatchTask], target: Target, after: Sequence[str]) -> list[str]:
         name = tasks[0].name if len({t.name for t in tasks}) == 1 else "tasks"
-        return submit_calls(self.transport, str(self.site.storage_path / "jobs"),
-                            lambda staging: self.executor(target, name, after, staging), tasks, self.store_root)
+        return submit_calls(self.executor(target, name, after), tasks, self.store_root)
 
     # -- programs ----------------------------------------------------------------------------------
     def program_script(self, target: Target, *, job_name: str, job_id: str, job_dir: str,

@@ -141,9 +141,9 @@ class AgentClient:
 
     @staticmethod
     def _send_parts(chan: Any, parts: list[memoryview]) -> None:
-        for part in parts:
+        for part in parts:  # memoryview slices: paramiko packs them without another copy
             for off in range(0, part.nbytes, 1 << 20):
-                chan.sendall(bytes(part[off:off + (1 << 20)]))
+                chan.sendall(part[off:off + (1 << 20)])
 
     def _read_replies(self, chan: Any, generation: int) -> None:
         read = exact_reader(chan.recv)

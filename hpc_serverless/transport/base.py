@@ -7,10 +7,7 @@ import collections
 import shlex
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
-
-if TYPE_CHECKING:
-    from ..fs import FS
+from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -48,18 +45,6 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def _run(self, argv: tuple[str, ...], *, input: str | None, timeout: float,
              env: dict[str, str] | None) -> CommandResult: ...
-
-    def upload_tree(self, local_dir: str, remote_dir: str) -> None:
-        """Copy a directory to the site's filesystem in one go (here: a local copy)."""
-        import shutil
-
-        shutil.copytree(local_dir, remote_dir, symlinks=True, dirs_exist_ok=True)
-
-    def filesystem(self) -> FS:
-        """The site's filesystem as this transport reaches it."""
-        from ..fs import LOCAL
-
-        return LOCAL
 
     def login_blocker(self) -> str | None:
         """Connect now if that needs nobody at a keyboard; else say why not (None: ready).

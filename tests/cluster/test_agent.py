@@ -173,3 +173,36 @@ def test_killed_agent_is_replaced_and_tasks_are_found_again(site_file):
         assert get(refs, timeout=180) == [0.0, 3.0, 6.0]
         assert get(table) == {"h": [3.0]}
     assert provider.agent.info["pid"] != first
+
+
+def test_sites_check_runs_on_the_login_node_through_the_agent(site_file):
+    """`hpc-serverless sites check` of a site with a host: the scheduler's commands and the
+    storage probe run in the cluster account (storage resolved there), not on the laptop."""
+    from hpc_serverless.sites import check_site
+
+    lines = list(check_site(str(site_file)))
+    assert f"agent: {CLUSTER_USER}@" in lines[1]
+    assert any(line.startswith("  sinfo -h") and ": ok" in line for line in lines)
+    assert lines[-1].startswith(f"  storage /home/{CLUSTER_USER}/hpc_serverless/t-") and "writable" in lines[-1]
+
+
+def test_a_client_gone_for_a_while_reattaches_and_its_refs_still_get(site_file):
+    """A laptop that sleeps: its connection is cut and it sends nothing for a while (less
+    than agent_grace); it then reconnects to the same agent, and the refs (tasks and a put
+    object) made before the drop still get."""
+    import time
+
+    s, provider = _provider(site_file)
+    with s.context("remote"):
+        table = put({"h": [5.0]})
+        refs = [energy(i, table) for i in range(3)]
+        provider.backend.flush()
+        pid = provider.agent.info["pid"]
+        provider.transport.connection.sock.shutdown(socket.SHUT_RDWR)
+        time.sleep(8)  # the tasks run (and finish) meanwhile; agent_grace is 20 s
+        assert get(refs, timeout=180) == [0.0, 5.0, 10.0]
+        assert get(table) == {"h": [5.0]}
+        assert [r.status() for r in refs] == ["SUCCEEDED"] * 3
+    assert provider.agent.info["pid"] == pid  # the same agent, re-attached: not a new one
+    assert provider.agent.channels == 2 and provider.transport.connections == 2
+    assert provider.stats()["sbatch"] == 1

@@ -16,6 +16,7 @@ import pytest
 from hpc_serverless import Program, QuantumServerless, distribute_task, get, put
 from hpc_serverless.errors import HostKeyError
 
+from ..conftest import HOSTILE_NAMES
 from ..testcluster import KEY, KNOWN_HOSTS, SSH_CONFIG, cluster_python, drop_ssh
 from ..traceback_checks import assert_user_frame
 from .conftest import ROOT
@@ -132,17 +133,23 @@ def test_proxyjump_hop(tmp_path, site_path):
 
 def test_program_over_ssh_follow_survives_dropped_connection(remote_config, tmp_path):
     wd = tmp_path / "src"
-    wd.mkdir()
+    (wd / "sub dir; 'x'").mkdir(parents=True)
+    for i, n in enumerate(HOSTILE_NAMES):  # the working dir travels to the agent as one tar
+        (wd / n).write_text(f"file {i}\n")
+    (wd / "sub dir; 'x'" / "inner $(touch pwned)").write_bytes(b"\0" * 300_000)
     (wd / "slow.py").write_text(textwrap.dedent("""
-        import time
+        import os, time
         from hpc_serverless import get_arguments, save_result
         for i in range(8):
             print("line", i, flush=True)
             time.sleep(0.7)
-        save_result({"n": get_arguments()["n"]})
+        files = {n: open(n).read() for n in os.listdir(".") if os.path.isfile(n)}
+        save_result({"n": get_arguments()["n"], "files": files,
+                     "inner": os.path.getsize("sub dir; 'x'/inner $(touch pwned)")})
     """))
     s = QuantumServerless.load_configuration(remote_config)
     job = s.run_program(Program("slow printer", "slow.py", working_dir=str(wd)), arguments={"n": 8})
+    assert job.job_id.startswith("remote-")  # the client's provider name: found by it later
     follow = subprocess.Popen([sys.executable, "-m", "hpc_serverless.cli", "--config", str(remote_config),
                                "logs", "--follow", "--interval", "0.3", job.job_id],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -154,10 +161,13 @@ def test_program_over_ssh_follow_survives_dropped_connection(remote_config, tmp_
     assert follow.returncode == 0, err
     assert all(f"line {i}" in out for i in range(8)), out
     # collected from yet another process
+    expected = sorted([*((n, f"file {i}\n") for i, n in enumerate(HOSTILE_NAMES)),
+                       ("slow.py", (wd / "slow.py").read_text())])
     code = (f"from hpc_serverless import QuantumServerless; s = QuantumServerless.load_configuration("
-            f"{str(remote_config)!r}); j = s.get_job_by_id({job.job_id!r}); print(j.status(), j.result())")
+            f"{str(remote_config)!r}); j = s.get_job_by_id({job.job_id!r}); r = j.result(); "
+            f"print(j.status(), r['n'], r['inner'], sorted(r['files'].items()) == {expected!r})")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert other.stdout.strip() == "SUCCEEDED {'n': 8}", other.stderr
+    assert other.stdout.strip() == "SUCCEEDED 8 300000 True", other.stderr
 
 
 def test_job_search_does_not_prompt_for_a_provider_that_is_not_connected(tmp_path, site_path):

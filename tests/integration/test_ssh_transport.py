@@ -1,4 +1,4 @@
-"""SSHTransport and SFTPFS against the test cluster's real sshd (tests/cluster/up.sh):
+"""SSHTransport against the test cluster's real sshd (tests/cluster/up.sh):
 127.0.0.1:2222 (and :2223 as a ProxyJump host), key ~/.ssh/hpcsl_test_key for root
 and hpcsl, password login for hpcsl. Keyboard-interactive two-factor login is tested
 against a FAKE server (paramiko in a thread), since a real 2FA PAM stack cannot run here.
@@ -25,18 +25,13 @@ paramiko = pytest.importorskip("paramiko")
 from hpc_serverless.errors import (  # noqa: E402
     AuthenticationError,
     ConfigError,
-    CorruptObjectError,
     HostKeyError,
-    ObjectNotFoundError,
-    StoreError,
     TransportError,
 )
 from hpc_serverless.site import site_from_mapping  # noqa: E402
-from hpc_serverless.store import ObjectStore  # noqa: E402
 from hpc_serverless.transport import LocalTransport, connect  # noqa: E402
 from hpc_serverless.transport import ssh as ssh_mod  # noqa: E402
-from hpc_serverless.transport.ssh import SFTPFS, SSHTransport  # noqa: E402
-from tests.conftest import HOSTILE_NAMES  # noqa: E402
+from hpc_serverless.transport.ssh import SSHTransport  # noqa: E402
 from tests.testcluster import KEY, KNOWN_HOSTS, SSH_CONFIG, drop_ssh  # noqa: E402
 
 HOST, PORT, JUMP_PORT = "127.0.0.1", 2222, 2223
@@ -298,55 +293,52 @@ def test_explicit_arguments_win_over_ssh_config(tmp_path: Path) -> None:
 
 
 # -- reconnection ----------------------------------------------------------------------------
-def test_reconnect_after_the_connection_is_closed(t: SSHTransport, remote_dir: str) -> None:
-    fs = SFTPFS(t)
+def _echo_through(chan: object, data: bytes) -> bytes:
+    """Send `data` down a `cat` channel and read it back (the agent's kind of conversation)."""
+    got = bytearray()
+
+    def feed() -> None:
+        chan.sendall(data)  # type: ignore[attr-defined]
+        chan.shutdown_write()  # type: ignore[attr-defined]
+
+    th = threading.Thread(target=feed)
+    th.start()
+    while chunk := chan.recv(1 << 16):  # type: ignore[attr-defined]
+        got.extend(chunk)
+    th.join()
+    return bytes(got)
+
+
+def test_reconnect_after_the_connection_is_closed(t: SSHTransport) -> None:
     assert t.run(["true"]).ok
     t.connection.close()  # as if the network dropped it
     assert t.run(["echo", "back"]).stdout == "back\n"
     assert t.connections == 2
-    fs.mkdir(remote_dir)
     t.connection.close()
-    assert fs.is_dir(remote_dir)  # SFTP reopened on a new connection too
+    chan = t.open_stream("cat")  # the agent's channel opens on a new connection too
+    assert _echo_through(chan, b"hello") == b"hello"
     assert t.connections == 3
-    first = t.sftp()
-    t.connection.close()
-    assert t.sftp() is not first and t.sftp().listdir(remote_dir) == []
 
 
-def test_reconnect_after_the_sshd_session_is_killed(t: SSHTransport, remote_dir: str) -> None:
-    fs = SFTPFS(t)
-    fs.mkdir(remote_dir)
+def test_reconnect_after_the_sshd_session_is_killed(t: SSHTransport) -> None:
     assert t.run(["true"]).ok
     _kill_session(t)
     assert t.run(["echo", "back"]).stdout == "back\n"
     assert t.connections == 2
-    assert fs.listdir(remote_dir) == []
     _kill_session(t)
-    assert fs.exists(remote_dir)
+    assert _echo_through(t.open_stream("cat"), b"x" * 10) == b"x" * 10
     assert t.connections == 3
 
 
-def test_reads_resume_and_writes_fail_cleanly_after_a_drop(t: SSHTransport, remote_dir: str) -> None:
-    fs = t.filesystem()
-    assert fs is t.filesystem() and isinstance(fs, SFTPFS)
-    fs.mkdir(remote_dir)
-    data = os.urandom(3_000_000)
-    with fs.open_new(f"{remote_dir}/f") as f:
-        f.write(data)
-    with fs.open_read(f"{remote_dir}/f") as f:
-        head = f.read(1_000_000)
-        t.connection.close()
-        rest = f.read()  # reopened on a new connection, at the same offset
-    assert head + rest == data
-    w = fs.open_new(f"{remote_dir}/g")
-    w.write(b"x" * 100_000)
+def test_a_stream_carries_megabytes_both_ways_and_ends_when_cut(t: SSHTransport) -> None:
+    data = os.urandom(8_000_000)
+    assert _echo_through(t.open_stream("cat"), data) == data
+    chan = t.open_stream("cat")
     t.connection.close()
-    with pytest.raises(TransportError, match="dropped while writing"):
-        w.write(b"y" * 100_000)
-        w.close()
-    w.close()  # closing a writer whose connection is gone is quiet
-    fs.unlink(f"{remote_dir}/g")
-    assert not fs.exists(f"{remote_dir}/g")
+    with pytest.raises((OSError, EOFError, paramiko.SSHException)):
+        chan.sendall(b"y" * 100_000)
+        if not chan.recv(10):
+            raise EOFError("the stream ended")
 
 
 def test_a_drop_during_a_command_is_reported_not_rerun(t: SSHTransport, remote_dir: str) -> None:
@@ -505,126 +497,6 @@ def test_keyboard_interactive_handler_errors_and_no_terminal(fake_2fa, tmp_path:
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     with pytest.raises(AuthenticationError, match="no terminal"):
         _fake_client(port, known, tmp_path).open()  # the default handler asks on the terminal
-
-
-# -- SFTP: the object store over SSH ---------------------------------------------------------
-def test_object_store_over_sftp(t: SSHTransport, remote_dir: str) -> None:
-    np = pytest.importorskip("numpy")
-    store = ObjectStore(remote_dir, fs=SFTPFS(t))
-    store.put({"a": 1, "b": [1, 2, 3]}, "objects/small")
-    assert store.get("objects/small") == {"a": 1, "b": [1, 2, 3]}
-    assert store.exists("objects/small") and not store.exists("objects/nothing")
-    header = store.header("objects/small")
-    assert header is not None and header["type"] == "builtins.dict"
-    assert store.header("objects/nothing") is None
-
-    big = np.random.default_rng(7).random(50 * 1024 * 1024 // 8)
-    start = time.perf_counter()
-    store.put(big, "objects/big")
-    put_s = time.perf_counter() - start
-    start = time.perf_counter()
-    back = store.get("objects/big")
-    get_s = time.perf_counter() - start
-    assert back.dtype == big.dtype and np.array_equal(back, big)
-    print(f"\nSFTP 50 MB: put {50 / put_s:.0f} MB/s, get {50 / get_s:.0f} MB/s")
-
-    with pytest.raises(StoreError, match="immutable"):
-        store.put(1, "objects/small")
-    store.put(2, "objects/small", overwrite=True)
-    assert store.get("objects/small") == 2
-
-    # directories 0700, files 0600, owned by the remote user
-    modes = t.run(["stat", "-c", "%a %u", remote_dir, f"{remote_dir}/objects", f"{remote_dir}/objects/big"])
-    assert modes.stdout.split("\n")[:3] == ["700 0", "700 0", "600 0"]
-    assert [n for n in SFTPFS(t).listdir(f"{remote_dir}/objects") if n.endswith(".tmp")] == []
-
-    store.delete("objects/big")
-    assert not store.exists("objects/big")
-    store.delete("objects/big")  # already gone: fine
-    with pytest.raises(ObjectNotFoundError):
-        store.get("objects/big")
-
-
-def test_damaged_objects_are_detected_over_sftp(t: SSHTransport, remote_dir: str) -> None:
-    store = ObjectStore(remote_dir, fs=SFTPFS(t))
-    store.put(list(range(100_000)), "objects/x")
-    path = f"{remote_dir}/objects/x"
-    size = int(t.run(["stat", "-c", "%s", path]).stdout)
-    r = t.run(["dd", f"of={path}", "bs=1", f"seek={size // 2}", "count=1", "conv=notrunc"], input="\x00")
-    assert r.ok, r.describe()
-    with pytest.raises(CorruptObjectError, match="checksum"):
-        store.get("objects/x")
-    t.run(["truncate", "-s", str(size - 100), path])
-    with pytest.raises(CorruptObjectError, match="truncated"):
-        store.get("objects/x")
-
-
-def test_sftpfs_operations(t: SSHTransport, remote_dir: str) -> None:
-    fs = SFTPFS(t)
-    assert fs.remote and fs.owner_uid() == 0
-    fs.makedirs(f"{remote_dir}/a/b", 0o700)
-    assert fs.is_dir(f"{remote_dir}/a/b") and not fs.is_dir(f"{remote_dir}/nope")
-    with pytest.raises(FileExistsError):
-        fs.mkdir(f"{remote_dir}/a")
-    with pytest.raises(FileNotFoundError):
-        fs.mkdir(f"{remote_dir}/missing/x")
-    with pytest.raises(FileNotFoundError):
-        fs.stat(f"{remote_dir}/nope")
-    with pytest.raises(FileNotFoundError):
-        fs.open_read(f"{remote_dir}/nope")
-    with pytest.raises(FileNotFoundError):
-        fs.listdir(f"{remote_dir}/nope")
-
-    name = f"{remote_dir}/a/it's \"odd\"; $(x)\nname"
-    with fs.open_new(name, 0o640) as f:
-        assert f.write(b"hello ") == 6
-        f.write(memoryview(b"world"))
-    assert fs.stat(name).mode & 0o777 == 0o640 and fs.stat(name).size == 11
-    with pytest.raises(FileExistsError):
-        fs.open_new(name)
-    assert fs.read_bytes(name) == b"hello world" and fs.read_bytes(name, 6) == b"world"
-    assert t.read_text(name, 6) == "world"
-    with fs.open_read(name) as f:
-        buf = bytearray(100)
-        assert f.readinto(buf) == 11 and buf[:11] == b"hello world"
-        assert f.read() == b""
-        f.seek(-5, 2)
-        assert f.read(3) == b"wor"
-
-    fs.write_atomic(f"{remote_dir}/a/rec", b"one")
-    fs.write_atomic(f"{remote_dir}/a/rec", b"two")
-    assert fs.read_bytes(f"{remote_dir}/a/rec") == b"two"
-    with fs.open_new(f"{remote_dir}/a/tmp") as f:
-        f.write(b"x")
-    with pytest.raises(FileExistsError):
-        fs.link_noreplace(f"{remote_dir}/a/tmp", f"{remote_dir}/a/rec")
-    fs.link_noreplace(f"{remote_dir}/a/tmp", f"{remote_dir}/a/new")
-    assert not fs.exists(f"{remote_dir}/a/tmp") and fs.read_bytes(f"{remote_dir}/a/new") == b"x"
-    fs.replace(f"{remote_dir}/a/new", f"{remote_dir}/a/rec")
-    assert fs.read_bytes(f"{remote_dir}/a/rec") == b"x"
-    fs.unlink(f"{remote_dir}/a/rec")
-    fs.unlink(f"{remote_dir}/a/rec")
-    assert sorted(fs.listdir(f"{remote_dir}/a")) == sorted(["b", name.rsplit("/", 1)[1]])
-
-
-def test_upload_tree_with_hostile_names(t: SSHTransport, remote_dir: str, tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    (src / "sub dir; 'x'").mkdir(parents=True)
-    for i, n in enumerate(HOSTILE_NAMES):
-        (src / n).write_text(f"file {i}\n")
-    (src / "sub dir; 'x'" / "inner $(touch pwned)").write_bytes(os.urandom(300_000))
-    target = f"{remote_dir}/dest dir; 'quoted' $HOME"
-    t.upload_tree(src, target)
-    fs = SFTPFS(t)
-    assert sorted(fs.listdir(target)) == sorted([*HOSTILE_NAMES, "sub dir; 'x'"])
-    for i, n in enumerate(HOSTILE_NAMES):
-        assert fs.read_bytes(f"{target}/{n}") == f"file {i}\n".encode()
-    inner = "sub dir; 'x'/inner $(touch pwned)"
-    assert fs.read_bytes(f"{target}/{inner}") == (src / inner).read_bytes()
-    assert t.counts["mkdir"] == 0 and t.counts["tar"] == 1  # one command, not one per file
-    t.upload_tree(src, target)  # again, over the top: fine
-    with pytest.raises(TransportError, match="failed"):
-        t.upload_tree(src, "/proc/not-writable")
 
 
 # -- wiring ----------------------------------------------------------------------------------
