@@ -201,8 +201,8 @@ def remember(fn: Any) -> None:
                 known = _sources.get(code_key(code))
                 if known:
                     found[code_key(code)] = known
-            elif name.startswith("<ipython-input-") or name.startswith("<"):
-                found[code_key(code)] = name  # a notebook cell: linecache knows it here
+            elif name:
+                found[code_key(code)] = name  # a notebook cell ("<ipython-input-...>"): linecache knows it here
     with _sources_lock:
         _sources.update(found)
 

@@ -19,6 +19,19 @@ SSH_CONFIG = str(SSH_DIR / "hpcsl_ssh_config")
 ADMIN = "/usr/local/sbin/hpcsl-admin"
 
 
+def need_sshd() -> None:
+    """Skip the calling test where the test cluster's key or loopback sshd is missing."""
+    import socket
+
+    import pytest
+
+    if not os.path.exists(KEY):
+        pytest.skip("no test ssh key (tests/cluster/up.sh makes one)")
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", 2222)):
+            pytest.skip("no sshd on 127.0.0.1:2222 (tests/cluster/up.sh starts one)")
+
+
 def admin(*args: str, timeout: float = 300) -> str:
     """Run `hpcsl-admin ARGS` as root; its output. Fails the test if it fails."""
     cmd = [ADMIN, *args] if os.geteuid() == 0 else ["sudo", "-n", ADMIN, *args]

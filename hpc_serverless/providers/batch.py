@@ -536,19 +536,6 @@ class BatchBackend:
             self._cv.notify_all()
 
 
-def remote_or_new(cls: type, scheduler: str, name: str, site: Any, password: str | None,
-                  transport: Transport | None, overrides: Mapping[str, Any]) -> Any:
-    """``SlurmProvider(host=...)``/``PBSProvider(host=...)``: a site reached over SSH is
-    served by its agent, so the object made is a RemoteProvider; else a new `cls`."""
-    if transport is None:
-        s = BatchProvider.resolve_site(scheduler, name, site, overrides)
-        if s.remote:
-            from .remote import RemoteProvider
-
-            return RemoteProvider(name, s, password=password)
-    return object.__new__(cls)
-
-
 class BatchProvider(Provider):
     """A provider whose tasks are batch jobs on a site (Slurm, PBS)."""
 
@@ -684,3 +671,39 @@ class BatchProvider(Provider):
 
     def describe(self) -> str:
         return f"{self.name} ({self.scheduler.name} site '{self.site.name}' via {self.transport.describe()})"
+
+
+class SiteProvider(BatchProvider):
+    """A Slurm or PBS site built from its site file. On the login node (no `host`) it is
+    this provider; with a `host` the site is served by its agent there, so the constructor
+    returns a RemoteProvider instead. The site file is read once, in ``__new__``."""
+
+    kind: str  # the site's scheduler: "slurm" or "pbs"
+    _resolved: Site  # read by __new__, used by __init__
+
+    def __new__(cls, name: str = "cluster", host: str | None = None, username: str | None = None,
+                password: str | None = None, key_filename: str | None = None, port: int = 22,
+                site: Any = None, python: str | None = None, transport: Transport | None = None) -> Any:
+        s = BatchProvider.resolve_site(cls.kind, name, site, {"host": host, "username": username, "port": port,
+                                                              "key_filename": key_filename, "python": python})
+        if transport is None and s.remote:
+            from .remote import RemoteProvider
+
+            return RemoteProvider(name, s, password=password)
+        obj = super().__new__(cls)
+        obj._resolved = s
+        return obj
+
+    def __init__(self, name: str = "cluster", host: str | None = None, username: str | None = None,
+                 password: str | None = None, key_filename: str | None = None, port: int = 22,
+                 site: Any = None, python: str | None = None, transport: Transport | None = None) -> None:
+        s: Site = self._resolved
+        if transport is None:
+            from ..transport import connect
+
+            transport = connect(s, password=password)
+        super().__init__(name, s, transport, self.make_scheduler(s, transport))
+
+    def make_scheduler(self, site: Site, transport: Transport) -> Scheduler:
+        """The scheduler adapter of this kind of site."""
+        raise NotImplementedError

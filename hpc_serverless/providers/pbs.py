@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import re
 import shlex
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from ..errors import SchedulerError
 from ..schedulers import pbs as P
 from ..schedulers.common import JobState
 from ..target import Target
-from .batch import BatchProvider, BatchTask, Scheduler, remote_or_new
+from .batch import BatchTask, Scheduler, SiteProvider
 from .submitit_glue import submit_calls
 
 if TYPE_CHECKING:
@@ -114,26 +114,11 @@ class PBSScheduler(Scheduler):
         return P.short_id(P.parse_qsub(result.stdout))
 
 
-class PBSProvider(BatchProvider):
+class PBSProvider(SiteProvider):
     """A PBS Pro or Torque site (``pbs_flavor`` in the site file). Same arguments as
     :class:`~hpc_serverless.SlurmProvider`."""
 
-    def __new__(cls, name: str = "cluster", host: str | None = None, username: str | None = None,
-                password: str | None = None, key_filename: str | None = None, port: int = 22,
-                site: Any = None, python: str | None = None, transport: Transport | None = None) -> Any:
-        # with a host, the site is served by its agent on the login node: a RemoteProvider
-        return remote_or_new(cls, "pbs", name, site, password, transport,
-                             {"host": host, "username": username, "port": port,
-                              "key_filename": key_filename, "python": python})
+    kind = "pbs"
 
-    def __init__(self, name: str = "cluster", host: str | None = None, username: str | None = None,
-                 password: str | None = None, key_filename: str | None = None, port: int = 22,
-                 site: str | Site | Mapping[str, Any] | None = None,
-                 python: str | None = None, transport: Transport | None = None) -> None:
-        s = self.resolve_site("pbs", name, site, {"host": host, "username": username, "port": port,
-                                                  "key_filename": key_filename, "python": python})
-        if transport is None:
-            from ..transport import connect
-
-            transport = connect(s, password=password)
-        super().__init__(name, s, transport, PBSScheduler(s, transport, str(s.storage_path / "store")))
+    def make_scheduler(self, site: Site, transport: Transport) -> Scheduler:
+        return PBSScheduler(site, transport, str(site.storage_path / "store"))

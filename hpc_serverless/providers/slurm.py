@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import re
 import shlex
 import uuid
@@ -21,7 +20,7 @@ from ..launch import module_command
 from ..schedulers import slurm as S
 from ..schedulers.common import JobState
 from ..target import Target
-from .batch import BatchProvider, BatchTask, Scheduler, remote_or_new
+from .batch import BatchTask, Scheduler, SiteProvider
 from .submitit_glue import submit_array, submit_calls
 
 if TYPE_CHECKING:
@@ -201,29 +200,14 @@ def _job_name(name: str) -> str:
     return "hpcs-" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40] or "task")
 
 
-class SlurmProvider(BatchProvider):
+class SlurmProvider(SiteProvider):
     """A Slurm site. With no `host`, scheduler commands run here (we are on the login node).
 
     ``SlurmProvider(name="cluster", site="site_configs/x.yaml")``, or with ``host=``,
     ``username=``, ``password=``, ``key_filename=``, ``port=`` to reach it over SSH.
     """
 
-    def __new__(cls, name: str = "cluster", host: str | None = None, username: str | None = None,
-                password: str | None = None, key_filename: str | None = None, port: int = 22,
-                site: Any = None, python: str | None = None, transport: Transport | None = None) -> Any:
-        # with a host, the site is served by its agent on the login node: a RemoteProvider
-        return remote_or_new(cls, "slurm", name, site, password, transport,
-                             {"host": host, "username": username, "port": port,
-                              "key_filename": key_filename, "python": python})
+    kind = "slurm"
 
-    def __init__(self, name: str = "cluster", host: str | None = None, username: str | None = None,
-                 password: str | None = None, key_filename: str | None = None, port: int = 22,
-                 site: str | os.PathLike[str] | Site | Mapping[str, Any] | None = None,
-                 python: str | None = None, transport: Transport | None = None) -> None:
-        s = self.resolve_site("slurm", name, site, {"host": host, "username": username, "port": port,
-                                                    "key_filename": key_filename, "python": python})
-        if transport is None:
-            from ..transport import connect
-
-            transport = connect(s, password=password)
-        super().__init__(name, s, transport, SlurmScheduler(s, transport, str(s.storage_path / "store")))
+    def make_scheduler(self, site: Site, transport: Transport) -> Scheduler:
+        return SlurmScheduler(site, transport, str(site.storage_path / "store"))

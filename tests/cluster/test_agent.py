@@ -8,7 +8,6 @@ whose home is 0700: the client can only reach the cluster's files through the co
 
 from __future__ import annotations
 
-import os
 import secrets
 import socket
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from hpc_serverless import HPCServerlessError, QuantumServerless, distribute_task, get, put
 from hpc_serverless.errors import StoreError
 
-from ..testcluster import KEY, KNOWN_HOSTS, cluster_python
+from ..testcluster import KEY, KNOWN_HOSTS, cluster_python, need_sshd
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ssh]
 
@@ -27,11 +26,7 @@ CLUSTER_USER = "hpcsl"
 
 @pytest.fixture(autouse=True)
 def _need_sshd():
-    if not os.path.exists(KEY):
-        pytest.skip("no test ssh key (tests/cluster/up.sh makes one)")
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", 2222)):
-            pytest.skip("no sshd on 127.0.0.1:2222 (tests/cluster/up.sh starts one)")
+    need_sshd()
 
 
 def write_site(path: Path, **extra: object) -> Path:

@@ -17,7 +17,7 @@ from hpc_serverless import Program, QuantumServerless, distribute_task, get, put
 from hpc_serverless.errors import HostKeyError
 
 from ..conftest import HOSTILE_NAMES
-from ..testcluster import KEY, KNOWN_HOSTS, SSH_CONFIG, cluster_python, drop_ssh
+from ..testcluster import KEY, KNOWN_HOSTS, SSH_CONFIG, cluster_python, drop_ssh, need_sshd
 from ..traceback_checks import assert_user_frame
 from .conftest import ROOT
 
@@ -27,13 +27,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.ssh]
 
 @pytest.fixture(autouse=True)
 def _need_sshd():
-    import socket
-
-    if not os.path.exists(KEY):
-        pytest.skip("no test ssh key (tests/cluster/up.sh makes one)")
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", 2222)):
-            pytest.skip("no sshd on 127.0.0.1:2222 (tests/cluster/up.sh starts one)")
+    need_sshd()
 
 
 def _config(tmp_path, site_path, **entry) -> Path:
