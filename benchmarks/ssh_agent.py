@@ -11,7 +11,8 @@ account hpcsl over 127.0.0.1:2222, directly (0 ms) and through benchmarks/latenc
 * N no-op tasks (one loop of calls, then `get` of all), warm (agent started, function sent);
 * one task's latency (call to value; median of --repeats), and what SSH adds, in round trips;
 * agent requests per run (round trips the client waited for);
-* --mb MB put+get over loopback SSH against `scp` up and down of the same bytes;
+* --mb MB put+get over loopback SSH against `scp` up and down of the same bytes and against
+  one bare channel of the same connection (`cat > /dev/null`, `head -c`: the floor);
 * pilot mode: --pilot-tasks no-op tasks/s on the login node and over SSH at --rtt-ms (the
   dask scheduler in the agent), two pilot jobs of two cores each, warm; --pilot-tasks 0 skips.
 
@@ -126,6 +127,34 @@ def bulk(s: QuantumServerless, name: str, mb: int) -> dict[str, float]:
     return {"put_s": put_s, "get_s": get_s}
 
 
+def medians(run: Any, repeats: int) -> dict[str, float]:
+    """Each figure's median over `repeats` runs (the machine's noise is a third or more)."""
+    runs = [run() for _ in range(max(1, repeats))]
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def channel_floor(s: QuantumServerless, name: str, mb: int) -> dict[str, float]:
+    """The same bytes through one channel of the provider's own SSH connection (same cipher,
+    window and packet size) into `cat > /dev/null` and out of `head -c`: what paramiko and
+    sshd cost with no agent, store, checksum or disk; the floor for put+get."""
+    transport = s.provider(name).transport
+    data, step = memoryview(os.urandom(mb * 1_000_000)), 1 << 20
+    chan = transport.open_stream("cat > /dev/null")
+    t0 = time.perf_counter()
+    for i in range(0, len(data), step):
+        chan.sendall(data[i:i + step])
+    chan.shutdown_write()
+    assert chan.recv_exit_status() == 0
+    up = time.perf_counter() - t0
+    chan = transport.open_stream(f"head -c {len(data)} /dev/zero")
+    t0, got = time.perf_counter(), 0
+    while chunk := chan.recv(step):
+        got += len(chunk)
+    down = time.perf_counter() - t0
+    assert got == len(data)
+    return {"up_s": up, "down_s": down}
+
+
 def scp(mb: int, port: int, known: str, remote_dir: str) -> dict[str, float]:
     """`scp` up and down of the same number of bytes, as the cluster account."""
     with tempfile.TemporaryDirectory(prefix="hpcs-bench-scp-") as tmp:
@@ -217,20 +246,23 @@ def main() -> int:
         for name, label in labels.items():
             print(f"  {label:<34} {res[name]['warm_up_s']:8.2f} s")
 
-        ours = bulk(s, "ssh0", a.mb)
         remote_dir = str(s.provider("ssh0").store.root)
-        theirs = scp(a.mb, 2222, KNOWN, remote_dir)
+        ours = medians(lambda: bulk(s, "ssh0", a.mb), a.repeats)
+        theirs = medians(lambda: scp(a.mb, 2222, KNOWN, remote_dir), a.repeats)
+        floor = medians(lambda: channel_floor(s, "ssh0", a.mb), a.repeats)
         ours_rtt = bulk(s, "sshrtt", a.mb)
         theirs_rtt = scp(a.mb, pport, known_hosts_for(pport, tmp), remote_dir)
-        print(f"\n{a.mb} MB up and down                           up        down      total    MB/s (up+down)")
+        print(f"\n{a.mb} MB up and down (0 ms: median of {a.repeats})    up        down      total    MB/s (up+down)")
         for label, up, down in (("put+get, SSH 0 ms", ours["put_s"], ours["get_s"]),
                                 ("scp up + scp down, 0 ms", theirs["up_s"], theirs["down_s"]),
+                                ("one SSH channel alone, 0 ms (floor)", floor["up_s"], floor["down_s"]),
                                 (f"put+get, SSH {a.rtt_ms:.0f} ms", ours_rtt["put_s"], ours_rtt["get_s"]),
                                 (f"scp up + scp down, {a.rtt_ms:.0f} ms", theirs_rtt["up_s"], theirs_rtt["down_s"])):
             print(f"  {label:<38} {up:6.2f} s {down:6.2f} s {up + down:6.2f} s {2 * a.mb / (up + down):8.0f}")
         print(f"  put+get / scp time: {(ours['put_s'] + ours['get_s']) / (theirs['up_s'] + theirs['down_s']):.2f}x "
               f"at 0 ms, {(ours_rtt['put_s'] + ours_rtt['get_s']) / (theirs_rtt['up_s'] + theirs_rtt['down_s']):.2f}x "
-              f"at {a.rtt_ms:.0f} ms")
+              f"at {a.rtt_ms:.0f} ms; put+get / channel floor at 0 ms: "
+              f"{(ours['put_s'] + ours['get_s']) / (floor['up_s'] + floor['down_s']):.2f}x")
 
         pilot: dict[str, dict[str, float]] = {}
         if a.pilot_tasks:
