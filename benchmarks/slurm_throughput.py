@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from hpc_serverless import QuantumServerless, SlurmProvider, distribute_task, get, wait
-from hpc_serverless.site import load_site
+from hpc_serverless.config.site import load_site
 
 
 @distribute_task

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_serverless import QuantumServerless, distribute_task, get, put
-from hpc_serverless.worker import result_key
+from hpc_serverless.runtime.worker import result_key
 
 ROOT = Path(__file__).resolve().parents[1]
 SSH = Path.home() / ".ssh"

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .api import QuantumServerless, distribute_task, get, put, wait
-from .checkpoint import load_checkpoint, save_checkpoint
-from .errors import HPCServerlessError
-from .programs import Job, Program, get_arguments, save_result
-from .providers.local import LocalProvider
-from .refs import ObjectRef, TaskRef
-from .target import Target
-from .version import __version__ as __version__
+from hpc_serverless import errors
+from hpc_serverless.api import QuantumServerless, distribute_task, get, put, wait
+from hpc_serverless.core.refs import ObjectRef, TaskRef
+from hpc_serverless.core.target import Target
+from hpc_serverless.errors import HPCServerlessError
+from hpc_serverless.programs import Job, Program, get_arguments, save_result
+from hpc_serverless.providers.local import LocalProvider
+from hpc_serverless.runtime.checkpoint import load_checkpoint, save_checkpoint
+from hpc_serverless.version import __version__ as __version__
 
 __all__ = [
     "HPCServerlessError",
@@ -31,6 +32,7 @@ __all__ = [
     "Target",
     "TaskRef",
     "distribute_task",
+    "errors",
     "get",
     "get_arguments",
     "load_checkpoint",
@@ -44,11 +46,11 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # batch providers pull in more code (scheduler modules, submitit glue): load on use
     if name == "SlurmProvider":
-        from .providers.slurm import SlurmProvider
+        from hpc_serverless.providers.slurm import SlurmProvider
 
         return SlurmProvider
     if name == "PBSProvider":
-        from .providers.pbs import PBSProvider
+        from hpc_serverless.providers.pbs import PBSProvider
 
         return PBSProvider
     raise AttributeError(f"module 'hpc_serverless' has no attribute {name!r}")

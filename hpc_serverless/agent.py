@@ -40,13 +40,20 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .streaming import Filling, read_request
-from .wire import FrameError, encode, exact_reader, exact_reader_into, read_frame, versions
+from hpc_serverless.adapters.streaming import Filling, read_request
+from hpc_serverless.adapters.wire import (
+    FrameError,
+    encode,
+    exact_reader,
+    exact_reader_into,
+    read_frame,
+    versions,
+)
 
 if TYPE_CHECKING:
-    from .providers.batch import BatchProvider
-    from .providers.pilot import PilotBackend
-    from .site import Site
+    from hpc_serverless.config.site import Site
+    from hpc_serverless.engines.batch import BatchProvider
+    from hpc_serverless.engines.pilot import PilotBackend
 
 log = logging.getLogger("hpc_serverless.agent")
 
@@ -96,7 +103,7 @@ def socket_path(site: Site) -> Path:
 
 def check_storage(site: Site) -> str | None:
     """A sentence if this account cannot create and write the site's storage, else None."""
-    from .fs import LOCAL
+    from hpc_serverless.core.fs import LOCAL
 
     path = str(site.storage_path)
     try:
@@ -174,7 +181,7 @@ def relay() -> int:
     if problem:
         _write(1, _hello_error("version", problem))
         return 3
-    from .site import on_cluster
+    from hpc_serverless.config.site import on_cluster
 
     try:
         site = on_cluster(pickle.loads(hello["site"]))
@@ -209,11 +216,11 @@ class Agent:
     """The provider of one site and the requests its clients send."""
 
     def __init__(self, site: Site) -> None:
-        from .providers.factory import provider_for_site
+        from hpc_serverless.providers.factory import provider_for_site
 
         self.site = site
         provider = provider_for_site(site, site.name)
-        from .providers.batch import BatchProvider
+        from hpc_serverless.engines.batch import BatchProvider
 
         if not isinstance(provider, BatchProvider):
             raise RuntimeError(f"site '{site.name}': mode {site.mode} is not served over SSH")
@@ -329,7 +336,7 @@ class Agent:
 
     # -- tasks ---------------------------------------------------------------------------------
     def _ref(self, task_id: str, function: str, job_id: str | None) -> Any:
-        from .refs import TaskRef
+        from hpc_serverless.core.refs import TaskRef
 
         ref = TaskRef(task_id, self.backend.key, self.provider.name, function, job_id=job_id,
                       backend=self.backend)
@@ -357,7 +364,7 @@ class Agent:
         """States of tasks; the results of finished ones inline (up to `inline_limit`
         bytes in all). Waits up to `wait` s for one of them to finish: one round trip
         per poll whatever the number of tasks."""
-        from .refs import TaskStatus
+        from hpc_serverless.core.refs import TaskStatus
 
         if self.pilot is not None:
             return self._poll_pilot(self.pilot, items, wait, inline_limit)
@@ -390,8 +397,8 @@ class Agent:
                     inline_limit: int) -> dict[str, dict[str, Any]]:
         """op_poll in pilot mode: the calls live in this process (in the pilot backend), and
         the wait ends as soon as one of them is final (the collector notifies)."""
-        from .errors import HPCServerlessError
-        from .refs import TaskStatus
+        from hpc_serverless.core.errors import HPCServerlessError
+        from hpc_serverless.core.refs import TaskStatus
 
         deadline = time.monotonic() + min(wait, 5.0)
         out: dict[str, dict[str, Any]] = {}
@@ -420,8 +427,8 @@ class Agent:
         return out
 
     def _outcome(self, task_id: str) -> tuple[bool, bytes] | None:
-        from .errors import ObjectNotFoundError
-        from .worker import result_key
+        from hpc_serverless.core.errors import ObjectNotFoundError
+        from hpc_serverless.runtime.worker import result_key
 
         if self.pilot is not None:
             with self.pilot._lock:
@@ -451,7 +458,7 @@ class Agent:
         return self.backend.task_cancel(self._ref(task_id, function, job_id))
 
     def _pilot_ref(self, task_id: str, function: str) -> Any:
-        from .refs import TaskRef
+        from hpc_serverless.core.refs import TaskRef
 
         assert self.pilot is not None
         return TaskRef(task_id, self.pilot.key, self.provider.name, function, backend=self.pilot)
@@ -499,7 +506,7 @@ class Agent:
         return [j.job_id for j in self.provider.jobs()]
 
     def _jobs(self) -> Any:
-        from .programs_batch import BatchJobs
+        from hpc_serverless.engines.programs_batch import BatchJobs
 
         return BatchJobs(self.provider)
 
@@ -513,8 +520,8 @@ class Agent:
         return bool(self._jobs().job_stop(job_id))
 
     def op_job_result(self, job_id: str) -> tuple[Any, list[Any]]:
-        from .programs import RESULT_KEY
-        from .store import ObjectStore
+        from hpc_serverless.core.store import ObjectStore
+        from hpc_serverless.programs import RESULT_KEY
 
         jobs = self._jobs()
         jobs.job_info(job_id)  # names a job that does not exist
@@ -524,7 +531,7 @@ class Agent:
     # -- facts ---------------------------------------------------------------------------------
     def op_site_check(self) -> list[str]:
         """`hpc-serverless sites check` of a site with a host: the login node's checks, here."""
-        from .sites import login_node_checks
+        from hpc_serverless.providers.checks import login_node_checks
 
         return login_node_checks(self.provider)
 
@@ -550,7 +557,7 @@ def _safe_extract(tf: tarfile.TarFile, dest: str) -> None:
 
 def _portable(exc: BaseException) -> BaseException:
     """`exc` if it survives a pickle round trip, else an HPCServerlessError that tells it."""
-    from .errors import HPCServerlessError
+    from hpc_serverless.core.errors import HPCServerlessError
 
     try:
         pickle.loads(pickle.dumps(exc))
@@ -573,7 +580,7 @@ def serve(path: str) -> int:
     sock.settimeout(1.0)
     record = {"where": _where(), "pid": os.getpid(), "socket": path, "started": time.time(),
               "versions": versions()}
-    from .fs import LOCAL
+    from hpc_serverless.core.fs import LOCAL
 
     LOCAL.write_atomic(str(site.storage_path / "agent.json"), json.dumps(record).encode())
     log.info("serving %s on %s", site.name, path)

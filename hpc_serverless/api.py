@@ -13,12 +13,12 @@ import time
 import warnings
 from typing import Any, Callable, Generic, Iterator, Mapping, ParamSpec, Sequence, TypeVar, overload
 
-from .errors import GetTimeoutError, HPCServerlessError, TargetError, UnknownProviderError
-from .providers.base import Provider
-from .providers.local import LocalProvider
-from .refs import ObjectRef, TaskRef
-from .serialization import function_bytes
-from .target import Target
+from hpc_serverless.core.errors import GetTimeoutError, HPCServerlessError, TargetError, UnknownProviderError
+from hpc_serverless.core.refs import ObjectRef, TaskRef
+from hpc_serverless.core.serialization import function_bytes
+from hpc_serverless.core.target import Target
+from hpc_serverless.providers.base import Provider
+from hpc_serverless.providers.local import LocalProvider
 
 __all__ = ["QuantumServerless", "RemoteFunction", "distribute_task", "put", "get", "wait",
            "current_provider"]
@@ -69,7 +69,7 @@ class QuantumServerless:
 
     def __init__(self, config: Mapping[str, Any] | None = None, *, _source: str | None = None) -> None:
         global _last_serverless
-        from .config import parse_serverless_config
+        from hpc_serverless.config.files import parse_serverless_config
 
         self._providers: dict[str, Provider] = {}
         entries, default = parse_serverless_config(config or {}, source=_source)
@@ -88,7 +88,7 @@ class QuantumServerless:
     @classmethod
     def load_configuration(cls, path: str | os.PathLike[str]) -> QuantumServerless:
         """A QuantumServerless from a YAML or JSON file of the same shape as the dict."""
-        from .config import read_config_file
+        from hpc_serverless.config.files import read_config_file
 
         return cls(read_config_file(path), _source=str(path))
 
@@ -146,7 +146,7 @@ class QuantumServerless:
 
     def get_job_by_id(self, job_id: str) -> Any:
         """The job `job_id` on whichever configured provider ran it (see programs.find_job)."""
-        from .programs import find_job
+        from hpc_serverless.programs import find_job
 
         return find_job(job_id, self.providers, self._current())
 

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import HPCServerlessError, JobFailedError
+from hpc_serverless.core.errors import HPCServerlessError, JobFailedError
 
 
 def _serverless(args: argparse.Namespace) -> Any:
-    from .api import QuantumServerless
+    from hpc_serverless.api import QuantumServerless
 
     config = args.config or os.environ.get("HPC_SERVERLESS_CONFIG")
     if not config and Path("serverless.yaml").exists():
@@ -37,7 +37,7 @@ def _parse_value(text: str) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .programs import Program
+    from hpc_serverless.programs import Program
 
     arguments: dict[str, Any] = json.loads(args.arguments) if args.arguments else {}
     if not isinstance(arguments, dict):
@@ -74,7 +74,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, default=str))
     else:
-        from .programs import why_it_ended
+        from hpc_serverless.programs import why_it_ended
 
         why = why_it_ended(info)
         print(f"{info['status']}" + (f" ({why})" if why else ""))
@@ -136,7 +136,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_sites_check(args: argparse.Namespace) -> int:
-    from .sites import check_site
+    from hpc_serverless.providers.checks import check_site
 
     for line in check_site(args.site, connect=not args.offline):
         print(line)

@@ -20,15 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
-from .errors import GetTimeoutError, HPCServerlessError, JobFailedError, JobNotFoundError, ProgramError
-from .launch import module_argv
-from .refs import TaskStatus
-from .store import ObjectStore
-from .target import Target
+from hpc_serverless.core.errors import (
+    GetTimeoutError,
+    HPCServerlessError,
+    JobFailedError,
+    JobNotFoundError,
+    ProgramError,
+)
+from hpc_serverless.core.launch import module_argv
+from hpc_serverless.core.refs import TaskStatus
+from hpc_serverless.core.store import ObjectStore
+from hpc_serverless.core.target import Target
 
 if TYPE_CHECKING:
-    from .providers.base import Provider
-    from .providers.local import LocalProvider
+    from hpc_serverless.providers.base import Provider
+    from hpc_serverless.providers.local import LocalProvider
 
 __all__ = ["Program", "Job", "get_arguments", "save_result", "LocalJobs", "find_job", "new_job_id"]
 
@@ -228,7 +234,7 @@ class LocalJobs:
     """Programs as detached processes on this machine (develop without a cluster)."""
 
     def __init__(self, provider: LocalProvider) -> None:
-        from .providers.local import default_home
+        from hpc_serverless.providers.local import default_home
 
         self.provider = provider
         self.root = default_home() / "jobs"
@@ -266,7 +272,7 @@ class LocalJobs:
             env["HPC_SERVERLESS_CPUS"] = str(program.resources.cpu)
         with open(d / "output.log", "wb") as log:
             proc = subprocess.Popen(
-                module_argv(sys.executable, "hpc_serverless.program_runner", str(d), program.entrypoint),
+                module_argv(sys.executable, "hpc_serverless.runtime.program_runner", str(d), program.entrypoint),
                 cwd=d / "workdir", env=env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
         record["pid"] = proc.pid

@@ -10,13 +10,13 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ..refs import ObjectRef, TaskRef
-from ..store import ObjectStore, new_object_id
-from ..target import Target
+from hpc_serverless.core.refs import ObjectRef, TaskRef
+from hpc_serverless.core.store import ObjectStore, new_object_id
+from hpc_serverless.core.target import Target
 
 if TYPE_CHECKING:
-    from ..api import RemoteFunction
-    from ..programs import Job, Program
+    from hpc_serverless.api import RemoteFunction
+    from hpc_serverless.programs import Job, Program
 
 
 class Provider(abc.ABC):

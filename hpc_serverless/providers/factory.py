@@ -5,28 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import CONNECTION_KEYS
-from ..errors import ConfigError
-from .base import Provider
+from hpc_serverless.config.files import CONNECTION_KEYS
+from hpc_serverless.core.errors import ConfigError
+from hpc_serverless.providers.base import Provider
 
 if TYPE_CHECKING:
-    from ..site import Site
+    from hpc_serverless.config.site import Site
 
 
 def provider_for_site(site: Site, name: str | None = None, password: str | None = None) -> Provider:
     if site.remote:  # the login-node provider, run by an agent at the far end of one SSH channel
-        from .remote import RemoteProvider
+        from hpc_serverless.providers.remote import RemoteProvider
 
         return RemoteProvider(name or site.name, site, password=password)
     if site.mode == "pilot":  # many small tasks through a few dask worker jobs
-        from .pilot import PilotProvider
+        from hpc_serverless.engines.pilot import PilotProvider
 
         return PilotProvider(name or site.name, site=site, password=password)
     if site.scheduler == "slurm":
-        from .slurm import SlurmProvider
+        from hpc_serverless.providers.slurm import SlurmProvider
 
         return SlurmProvider(name or site.name, site=site, password=password)
-    from .pbs import PBSProvider
+    from hpc_serverless.providers.pbs import PBSProvider
 
     return PBSProvider(name or site.name, site=site, password=password)
 
@@ -35,8 +35,8 @@ def provider_from_entry(entry: dict[str, Any], *, source: str | None = None,
                         where: tuple[Any, ...] = ()) -> Provider:
     """A provider entry: `site` (a path, relative to the config file) and/or inline site keys,
     plus connection overrides (host, port, username, password, key_filename, python)."""
-    from ..config import read_config_file
-    from ..site import site_from_mapping
+    from hpc_serverless.config.files import read_config_file
+    from hpc_serverless.config.site import site_from_mapping
 
     entry = dict(entry)
     name = entry.pop("name")

@@ -7,18 +7,18 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ..calls import find_task_refs, pack_arguments
-from ..errors import HPCServerlessError, ResourceError
-from ..refs import TaskRef, register_store
-from ..store import ObjectStore
-from ..target import Target
-from .base import Provider
-from .local_pool import LocalPool, TaskSpec
-from .pool_client import current_client
+from hpc_serverless.core.calls import find_task_refs, pack_arguments
+from hpc_serverless.core.errors import HPCServerlessError, ResourceError
+from hpc_serverless.core.refs import TaskRef, register_store
+from hpc_serverless.core.store import ObjectStore
+from hpc_serverless.core.target import Target
+from hpc_serverless.engines.local_pool import LocalPool, TaskSpec
+from hpc_serverless.engines.pool_client import current_client
+from hpc_serverless.providers.base import Provider
 
 if TYPE_CHECKING:
-    from ..api import RemoteFunction
-    from ..programs import Job, Program
+    from hpc_serverless.api import RemoteFunction
+    from hpc_serverless.programs import Job, Program
 
 __all__ = ["LocalProvider", "local_resources", "default_home"]
 
@@ -120,7 +120,7 @@ class LocalProvider(Provider):
         if target.nodes > 1:
             problems.append(f"nodes={target.nodes} but it is one machine")
         if target.mpi > 1:
-            from ..worker import local_mpi_launcher
+            from hpc_serverless.runtime.worker import local_mpi_launcher
 
             local_mpi_launcher(target.mpi)  # raises if there is no mpirun here
         if problems:
@@ -153,16 +153,16 @@ class LocalProvider(Provider):
 
     # -- programs -------------------------------------------------------------------------
     def run_program(self, program: Program, arguments: Mapping[str, Any] | None = None) -> Job:
-        from ..programs import LocalJobs
+        from hpc_serverless.programs import LocalJobs
 
         return LocalJobs(self).run(program, arguments)
 
     def get_job_by_id(self, job_id: str) -> Job:
-        from ..programs import LocalJobs
+        from hpc_serverless.programs import LocalJobs
 
         return LocalJobs(self).get(job_id)
 
     def jobs(self) -> list[Job]:
-        from ..programs import LocalJobs
+        from hpc_serverless.programs import LocalJobs
 
         return LocalJobs(self).list()

@@ -10,19 +10,19 @@ import re
 import shlex
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from ..errors import SchedulerError
-from ..schedulers import pbs as P
-from ..schedulers.common import JobState
-from ..target import Target
-from .batch import BatchTask, Scheduler, SiteProvider
-from .submitit_glue import submit_calls
+from hpc_serverless.adapters.schedulers import pbs as P
+from hpc_serverless.adapters.schedulers.common import JobState
+from hpc_serverless.adapters.submitit_glue import submit_calls
+from hpc_serverless.core.errors import SchedulerError
+from hpc_serverless.core.target import Target
+from hpc_serverless.engines.batch import BatchTask, Scheduler, SiteProvider
 
 if TYPE_CHECKING:
-    from ..transport.base import CommandResult
+    from hpc_serverless.adapters.transport.base import CommandResult
 
 if TYPE_CHECKING:
-    from ..site import Site
-    from ..transport.base import Transport
+    from hpc_serverless.adapters.transport.base import Transport
+    from hpc_serverless.config.site import Site
 
 
 def _job_name(name: str) -> str:
@@ -46,7 +46,7 @@ class PBSScheduler(Scheduler):
         P.check_fits(target, self.flavor)
 
     def setup_lines(self) -> list[str]:
-        from ..jobscript import export_lines
+        from hpc_serverless.adapters.jobscript import export_lines
 
         env = {**self.site.env, "HPC_SERVERLESS_STORE": self.store_root}
         if self.site.commands_dir:  # qrerun inside the job (worker.py) comes from there too
@@ -69,7 +69,7 @@ class PBSScheduler(Scheduler):
         return [re.sub(r"^(\d+)_(\d+)$", r"\1[\2]", j) for j in job_ids]
 
     def submit(self, tasks: Sequence[BatchTask], target: Target, after: Sequence[str]) -> list[str]:
-        from .pbs_submitit import PBSExecutor
+        from hpc_serverless.adapters.pbs_submitit import PBSExecutor
 
         name = tasks[0].name if len({t.name for t in tasks}) == 1 else "tasks"
         ex = PBSExecutor(self.folder, shlex.quote(self.site.python), self.transport)
@@ -96,7 +96,7 @@ class PBSScheduler(Scheduler):
     # -- programs --------------------------------------------------------------------------------------
     def program_script(self, target: Target, *, job_name: str, job_id: str, job_dir: str,
                        env: Mapping[str, str], workdir: str, command: Sequence[str]) -> str:
-        from ..jobscript import render_program
+        from hpc_serverless.adapters.jobscript import render_program
 
         options = P.qsub_options(target, self.flavor, directives=self.site.directives,
                                  job_name=_job_name(job_name))

@@ -23,21 +23,26 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from ..calls import find_task_refs, pack_arguments
-from ..errors import GetTimeoutError, HPCServerlessError, JobNotFoundError, TaskCancelledError
-from ..programs import Job, Program
-from ..refs import TaskRef, TaskStatus, register_backend, register_store
-from ..serialization import loads, unpack_exception
-from ..store import ObjectStore
-from ..target import Target
-from .base import Provider
-from .batch import MAX_LINGER_S
+from hpc_serverless.core.calls import find_task_refs, pack_arguments
+from hpc_serverless.core.errors import (
+    GetTimeoutError,
+    HPCServerlessError,
+    JobNotFoundError,
+    TaskCancelledError,
+)
+from hpc_serverless.core.refs import TaskRef, TaskStatus, register_backend, register_store
+from hpc_serverless.core.serialization import loads, unpack_exception
+from hpc_serverless.core.store import ObjectStore
+from hpc_serverless.core.target import Target
+from hpc_serverless.engines.batch import MAX_LINGER_S
+from hpc_serverless.programs import Job, Program
+from hpc_serverless.providers.base import Provider
 
 if TYPE_CHECKING:
-    from ..api import RemoteFunction
-    from ..site import Site
-    from ..transport.agent_client import AgentClient
-    from ..transport.ssh import SSHTransport
+    from hpc_serverless.adapters.transport.agent_client import AgentClient
+    from hpc_serverless.adapters.transport.ssh import SSHTransport
+    from hpc_serverless.api import RemoteFunction
+    from hpc_serverless.config.site import Site
 
 log = logging.getLogger("hpc_serverless")
 
@@ -304,10 +309,10 @@ class RemoteProvider(Provider):
 
     def __init__(self, name: str, site: Site, password: str | None = None,
                  transport: SSHTransport | None = None) -> None:
-        from ..transport.agent_client import AgentClient
+        from hpc_serverless.adapters.transport.agent_client import AgentClient
 
         if transport is None:
-            from ..transport import connect
+            from hpc_serverless.adapters.transport import connect
 
             transport = connect(site, password=password)  # type: ignore[assignment]
         assert transport is not None
@@ -365,7 +370,7 @@ class RemoteProvider(Provider):
 
     # -- programs ----------------------------------------------------------------------------
     def run_program(self, program: Program, arguments: Mapping[str, Any] | None = None) -> Job:
-        from ..errors import ProgramError
+        from hpc_serverless.core.errors import ProgramError
 
         if not isinstance(program, Program):
             raise ProgramError(f"run_program() takes a Program, not {type(program).__name__}")

@@ -15,17 +15,17 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from ..errors import ConfigError, SchedulerError
-from ..launch import module_command
-from ..schedulers import slurm as S
-from ..schedulers.common import JobState
-from ..target import Target
-from .batch import BatchTask, Scheduler, SiteProvider
-from .submitit_glue import submit_array, submit_calls
+from hpc_serverless.adapters.schedulers import slurm as S
+from hpc_serverless.adapters.schedulers.common import JobState
+from hpc_serverless.adapters.submitit_glue import submit_array, submit_calls
+from hpc_serverless.core.errors import ConfigError, SchedulerError
+from hpc_serverless.core.launch import module_command
+from hpc_serverless.core.target import Target
+from hpc_serverless.engines.batch import BatchTask, Scheduler, SiteProvider
 
 if TYPE_CHECKING:
-    from ..site import Site
-    from ..transport.base import Transport
+    from hpc_serverless.adapters.transport.base import Transport
+    from hpc_serverless.config.site import Site
 
 log = logging.getLogger("hpc_serverless")
 
@@ -121,7 +121,7 @@ class SlurmScheduler(Scheduler):
 
     # -- submission -------------------------------------------------------------------------------
     def setup_lines(self, target: Target) -> list[str]:
-        from ..jobscript import export_lines
+        from hpc_serverless.adapters.jobscript import export_lines
 
         env = {**self.site.env, "HPC_SERVERLESS_STORE": self.store_root}
         return [*self.site.setup, export_lines(env)]
@@ -150,7 +150,7 @@ class SlurmScheduler(Scheduler):
     # -- programs ----------------------------------------------------------------------------------
     def program_script(self, target: Target, *, job_name: str, job_id: str, job_dir: str,
                        env: Mapping[str, str], workdir: str, command: Sequence[str]) -> str:
-        from ..jobscript import render_program
+        from hpc_serverless.adapters.jobscript import render_program
 
         options = {"job-name": _job_name(job_name), "output": f"{job_dir}/output.log",
                    "open-mode": "append", **S.sbatch_options(target, directives=self.site.directives)}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hpc_serverless import HPCServerlessError, QuantumServerless, distribute_task, get, put
-from hpc_serverless.errors import StoreError
+from hpc_serverless.core.errors import StoreError
 
 from ..testcluster import KEY, KNOWN_HOSTS, cluster_python, need_sshd
 
@@ -110,8 +110,8 @@ def test_missing_python_is_named(tmp_path):
 
 
 def test_version_mismatch_names_both_sides(site_file, monkeypatch):
-    from hpc_serverless import wire
-    from hpc_serverless.transport import agent_client
+    from hpc_serverless.adapters import wire
+    from hpc_serverless.adapters.transport import agent_client
 
     ours = wire.versions()
     monkeypatch.setattr(agent_client, "versions", lambda: {**ours, "hpc_serverless": "9.9.9"})
@@ -173,7 +173,7 @@ def test_killed_agent_is_replaced_and_tasks_are_found_again(site_file):
 def test_sites_check_runs_on_the_login_node_through_the_agent(site_file):
     """`hpc-serverless sites check` of a site with a host: the scheduler's commands and the
     storage probe run in the cluster account (storage resolved there), not on the laptop."""
-    from hpc_serverless.sites import check_site
+    from hpc_serverless.providers.checks import check_site
 
     lines = list(check_site(str(site_file)))
     assert f"agent: {CLUSTER_USER}@" in lines[1]

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from hpc_serverless import PBSProvider, Program, QuantumServerless, distribute_task, get
-from hpc_serverless.errors import DependencyError
+from hpc_serverless.core.errors import DependencyError
 
 from ..traceback_checks import assert_user_frame
 from .conftest import ROOT
@@ -97,7 +97,7 @@ def test_program_logs_and_result(serverless, tmp_path):
 def test_requeue_is_refused_at_submission(serverless, tmp_path):
     """Issue 17 item 7: `requeue` does nothing on PBS yet, so it is refused at the call
     (no job is submitted), and in a PBS site's defaults at load (file and key named)."""
-    from hpc_serverless.errors import ConfigError, TargetError
+    from hpc_serverless.core.errors import ConfigError, TargetError
 
     provider = serverless.provider("pbs")
     before = provider.transport.counts.get("qsub", 0)

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from hpc_serverless import PBSProvider, Program, QuantumServerless, distribute_task, get
-from hpc_serverless.errors import DependencyError, JobFailedError, TaskTimeoutError
+from hpc_serverless.core.errors import DependencyError, JobFailedError, TaskTimeoutError
 
 from ..traceback_checks import assert_user_frame
 from .conftest import ROOT

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_serverless.schedulers import pbs as P
+from hpc_serverless.adapters.schedulers import pbs as P
 
 from .conftest import ROOT
 

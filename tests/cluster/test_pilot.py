@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from hpc_serverless import QuantumServerless, distribute_task, get, put, wait
-from hpc_serverless.errors import DependencyError, HPCServerlessError, ResourceError, TaskCancelledError
-from hpc_serverless.site import load_site
+from hpc_serverless.config.site import load_site
+from hpc_serverless.core.errors import DependencyError, HPCServerlessError, ResourceError, TaskCancelledError
 
 from ..traceback_checks import assert_user_frame
 from .conftest import ROOT
@@ -109,7 +109,7 @@ def on_pilot(pilot):
 def test_factory_builds_a_pilot_provider_and_dask_stays_unimported():
     code = ("import sys, hpc_serverless\n"
             "from hpc_serverless.providers.factory import provider_for_site\n"
-            "from hpc_serverless.site import load_site\n"
+            "from hpc_serverless.config.site import load_site\n"
             f"p = provider_for_site(load_site({str(ROOT / PILOT_SITE)!r}), 'x')\n"
             "assert type(p).__name__ == 'PilotProvider', type(p)\n"
             "assert 'dask' not in sys.modules and 'distributed' not in sys.modules\n")
@@ -246,7 +246,7 @@ def test_shutdown_leaves_no_jobs(pilot):
 
 
 def test_workers_retire_before_walltime_and_tasks_still_complete():
-    from hpc_serverless.providers.pilot import PilotProvider
+    from hpc_serverless.engines.pilot import PilotProvider
 
     provider = PilotProvider("retiring", site=_site(lifetime=6, lifetime_stagger=2))
     try:
@@ -261,7 +261,7 @@ def test_workers_retire_before_walltime_and_tasks_still_complete():
 
 
 def test_workers_that_cannot_connect_are_reported_early():
-    from hpc_serverless.providers.pilot import PilotProvider
+    from hpc_serverless.engines.pilot import PilotProvider
 
     site = _site(workers=1, connect_timeout=4)
     site = site.model_copy(update={"setup": ("sleep 120",)})  # the job runs, no worker ever connects

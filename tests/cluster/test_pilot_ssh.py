@@ -10,7 +10,7 @@ import time
 import pytest
 
 from hpc_serverless import distribute_task, get, put
-from hpc_serverless.errors import DependencyError
+from hpc_serverless.core.errors import DependencyError
 
 from .test_agent import _need_sshd, _provider, energy, write_site  # noqa: F401 - _need_sshd: autouse
 

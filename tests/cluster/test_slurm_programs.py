@@ -13,7 +13,7 @@ import time
 import pytest
 
 from hpc_serverless import Program, QuantumServerless
-from hpc_serverless.errors import JobFailedError
+from hpc_serverless.core.errors import JobFailedError
 
 from .conftest import ROOT
 
@@ -110,7 +110,7 @@ def test_stop_running_program(serverless, tmp_path):
 
 
 def test_missing_entrypoint_is_refused_before_submission(serverless, tmp_path):
-    from hpc_serverless.errors import ProgramError
+    from hpc_serverless.core.errors import ProgramError
 
     provider = serverless.provider("cluster")
     before = dict(provider.transport.counts)

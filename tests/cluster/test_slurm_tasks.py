@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hpc_serverless import distribute_task, get, put, wait
-from hpc_serverless.errors import (
+from hpc_serverless.core.errors import (
     DependencyError,
     ResourceError,
     TaskCancelledError,

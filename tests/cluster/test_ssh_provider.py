@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hpc_serverless import Program, QuantumServerless, distribute_task, get, put
-from hpc_serverless.errors import HostKeyError
+from hpc_serverless.core.errors import HostKeyError
 
 from ..conftest import HOSTILE_NAMES
 from ..testcluster import KEY, KNOWN_HOSTS, SSH_CONFIG, cluster_python, drop_ssh, need_sshd
@@ -168,7 +168,7 @@ def test_job_search_does_not_prompt_for_a_provider_that_is_not_connected(tmp_pat
     """Issue 17 item 2: get_job_by_id looks on every configured provider, but logs in to one
     that is not connected only if no one has to type anything; otherwise it says it did not
     search there. With a password in the configuration, the same provider is searched."""
-    from hpc_serverless.errors import JobNotFoundError
+    from hpc_serverless.core.errors import JobNotFoundError
 
     prompts = []
 

@@ -19,4 +19,4 @@ export HPC_SERVERLESS_JOB_DIR=/lus/eagle/projects/qc/hpcs/programs/20260101-0000
 
 cd /lus/eagle/projects/qc/hpcs/programs/20260101-000000-abcdef/workdir || exit 1
 # arguments: /lus/eagle/projects/qc/hpcs/programs/20260101-000000-abcdef/arguments (get_arguments()); result: /lus/eagle/projects/qc/hpcs/programs/20260101-000000-abcdef/result (save_result())
-exec /opt/venv/bin/python -c 'import os, sys; _c = os.path.realpath(os.getcwd()); _s = sys.path[:]; sys.path[:] = [p for p in _s if p and os.path.realpath(p) != _c]; import hpc_serverless; sys.path[:] = [p for p in _s if p]; from hpc_serverless.launch import main; main()' -m hpc_serverless.program_runner /lus/eagle/projects/qc/hpcs/programs/20260101-000000-abcdef main.py
+exec /opt/venv/bin/python -c 'import os, sys; _c = os.path.realpath(os.getcwd()); _s = sys.path[:]; sys.path[:] = [p for p in _s if p and os.path.realpath(p) != _c]; import hpc_serverless; sys.path[:] = [p for p in _s if p]; from hpc_serverless.core.launch import main; main()' -m hpc_serverless.runtime.program_runner /lus/eagle/projects/qc/hpcs/programs/20260101-000000-abcdef main.py

@@ -26,4 +26,4 @@ export MY_VAR='a value; with $(danger) '"'"'quotes'"'"''
 
 cd /shared/alice/hpcs/programs/20260101-000000-abcdef/workdir || exit 1
 # arguments: /shared/alice/hpcs/programs/20260101-000000-abcdef/arguments (get_arguments()); result: /shared/alice/hpcs/programs/20260101-000000-abcdef/result (save_result())
-exec /opt/venv/bin/python -c 'import os, sys; _c = os.path.realpath(os.getcwd()); _s = sys.path[:]; sys.path[:] = [p for p in _s if p and os.path.realpath(p) != _c]; import hpc_serverless; sys.path[:] = [p for p in _s if p]; from hpc_serverless.launch import main; main()' -m hpc_serverless.program_runner /shared/alice/hpcs/programs/20260101-000000-abcdef 'my script.py'
+exec /opt/venv/bin/python -c 'import os, sys; _c = os.path.realpath(os.getcwd()); _s = sys.path[:]; sys.path[:] = [p for p in _s if p and os.path.realpath(p) != _c]; import hpc_serverless; sys.path[:] = [p for p in _s if p]; from hpc_serverless.core.launch import main; main()' -m hpc_serverless.runtime.program_runner /shared/alice/hpcs/programs/20260101-000000-abcdef 'my script.py'

@@ -22,16 +22,16 @@ import pytest
 
 paramiko = pytest.importorskip("paramiko")
 
-from hpc_serverless.errors import (  # noqa: E402
+from hpc_serverless.adapters.transport import LocalTransport, connect  # noqa: E402
+from hpc_serverless.adapters.transport import ssh as ssh_mod  # noqa: E402
+from hpc_serverless.adapters.transport.ssh import SSHTransport  # noqa: E402
+from hpc_serverless.config.site import site_from_mapping  # noqa: E402
+from hpc_serverless.core.errors import (  # noqa: E402
     AuthenticationError,
     ConfigError,
     HostKeyError,
     TransportError,
 )
-from hpc_serverless.site import site_from_mapping  # noqa: E402
-from hpc_serverless.transport import LocalTransport, connect  # noqa: E402
-from hpc_serverless.transport import ssh as ssh_mod  # noqa: E402
-from hpc_serverless.transport.ssh import SSHTransport  # noqa: E402
 from tests.testcluster import KEY, KNOWN_HOSTS, SSH_CONFIG, drop_ssh  # noqa: E402
 
 HOST, PORT, JUMP_PORT = "127.0.0.1", 2222, 2223
@@ -511,7 +511,7 @@ def test_connect_picks_the_transport_from_the_site() -> None:
 
 
 def test_paramiko_is_optional(monkeypatch) -> None:
-    out = subprocess.run([sys.executable, "-c", "import sys, hpc_serverless, hpc_serverless.transport; "
+    out = subprocess.run([sys.executable, "-c", "import sys, hpc_serverless, hpc_serverless.adapters.transport; "
                           "assert 'paramiko' not in sys.modules"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     monkeypatch.setattr(ssh_mod, "paramiko", None)

@@ -9,7 +9,7 @@ import pytest
 import hpc_serverless as hs
 from hpc_serverless import LocalProvider, QuantumServerless, distribute_task, get, put
 from hpc_serverless.api import current_provider
-from hpc_serverless.errors import ConfigError, UnknownProviderError
+from hpc_serverless.core.errors import ConfigError, UnknownProviderError
 
 
 @distribute_task

@@ -10,17 +10,18 @@ from typing import Sequence
 
 import pytest
 
-from hpc_serverless import QuantumServerless, distribute_task, get, worker
-from hpc_serverless.errors import DependencyError, SchedulerError, WorkerDiedError
-from hpc_serverless.providers.batch import BatchProvider, BatchTask, Scheduler
-from hpc_serverless.schedulers.common import JobState
-from hpc_serverless.site import site_from_mapping
-from hpc_serverless.target import Target
-from hpc_serverless.transport import MockTransport
+from hpc_serverless import QuantumServerless, distribute_task, get
+from hpc_serverless.adapters.schedulers.common import JobState
+from hpc_serverless.adapters.transport import MockTransport
+from hpc_serverless.config.site import site_from_mapping
+from hpc_serverless.core.errors import DependencyError, SchedulerError, WorkerDiedError
+from hpc_serverless.core.target import Target
+from hpc_serverless.engines.batch import BatchProvider, BatchTask, Scheduler
+from hpc_serverless.runtime import worker
 
 
 class FakeScheduler(Scheduler):
-    """Jobs run hpc_serverless.worker.run in threads; states as a scheduler would report."""
+    """Jobs run hpc_serverless.runtime.worker.run in threads; states as a scheduler would report."""
 
     name = "Fake"
 
@@ -69,7 +70,7 @@ class FakeScheduler(Scheduler):
             self.states[job_id] = "FAILED"
 
     def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
-        from hpc_serverless.schedulers.slurm import status_of
+        from hpc_serverless.adapters.schedulers.slurm import status_of
 
         self.poll_times.append(time.monotonic())
         return {j: JobState(j, self.states[j], status_of(self.states[j])) for j in job_ids if j in self.states}
@@ -177,7 +178,7 @@ def test_a_failed_upstream_leaves_no_dependent_job_behind(fake):
 
 
 def test_job_lost_without_result_reports_scheduler_state(fake, monkeypatch):
-    import hpc_serverless.providers.batch as batch
+    import hpc_serverless.engines.batch as batch
 
     monkeypatch.setattr(batch, "RESULT_GRACE_S", 0.2)
     provider, sched, s = fake(lose={"lost"})
@@ -221,7 +222,7 @@ def test_program_killed_by_a_signal_reads_the_schedulers_reason(fake, scheduler_
     scheduler says (TIMEOUT at its time limit), once the scheduler has ended the job."""
     import json
 
-    from hpc_serverless.programs_batch import BatchJobs
+    from hpc_serverless.engines.programs_batch import BatchJobs
 
     provider, sched, _s = fake()
     jobs = BatchJobs(provider)

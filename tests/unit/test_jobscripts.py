@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from hpc_serverless import Program, Target
-from hpc_serverless.launch import module_argv
+from hpc_serverless.adapters.transport import MockTransport
+from hpc_serverless.config.site import site_from_mapping
+from hpc_serverless.core.launch import module_argv
 from hpc_serverless.providers.slurm import SlurmScheduler
-from hpc_serverless.site import site_from_mapping
-from hpc_serverless.transport import MockTransport
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"
@@ -55,7 +55,7 @@ def test_slurm_program_script_golden():
     text = sched.program_script(target, job_name="bench; rm -rf ~", job_id="20260101-000000-abcdef",
                                 job_dir=job_dir, env={"HPC_SERVERLESS_JOB_DIR": job_dir, **target.env},
                                 workdir=f"{job_dir}/workdir",
-                                command=module_argv("/opt/venv/bin/python", "hpc_serverless.program_runner",
+                                command=module_argv("/opt/venv/bin/python", "hpc_serverless.runtime.program_runner",
                                                     job_dir, "my script.py"))
     check_golden("slurm_program.sh", text)
     assert "export MY_VAR='a value; with $(danger) '\"'\"'quotes'\"'\"''" in text
@@ -64,7 +64,7 @@ def test_slurm_program_script_golden():
 
 
 def test_program_rejects_hostile_entrypoints():
-    from hpc_serverless.errors import ProgramError
+    from hpc_serverless.core.errors import ProgramError
 
     with pytest.raises(ProgramError):
         Program("t", "/etc/passwd")
@@ -104,7 +104,7 @@ def test_pbs_program_script_golden(flavor):
     text = sched.program_script(target, job_name="vqe $(id)", job_id="20260101-000000-abcdef",
                                 job_dir=job_dir, env={"HPC_SERVERLESS_JOB_DIR": job_dir},
                                 workdir=f"{job_dir}/workdir",
-                                command=module_argv("/opt/venv/bin/python", "hpc_serverless.program_runner",
+                                command=module_argv("/opt/venv/bin/python", "hpc_serverless.runtime.program_runner",
                                                     job_dir, "main.py"))
     check_golden(f"pbs_{flavor}_program.sh", text)
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)

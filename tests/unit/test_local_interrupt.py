@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_serverless.providers.local_pool import _interrupts_deferred
+from hpc_serverless.engines.local_pool import _interrupts_deferred
 
 SCRIPT = """
 import os, sys, time

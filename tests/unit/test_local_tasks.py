@@ -9,7 +9,7 @@ import pytest
 
 import hpc_serverless as hs
 from hpc_serverless import distribute_task, get, put, wait
-from hpc_serverless.errors import (
+from hpc_serverless.core.errors import (
     DependencyError,
     GetTimeoutError,
     HPCServerlessError,

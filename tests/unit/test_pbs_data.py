@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from hpc_serverless.errors import ResourceError, TargetError
-from hpc_serverless.schedulers import pbs as P
-from hpc_serverless.target import Target
+from hpc_serverless.adapters.schedulers import pbs as P
+from hpc_serverless.core.errors import ResourceError, TargetError
+from hpc_serverless.core.target import Target
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

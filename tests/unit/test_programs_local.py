@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from hpc_serverless import Program, QuantumServerless
-from hpc_serverless.errors import JobFailedError, ProgramError
+from hpc_serverless.core.errors import JobFailedError, ProgramError
 
 
 def _program(tmp_path, body, name="main.py", title="test program"):
@@ -83,7 +83,7 @@ def test_missing_dependency_is_named(tmp_path):
 
 
 def test_unknown_job_id():
-    from hpc_serverless.errors import HPCServerlessError
+    from hpc_serverless.core.errors import HPCServerlessError
     with pytest.raises(HPCServerlessError, match="no job"):
         QuantumServerless().get_job_by_id("20000101-000000-abcdef")
     with pytest.raises(HPCServerlessError, match="invalid job id"):
@@ -146,16 +146,16 @@ def test_a_folder_in_the_working_dir_cannot_shadow_the_package(tmp_path):
 def test_launch_guard_keeps_the_package_and_the_cwd_modules(tmp_path, shadow):
     """`python -c GUARD -m mod`: the package comes from the install even when the cwd holds
     a folder of its name (with or without __init__.py); the cwd's own modules still import."""
-    from hpc_serverless.launch import module_argv, script_argv
+    from hpc_serverless.core.launch import module_argv, script_argv
 
     pkg = tmp_path / "hpc_serverless"
-    (pkg / "store").mkdir(parents=True)
+    (pkg / "core" / "store").mkdir(parents=True)
     if shadow == "regular":
         (pkg / "__init__.py").write_text("raise ImportError('the shadow was imported')\n")
     (tmp_path / "probe.py").write_text(textwrap.dedent("""
         import sys
         import hpc_serverless
-        from hpc_serverless.store import ObjectStore
+        from hpc_serverless.core.store import ObjectStore
         print(hpc_serverless.__file__, sys.argv[1:])
     """))
     for argv in (module_argv(sys.executable, "probe", "a b"), script_argv(sys.executable, "probe.py", "a b")):

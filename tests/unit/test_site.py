@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from hpc_serverless import QuantumServerless
-from hpc_serverless.errors import ConfigError
-from hpc_serverless.site import expand, load_site
+from hpc_serverless.config.site import expand, load_site
+from hpc_serverless.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

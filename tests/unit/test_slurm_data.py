@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from hpc_serverless.errors import ResourceError
-from hpc_serverless.schedulers import slurm as S
-from hpc_serverless.target import Target
+from hpc_serverless.adapters.schedulers import slurm as S
+from hpc_serverless.core.errors import ResourceError
+from hpc_serverless.core.target import Target
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

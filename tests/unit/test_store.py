@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from hpc_serverless.errors import (
+from hpc_serverless.core.errors import (
     CorruptObjectError,
     ObjectNotFoundError,
     SerializationError,
     StoreError,
     UnsafeStoreError,
 )
-from hpc_serverless.store import ObjectStore
+from hpc_serverless.core.store import ObjectStore
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_crash_mid_write_leaves_no_valid_object(store, monkeypatch):
     class Boom(Exception):
         pass
 
-    import hpc_serverless.store as store_mod
+    import hpc_serverless.core.store as store_mod
 
     calls = {"n": 0}
     real = store_mod._write_all

@@ -1,5 +1,5 @@
 """A large put through the agent is written to the store while its bytes arrive
-(hpc_serverless/streaming.py), over a pipe as the agent reads its SSH channel."""
+(hpc_serverless/adapters/streaming.py), over a pipe as the agent reads its SSH channel."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import threading
 
 import pytest
 
-from hpc_serverless.store import ObjectStore
-from hpc_serverless.streaming import STREAM_ABOVE, Filling, read_request
-from hpc_serverless.wire import encode, exact_reader_into
+from hpc_serverless.adapters.streaming import STREAM_ABOVE, Filling, read_request
+from hpc_serverless.adapters.wire import encode, exact_reader_into
+from hpc_serverless.core.store import ObjectStore
 
 
 def _put_frame(key: str, parts: list[bytes]) -> list[memoryview]:

@@ -1,8 +1,8 @@
 import pytest
 
 from hpc_serverless import Target
-from hpc_serverless.errors import HPCServerlessError, TargetError
-from hpc_serverless.target import format_hms, parse_mem_mib, parse_time_seconds
+from hpc_serverless.core.errors import HPCServerlessError, TargetError
+from hpc_serverless.core.target import format_hms, parse_mem_mib, parse_time_seconds
 
 
 @pytest.mark.parametrize("value,mib", [

@@ -9,9 +9,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from hpc_serverless.errors import RemoteTraceback
-from hpc_serverless.serialization import pack_exception, unpack_exception
-from hpc_serverless.tracebacks import remember
+from hpc_serverless.core.errors import RemoteTraceback
+from hpc_serverless.core.serialization import pack_exception, unpack_exception
+from hpc_serverless.core.tracebacks import remember
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,8 +114,8 @@ def test_code_nobody_remembered_still_shows_its_function_and_line(tmp_path):
 
 
 def test_our_own_frames_are_left_out(tmp_path):
-    from hpc_serverless.calls import execute
-    from hpc_serverless.serialization import dumps
+    from hpc_serverless.core.calls import execute
+    from hpc_serverless.core.serialization import dumps
 
     path, client, remote = _pair(tmp_path)
     remember(client["task"])

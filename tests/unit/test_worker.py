@@ -1,13 +1,13 @@
-"""The batch-job entry (hpc_serverless.worker) on a local store: what runs on a compute node."""
+"""The batch-job entry (hpc_serverless.runtime.worker) on a local store: what runs on a compute node."""
 
 import os
 
 import pytest
 
-from hpc_serverless import worker
-from hpc_serverless.errors import DependencyError, SerializationError
-from hpc_serverless.serialization import dumps, function_bytes, loads, pack_exception, unpack_exception
-from hpc_serverless.store import ObjectStore
+from hpc_serverless.core.errors import DependencyError, SerializationError
+from hpc_serverless.core.serialization import dumps, function_bytes, loads, pack_exception, unpack_exception
+from hpc_serverless.core.store import ObjectStore
+from hpc_serverless.runtime import worker
 
 
 @pytest.fixture

@@ -1,0 +1,279 @@
+"""Site configurations: one YAML file per cluster, loaded once into a frozen, typed object.
+
+A site says which scheduler runs there, how to reach it, where the shared storage is,
+which python to use on the compute side, what to run before it (module loads, venv
+activation), the defaults of every job, and how MPI programs are launched. Unknown keys
+fail with the list of valid ones and the file and line they came from; units are
+converted here; ``$VAR``, ``${VAR}`` and ``${VAR:-default}`` expand (``~`` too).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from hpc_serverless.config.files import key_line, read_config_file
+from hpc_serverless.core.errors import ConfigError, TargetError
+from hpc_serverless.core.target import Target
+
+__all__ = ["Site", "MpiLauncher", "PilotSettings", "load_site", "site_from_mapping", "expand", "on_cluster",
+           "shell_word", "CLUSTER_SIDE_KEYS"]
+
+#: keys of a site that name things on the cluster: over SSH they expand there, not here
+CLUSTER_SIDE_KEYS = ("storage", "python", "commands_dir")
+
+_VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
+
+
+def expand(value: str) -> str:
+    """Expand ~, $VAR, ${VAR} and ${VAR:-default} from this process's environment."""
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group("braced") or m.group("plain")
+        got = os.environ.get(name)
+        if got is None or (got == "" and m.group("default") is not None):
+            if m.group("default") is not None:
+                return expand(m.group("default"))
+            return m.group(0)  # left for the remote shell (e.g. $SCRATCH on the cluster)
+        return got
+
+    return os.path.expanduser(_VAR.sub(sub, value))
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MpiLauncher(_Frozen):
+    """How ranks are started: `command` plus `args`; the rank count follows `count_flag`."""
+
+    command: str = "srun"
+    args: tuple[str, ...] = ()
+    count_flag: str = "-n"
+    env: Mapping[str, str] = Field(default_factory=dict)
+
+    def argv(self, ranks: int) -> list[str]:
+        return [self.command, *self.args, self.count_flag, str(ranks)]
+
+
+class PilotSettings(_Frozen):
+    """Pilot-worker mode (many small tasks through a few long jobs; providers/pilot.py).
+
+    ``workers`` jobs are kept running (or, with ``adaptive_max``, between ``adaptive_min``
+    and ``adaptive_max`` as the load asks); each is sized by ``target`` (cpu, mem, time,
+    partition, ... over the site's ``defaults``) and runs ``processes`` dask workers that
+    split its cores. A worker retires ``walltime_margin`` seconds before its job's time
+    limit (or after ``lifetime`` seconds, give or take ``lifetime_stagger``) and a new job
+    replaces it. ``interface`` / ``scheduler_options`` choose the address the workers
+    connect to; ``connect_timeout`` is how long a RUNNING worker job may take to connect
+    before that is reported as an error. ``max_chunk`` small calls may share one dask task;
+    arguments and results above ``inline_limit`` bytes travel through the store.
+    """
+
+    workers: int = Field(default=1, ge=0)
+    target: Mapping[str, Any] = Field(default_factory=dict)
+    adaptive_min: int = Field(default=0, ge=0)
+    adaptive_max: int | None = Field(default=None, ge=1)
+    processes: int = Field(default=1, ge=1)
+    walltime_margin: float = Field(default=120.0, ge=0)
+    lifetime: float | None = Field(default=None, gt=0)
+    lifetime_stagger: float | None = Field(default=None, ge=0)
+    interface: str | None = None
+    scheduler_options: Mapping[str, Any] = Field(default_factory=dict)
+    connect_timeout: float = Field(default=120.0, gt=0)
+    tls: bool = True
+    max_chunk: int = Field(default=32, ge=1)
+    inline_limit: int = Field(default=1 << 20, ge=0)
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _pilot_target(cls, v: Any) -> Any:
+        try:
+            Target.of(v)
+        except TargetError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+
+class Site(_Frozen):
+    """A cluster as hpc_serverless sees it. Build with :func:`load_site`."""
+
+    name: str
+    scheduler: Literal["slurm", "pbs"]
+    pbs_flavor: Literal["pbspro", "torque"] = "pbspro"
+    description: str = ""
+    host: str | None = None
+    port: int = 22
+    username: str | None = None
+    key_filename: str | None = None
+    trust_unknown_hosts: bool = False
+    known_hosts: str | None = None     # default: ~/.ssh/known_hosts (and the ssh config's)
+    ssh_config: str | None = None      # default: ~/.ssh/config
+    storage: str
+    python: str = Field(default_factory=lambda: sys.executable)
+    commands_dir: str | None = None    # where the scheduler's commands are (default: PATH)
+    setup: tuple[str, ...] = ()
+    env: Mapping[str, str] = Field(default_factory=dict)
+    defaults: Target = Field(default_factory=Target)
+    directives: tuple[str, ...] = ()
+    mpi: MpiLauncher = Field(default_factory=MpiLauncher)
+    poll_interval: float = Field(default=5.0, gt=0)
+    max_poll_interval: float = Field(default=60.0, gt=0)
+    max_array_size: int | None = Field(default=None, ge=1)
+    arrays: bool = True
+    array_linger: float = Field(default=0.1, ge=0)
+    accounting: Literal["auto", "sacct", "squeue"] = "auto"
+    mode: Literal["jobs", "pilot"] = "jobs"
+    agent_grace: float = Field(default=600.0, ge=0)   # seconds an agent outlives its last client
+    pilot: PilotSettings = Field(default_factory=PilotSettings)
+    source: str | None = None
+
+    @field_validator("defaults", mode="before")
+    @classmethod
+    def _target(cls, v: Any) -> Target:
+        try:
+            return Target.of(v)
+        except TargetError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("storage", "python", "key_filename", "known_hosts", "ssh_config", "commands_dir")
+    @classmethod
+    def _expand(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # a site reached over SSH: what the cluster side uses means what it means in the
+        # cluster account's environment, so the agent expands it there (on_cluster)
+        if info.field_name in CLUSTER_SIDE_KEYS and info.data.get("host"):
+            return v
+        return expand(v) if isinstance(v, str) else v
+
+    @field_validator("setup", "directives", mode="before")
+    @classmethod
+    def _lines(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, (list, tuple)):
+            for line in v:
+                if not isinstance(line, str):
+                    raise ValueError(f"each line must be a string, not {line!r}")
+                if "\n" in line:
+                    raise ValueError(f"a line may not contain a newline: {line!r}")
+        return v
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env(cls, v: Any) -> Any:
+        if isinstance(v, Mapping):
+            bad = [k for k in v if not isinstance(k, str) or not k.isidentifier()]
+            if bad:
+                raise ValueError(f"{bad[0]!r} is not an environment variable name")
+            return {k: str(val) for k, val in v.items()}
+        return v
+
+    @property
+    def remote(self) -> bool:
+        return self.host is not None
+
+    @property
+    def storage_path(self) -> Path:
+        return Path(self.storage)
+
+    def command(self, name: str) -> str:
+        """A scheduler command (qsub, sbatch, ...): from ``commands_dir`` if the site names
+        one, else whatever PATH finds."""
+        return f"{self.commands_dir.rstrip('/')}/{name}" if self.commands_dir else name
+
+
+def on_cluster(site: Site) -> Site:
+    """The site as its agent on the login node uses it: no host (commands run there), and
+    storage, python and commands_dir expanded in this (the cluster account's) environment;
+    python, if the file names none, is this interpreter (the agent's own)."""
+    update: dict[str, Any] = {"host": None}
+    for key in CLUSTER_SIDE_KEYS:
+        value = getattr(site, key)
+        if isinstance(value, str):
+            update[key] = expand(value)
+    if "python" not in site.model_fields_set:
+        update["python"] = sys.executable
+    return site.model_copy(update=update)
+
+
+def shell_word(value: str) -> str:
+    """`value` as one shell word that expands ~, $VAR, ${VAR} and ${VAR:-default} the way
+    :func:`expand` does, in the shell's environment; everything else is quoted literally
+    (names are checked by the pattern, so nothing typed runs as code)."""
+    out: list[str] = []
+    if value == "~" or value.startswith("~/"):
+        out.append('"$HOME"')
+        value = value[1:]
+    pos = 0
+    for m in _VAR.finditer(value):
+        if m.start() > pos:
+            out.append(shlex.quote(value[pos:m.start()]))
+        name = m.group("braced") or m.group("plain")
+        if m.group("default") is not None:
+            out.append(f'"${{{name}:-$(printf %s {shell_word(m.group("default"))})}}"')
+        else:
+            out.append(f'"${{{name}}}"')
+        pos = m.end()
+    if pos < len(value) or not out:
+        out.append(shlex.quote(value[pos:]))
+    return "".join(out)
+
+
+def _valid_keys(model: type[BaseModel]) -> list[str]:
+    return [k for k in model.model_fields if k != "source"]
+
+
+def site_from_mapping(data: Mapping[str, Any], *, source: str | None = None,
+                      base: tuple[Any, ...] = (), name: str | None = None) -> Site:
+    """Validate a mapping as a Site; errors name the file, the key and the line."""
+    raw = dict(data)
+    if name and "name" not in raw:
+        raw["name"] = name
+    if source and "name" not in raw:
+        raw["name"] = Path(source).stem
+    raw["source"] = source
+    cdir = raw.get("commands_dir")
+    if isinstance(cdir, str) and source and not raw.get("host") and not os.path.isabs(expand(cdir)):
+        raw["commands_dir"] = os.path.join(os.path.dirname(os.path.abspath(source)), cdir)  # beside the file
+    try:
+        site = Site(**raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        model: type[BaseModel] = Site
+        if loc and loc[0] == "mpi":
+            model = MpiLauncher
+        elif loc and loc[0] == "pilot":
+            model = PilotSettings
+        if err["type"] == "extra_forbidden":
+            msg = (f"unknown key {loc[-1]!r}; valid keys are: {', '.join(_valid_keys(model))}")
+        elif err["type"] == "missing":
+            msg = f"required key {loc[-1]!r} is missing"
+        elif err["type"] == "literal_error":
+            msg = f"must be one of {err['ctx']['expected']}, not {err['input']!r}"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+        full = base + loc
+        key = ".".join(map(str, full))
+        if err["type"] == "missing":
+            full = base
+        raise ConfigError(msg, file=source, key=key, line=key_line(source, full)) from None
+    if site.scheduler == "pbs" and site.defaults.requeue:
+        from hpc_serverless.adapters.schedulers.pbs import REQUEUE_UNSUPPORTED
+
+        full = (*base, "defaults", "requeue")
+        raise ConfigError(REQUEUE_UNSUPPORTED, file=source, key=".".join(map(str, full)),
+                          line=key_line(source, full))
+    return site
+
+
+def load_site(path: str | os.PathLike[str]) -> Site:
+    """Read and validate a site file."""
+    p = str(path)
+    return site_from_mapping(read_config_file(p), source=p)

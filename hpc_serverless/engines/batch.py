@@ -1,0 +1,709 @@
+"""Tasks as batch jobs: the part that is the same for every scheduler.
+
+A batch provider is a composition: a :class:`~hpc_serverless.config.site.Site`, a transport
+(commands on this login node; a mock in tests), an object store on the site's shared
+filesystem, and a
+:class:`Scheduler` (Slurm, PBS) that knows how to submit, poll and cancel.
+
+:class:`BatchBackend` is the engine behind TaskRefs of such a provider. One thread per
+provider does all scheduler traffic, so the scheduler sees a bounded rate whatever the
+user does:
+
+* submission: calls made less than ``array_linger`` seconds apart with the same target
+  become one job array (split at the site's MaxArraySize; at most MAX_LINGER_S held); a task whose
+  arguments hold TaskRefs is submitted with an ``afterok`` dependency on their jobs;
+* status: one command per poll for all of the provider's unfinished jobs, at
+  ``poll_interval``, backing off to ``max_poll_interval`` while nothing changes.
+  A task is finished when its result object is in the store; the scheduler's word is
+  needed only for tasks that ended without one (time limit, out of memory, cancelled,
+  node failure), and a job that vanished from the queue is judged by its result file.
+"""
+
+from __future__ import annotations
+
+import abc
+import atexit
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from hpc_serverless.adapters.schedulers.common import JobState
+from hpc_serverless.core.calls import find_task_refs, pack_arguments
+from hpc_serverless.core.errors import (
+    DependencyError,
+    GetTimeoutError,
+    HPCServerlessError,
+    SchedulerError,
+    TaskCancelledError,
+    TaskTimeoutError,
+    WorkerDiedError,
+)
+from hpc_serverless.core.fs import LOCAL
+from hpc_serverless.core.refs import TaskRef, TaskStatus, register_backend, register_store
+from hpc_serverless.core.serialization import loads, unpack_exception
+from hpc_serverless.core.store import ObjectStore
+from hpc_serverless.core.target import Target
+from hpc_serverless.providers.base import Provider
+from hpc_serverless.runtime.worker import function_key, result_key, task_key, versions
+
+if TYPE_CHECKING:
+    from hpc_serverless.adapters.transport.base import Transport
+    from hpc_serverless.api import RemoteFunction
+    from hpc_serverless.config.site import Site
+    from hpc_serverless.programs import Job, Program
+
+log = logging.getLogger("hpc_serverless")
+
+#: how long a job the scheduler calls finished may go without its result file appearing
+#: before we judge it by the scheduler's state (shared filesystems publish files late)
+RESULT_GRACE_S = 5.0
+#: a loop of calls is gathered into one array while calls keep coming `array_linger`
+#: apart, but never held back longer than this
+MAX_LINGER_S = 2.0
+
+
+@dataclass(eq=False)
+class BatchTask:
+    """A task as the backend tracks it."""
+
+    ref: TaskRef
+    target: Target
+    deps: list[str]
+    name: str
+    job_id: str | None = None
+    state: JobState | None = None
+    status: str = TaskStatus.PENDING
+    error: BaseException | None = None   # a failure known without a result object
+    result_ok: bool | None = None        # set once the result object is seen
+    final_seen: float | None = None      # when the scheduler first called it finished
+    submitted: float = field(default_factory=time.time)
+
+    @property
+    def settled(self) -> bool:
+        return self.error is not None or self.result_ok is not None
+
+
+class Scheduler(abc.ABC):
+    """What the backend needs from a scheduler: submit, poll, cancel (all batched)."""
+
+    name: str
+
+    @abc.abstractmethod
+    def submit(self, tasks: Sequence[BatchTask], target: Target, after: Sequence[str]) -> list[str]:
+        """Submit tasks that share a target (as an array if several); their job ids."""
+
+    @abc.abstractmethod
+    def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        """States of these jobs, in as few commands as possible (one, normally)."""
+
+    @abc.abstractmethod
+    def cancel(self, job_ids: Sequence[str]) -> None: ...
+
+    @abc.abstractmethod
+    def max_array_size(self) -> int: ...
+
+    def check_target(self, target: Target) -> None:
+        """Raise ResourceError for what the site can never run."""
+
+    @abc.abstractmethod
+    def program_script(self, target: Target, *, job_name: str, job_id: str, job_dir: str,
+                       env: Mapping[str, str], workdir: str, command: Sequence[str]) -> str:
+        """The batch script of a Program (from the scheduler's template in jobscripts/)."""
+
+    @abc.abstractmethod
+    def submit_script(self, path: str, target: Target, job_name: str) -> str:
+        """Submit a script already on the site's filesystem; its job id. (The target and
+        name again, for schedulers whose options must also be on the command line.)"""
+
+
+class BatchBackend:
+    """TaskRef backend of one batch provider: queues, submits, polls, collects."""
+
+    def __init__(self, provider: BatchProvider) -> None:
+        self.provider = provider
+        self.site = provider.site
+        self.store = provider.store
+        self.scheduler = provider.scheduler
+        self.key = f"batch:{self.site.name}:{self.store.root}"
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        self._tasks: dict[str, BatchTask] = {}
+        self._queue: list[BatchTask] = []
+        self._queued_since: float | None = None   # first call in the queue
+        self._last_enqueue = 0.0
+        self._thread: threading.Thread | None = None
+        self._interval = self.site.poll_interval
+        self._next_poll = 0.0
+        self._closed = False
+        self._functions_written: set[str] = set()
+        self._job_cache: dict[str, tuple[float, JobState | None]] = {}
+        self.polls = 0
+        register_backend(self)
+
+    # -- submission side (user threads) ----------------------------------------------------
+    def ensure_function(self, fn_key: str, fn_bytes: bytes) -> None:
+        if fn_key in self._functions_written:
+            return
+        key = function_key(fn_key)
+        if not self.store.exists(key):
+            self.store.put(fn_bytes, key, what="the task function", overwrite=True)
+        self._functions_written.add(fn_key)
+
+    def enqueue(self, task: BatchTask) -> None:
+        with self._lock:
+            self._tasks[task.ref.task_id] = task
+            self._queue.append(task)
+            self._last_enqueue = time.monotonic()
+            if self._queued_since is None:
+                self._queued_since = self._last_enqueue
+            self._start()
+            self._cv.notify_all()
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=f"hpc-serverless-{self.site.name}",
+                                            daemon=True)
+            self._thread.start()
+            atexit.register(self.flush)
+
+    def flush(self) -> None:
+        """Submit everything queued now (also at exit: fire-and-forget tasks still go out)."""
+        with self._lock:
+            self._submit_queue()
+
+    # -- the engine thread ------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._closed:
+            try:
+                self._step()
+            except Exception:  # noqa: BLE001 - the engine must outlive one bad poll
+                log.exception("%s: error in the scheduler thread; going on", self.site.name)
+                time.sleep(min(self._interval, 5.0))
+
+    def _step(self) -> None:
+        """One turn of the engine: submit what is due, or poll what is due, or sleep."""
+        with self._lock:
+            now = time.monotonic()
+            if self._queue and self._queued_since is not None and (
+                    now - self._last_enqueue >= self.site.array_linger
+                    or now - self._queued_since >= MAX_LINGER_S
+                    or len(self._queue) >= self.scheduler.max_array_size()):
+                self._submit_queue()
+                return
+            active = [t for t in self._tasks.values() if t.job_id and not t.settled]
+            if active and now >= self._next_poll:
+                self._poll(active)
+                return
+            waits = []
+            if self._queue and self._queued_since is not None:
+                waits.append(min(self._last_enqueue + self.site.array_linger,
+                                 self._queued_since + MAX_LINGER_S) - now)
+            if active:
+                waits.append(self._next_poll - now)
+            self._cv.wait(max(0.01, min(waits)) if waits else None)
+
+    def _submit_queue(self) -> None:
+        """Submit queued tasks: arrays by target; dependent tasks one by one (lock held)."""
+        queue, self._queue, self._queued_since = self._queue, [], None
+        groups: dict[Target, list[BatchTask]] = {}
+        ordered: list[tuple[Target, list[BatchTask]]] = []
+        for task in queue:
+            if task.settled:
+                continue
+            if task.deps or not self.site.arrays:  # alone (after its upstream jobs, if any)
+                ordered.append((task.target, [task]))
+            else:
+                if task.target not in groups:
+                    groups[task.target] = []
+                    ordered.append((task.target, groups[task.target]))
+                groups[task.target].append(task)
+        limit = max(1, self.scheduler.max_array_size())
+        for target, tasks in ordered:
+            after: list[str] = []
+            if tasks[0].deps:
+                after, failed = self._upstream_jobs(tasks[0])
+                if failed is not None:
+                    tasks[0].error, tasks[0].status = failed, TaskStatus.FAILED
+                    continue
+            for i in range(0, len(tasks), limit):
+                self._submit_chunk(tasks[i:i + limit], target, after)
+        self._next_poll = min(self._next_poll, time.monotonic() + self.site.poll_interval)
+        self._interval = self.site.poll_interval
+        self._cv.notify_all()
+
+    def _submit_chunk(self, chunk: list[BatchTask], target: Target, after: list[str]) -> None:
+        delay = 1.0
+        for attempt in range(6):
+            try:
+                job_ids = self.scheduler.submit(chunk, target, after)
+                break
+            except Exception as exc:  # noqa: BLE001 - whatever it is, the tasks must hear of it
+                if not isinstance(exc, SchedulerError):
+                    log.exception("%s: submission failed", self.site.name)
+                    wrapped = SchedulerError(f"submitting to {self.site.name} failed: "
+                                             f"{type(exc).__name__}: {exc}")
+                    wrapped.__cause__ = exc
+                    exc = wrapped
+                if exc.transient and attempt < 5:
+                    log.warning("%s: scheduler busy or down (%s); retrying in %.0f s",
+                                self.site.name, exc, delay)
+                    self._cv.wait(delay)
+                    delay *= 2
+                    continue
+                for t in chunk:
+                    t.error, t.status = exc, TaskStatus.FAILED
+                self._cv.notify_all()
+                return
+        now = time.time()
+        for t, job_id in zip(chunk, job_ids, strict=True):
+            t.job_id, t.submitted = job_id, now
+            t.ref._job_id = job_id
+
+    def _upstream_jobs(self, task: BatchTask) -> tuple[list[str], BaseException | None]:
+        """Job ids to wait for (afterok), or the failure that makes the task pointless."""
+        after: list[str] = []
+        for dep_id in task.deps:
+            up = self._tasks.get(dep_id)
+            ok = self._result_ok(dep_id) if up is None or up.result_ok is None else up.result_ok
+            if up is not None and up.error is not None:
+                return [], self._dependency_error(task, up, up.error)
+            if ok is True:
+                continue
+            if ok is False:
+                return [], self._dependency_error(task, up, None, dep_id)
+            if up is None or up.job_id is None:
+                return [], DependencyError(f"{task.name}: upstream task {dep_id} is not known to this "
+                                           "process and has no result yet")
+            after.append(up.job_id)
+        return after, None
+
+    def _dependency_error(self, task: BatchTask, up: BatchTask | None, cause: BaseException | None,
+                          dep_id: str = "") -> DependencyError:
+        if cause is None:
+            try:
+                ok, payload, _ = self.store.get(result_key(up.ref.task_id if up else dep_id))
+                cause = unpack_exception(payload) if not ok else None
+            except HPCServerlessError as exc:
+                cause = exc
+        name = f"{up.name}#{up.ref.task_id}" if up else dep_id
+        err = DependencyError(f"upstream task {name} did not succeed"
+                              + (f" ({type(cause).__name__}: {cause})" if cause else "")
+                              + f", so {task.name} did not run")
+        err.__cause__ = cause
+        return err
+
+    def _settle(self, t: BatchTask, ok: bool) -> None:
+        """Its result object is there. A failure also settles the tasks waiting on it."""
+        t.result_ok = ok
+        t.status = TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED
+        if not ok:
+            self._fail_dependents(t)
+
+    def _fail_dependents(self, t: BatchTask) -> None:
+        """`t` failed or was stopped: fail every task waiting on it, directly or not, and
+        cancel their jobs (lock held). Slurm's kill-on-invalid-dep and PBS Pro remove such
+        jobs themselves, but not every scheduler or wrapper does (Torque's wrapper leaves
+        them queued forever as DependencyNeverSatisfied), so we never rely on it."""
+        failed, to_cancel = [t], []
+        while failed:
+            up = failed.pop()
+            for other in self._tasks.values():
+                if up.ref.task_id in other.deps and not other.settled:
+                    cause = up.error if up.result_ok is None else None
+                    other.error = self._dependency_error(other, up, cause)
+                    other.status = TaskStatus.FAILED
+                    if other in self._queue:
+                        self._queue.remove(other)
+                    elif other.job_id:
+                        to_cancel.append(other.job_id)
+                    failed.append(other)
+        if to_cancel:
+            try:
+                self.scheduler.cancel(to_cancel)
+            except HPCServerlessError as exc:  # gone already (removed by the scheduler) is fine
+                log.info("%s: cancelling dependents %s of failed task %s: %s",
+                         self.site.name, to_cancel, t.name, exc)
+
+    def _result_ok(self, task_id: str) -> bool | None:
+        header = self.store.header(result_key(task_id))
+        if header is None:
+            return None
+        return bool(header.get("meta", {}).get("ok"))
+
+    def _poll(self, active: list[BatchTask]) -> None:
+        """One look at the store, then one scheduler command for what is still open."""
+        changed = False
+        open_tasks = []
+        for t in active:
+            ok = self._result_ok(t.ref.task_id)
+            if ok is None:
+                open_tasks.append(t)
+            else:
+                self._settle(t, ok)
+                changed = True
+        if open_tasks:
+            try:
+                self.polls += 1
+                states = self.scheduler.poll([t.job_id for t in open_tasks if t.job_id])
+            except SchedulerError as exc:
+                log.warning("%s: cannot read job states (%s); retrying in %.0f s",
+                            self.site.name, exc, self._interval)
+                states = None
+            now = time.monotonic()
+            for t in open_tasks:
+                if states is not None:
+                    changed |= self._apply_state(t, states.get(t.job_id or ""), now)
+        self._interval = self.site.poll_interval if changed else min(
+            self._interval * 1.5, self.site.max_poll_interval)
+        self._next_poll = time.monotonic() + self._interval
+        if changed:
+            self._cv.notify_all()
+
+    def _apply_state(self, t: BatchTask, st: JobState | None, now: float) -> bool:
+        if t.settled:  # settled meanwhile (an upstream failed earlier in this poll)
+            return True
+        before = (t.status, t.state)
+        if st is None:  # vanished from the queue (no accounting): the result file decides
+            if time.time() - t.submitted < 2 * self.site.poll_interval + RESULT_GRACE_S:
+                return False  # a brand-new job may not be listed yet
+            st = JobState(t.job_id or "", "VANISHED", TaskStatus.FAILED,
+                          "the job left the queue without a result")
+        t.state = st
+        if st.final:
+            t.final_seen = t.final_seen or now
+            if now - t.final_seen >= RESULT_GRACE_S:
+                self.store.exists(result_key(t.ref.task_id))  # refresh directory caches
+                ok = self._result_ok(t.ref.task_id)
+                if ok is not None:
+                    self._settle(t, ok)
+                else:
+                    t.error = self._error_from_state(t, st)
+                    t.status = TaskStatus.STOPPED if st.status == TaskStatus.STOPPED else TaskStatus.FAILED
+                    self._fail_dependents(t)
+            else:
+                self._next_poll = min(self._next_poll, now + RESULT_GRACE_S)
+        else:
+            t.status = st.status
+        return (t.status, t.state) != before
+
+    def _error_from_state(self, t: BatchTask, st: JobState) -> BaseException:
+        for dep_id in t.deps:
+            up = self._tasks.get(dep_id)
+            if (up is not None and (up.error is not None or up.result_ok is False)) or \
+                    self._result_ok(dep_id) is False:
+                return self._dependency_error(t, up, up.error if up else None, dep_id)
+        from hpc_serverless.adapters.schedulers.slurm import FAILURE_TEXT
+
+        why = FAILURE_TEXT.get(st.state, st.reason or st.state.lower())
+        where = f"{self.scheduler.name} job {t.job_id}"
+        detail = f"{where} ended {st.state}" + (f" ({st.reason})" if st.reason else "") + f": {why}"
+        note = self._note(t.ref.task_id)
+        if note:
+            detail += f"; {note}"
+        if st.state == "TIMEOUT":
+            return TaskTimeoutError(f"task {t.name}: {detail}")
+        if st.state in ("CANCELLED", "REVOKED"):
+            return TaskCancelledError(f"task {t.name}: {detail}")
+        return WorkerDiedError(f"task {t.name}: {detail}, without storing a result. Its log: "
+                               f"{self.provider.log_path_hint(t.job_id or '')}")
+
+    def _note(self, task_id: str) -> str | None:
+        """What the worker left for us about its job (a failed requeue), if anything."""
+        from hpc_serverless.runtime.worker import note_key
+
+        try:
+            key = note_key(task_id)
+            return str(self.store.get(key)) if self.store.exists(key) else None
+        except HPCServerlessError:  # a note is a courtesy; the error stands without it
+            return None
+
+    def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState | None]:
+        """States of program jobs, from a cache no older than poll_interval: however often
+        job.status() is called, the scheduler sees at most one command per interval, and
+        that command also covers every open task of the provider."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [j for j in job_ids
+                     if j not in self._job_cache or now - self._job_cache[j][0] >= self.site.poll_interval]
+            if stale:
+                active = [t for t in self._tasks.values() if t.job_id and not t.settled]
+                ids = list(dict.fromkeys([*stale, *(t.job_id for t in active if t.job_id)]))
+                self.polls += 1
+                try:
+                    states = self.scheduler.poll(ids)
+                except HPCServerlessError as exc:  # a status query is safe to ask again, once
+                    if not exc.transient:
+                        raise
+                    states = self.scheduler.poll(ids)
+                for j in stale:
+                    self._job_cache[j] = (now, states.get(j))
+                for t in active:
+                    self._apply_state(t, states.get(t.job_id or ""), now)
+                self._cv.notify_all()
+            return {j: self._job_cache[j][1] for j in job_ids}
+
+    # -- TaskBackend ----------------------------------------------------------------------------
+    def _task(self, ref: TaskRef) -> BatchTask:
+        t = self._tasks.get(ref.task_id)
+        if t is None:  # a ref from another process: track it from its result object
+            t = BatchTask(ref, Target(), [], ref.function or "task", job_id=ref._job_id)
+            self._tasks[ref.task_id] = t
+        return t
+
+    def task_status(self, ref: TaskRef) -> str:
+        with self._lock:
+            t = self._task(ref)
+            if not t.settled:
+                ok = self._result_ok(ref.task_id)
+                if ok is not None:
+                    self._settle(t, ok)
+            return t.status
+
+    def task_info(self, ref: TaskRef) -> dict[str, Any]:
+        with self._lock:
+            t = self._task(ref)
+            if t in self._queue:
+                self._submit_queue()
+            status = self.task_status(ref)
+            st = t.state
+            return {"status": status, "state": st.state if st else ("QUEUED" if not t.job_id else "SUBMITTED"),
+                    "reason": (st.reason if st else "") or (str(t.error) if t.error else ""),
+                    "job_id": t.job_id, "nodes": st.nodes if st else "",
+                    "exit_code": st.exit_code if st else ""}
+
+    def task_cancel(self, ref: TaskRef) -> bool:
+        with self._lock:
+            t = self._task(ref)
+            if t.settled:
+                return False
+            if t in self._queue:
+                self._queue.remove(t)
+            elif t.job_id:
+                self.scheduler.cancel([t.job_id])
+            t.error = TaskCancelledError(f"task {t.name} was cancelled")
+            t.status = TaskStatus.STOPPED
+            self._fail_dependents(t)
+            self._cv.notify_all()
+            return True
+
+    def task_result(self, ref: TaskRef, timeout: float | None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            with self._lock:
+                t = self._task(ref)
+                error = t.error
+            if error is not None:
+                raise error
+            header = self.store.header(result_key(ref.task_id))
+            if header is not None:
+                ok, payload, _info = self.store.get(result_key(ref.task_id))
+                with self._lock:
+                    self._settle(t, ok)
+                    self._cv.notify_all()
+                if ok:
+                    return loads(payload)
+                raise unpack_exception(payload)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise GetTimeoutError(f"{ref!r} did not finish within {timeout} s (it is {t.status}"
+                                      + (f", {t.state.state} {t.state.reason}" if t.state else "") + ")")
+            with self._lock:
+                if t in self._queue or (t.job_id and not t.settled):
+                    self._start()
+                self._cv.wait(delay if remaining is None else min(delay, remaining))
+            delay = min(delay * 1.5, 0.5)
+
+    def task_wait(self, refs: Sequence[TaskRef], num_returns: int,
+                  timeout: float | None) -> tuple[list[TaskRef], list[TaskRef]]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            done = [r for r in refs if self.task_status(r) in TaskStatus.FINAL]
+            if len(done) >= num_returns or (deadline is not None and time.monotonic() >= deadline):
+                ids = {r.task_id for r in done}
+                return done, [r for r in refs if r.task_id not in ids]
+            with self._lock:
+                self._cv.wait(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            self._cv.notify_all()
+
+
+class BatchProvider(Provider):
+    """A provider whose tasks are batch jobs on a site (Slurm, PBS)."""
+
+    site: Site
+    transport: Transport
+    scheduler: Scheduler
+
+    @staticmethod
+    def resolve_site(scheduler: str, name: str, site: Any, overrides: Mapping[str, Any]) -> Site:
+        """A Site from a path, a Site or a mapping, with connection overrides applied
+        (the arguments of SlurmProvider/PBSProvider, as in the seed's GatewayProvider)."""
+        from hpc_serverless.config.site import Site, site_from_mapping
+        from hpc_serverless.core.errors import ConfigError
+
+        if site is None:
+            raise ConfigError(f"provider {name!r} needs a site (a site_configs/*.yaml path)")
+        changes = {k: v for k, v in overrides.items() if v is not None and not (k == "port" and v == 22)}
+        if isinstance(site, Site):
+            s = site.model_copy(update=changes) if changes else site
+        else:
+            # the overrides are validated with the file's keys: a `host` given here means the
+            # cluster-side keys are the cluster's to expand (site.on_cluster), not ours
+            from hpc_serverless.config.files import read_config_file
+
+            raw = {"scheduler": scheduler, **site} if isinstance(site, Mapping) else read_config_file(site)
+            source = None if isinstance(site, Mapping) else str(site)
+            s = site_from_mapping({**raw, **changes}, source=source, name=name)
+        if s.scheduler != scheduler:
+            other = "SlurmProvider" if s.scheduler == "slurm" else "PBSProvider"
+            raise ConfigError(f"site '{s.name}' is a {s.scheduler} site; use {other}",
+                              file=s.source, key="scheduler")
+        return s
+
+    def __init__(self, name: str, site: Site, transport: Transport, scheduler: Scheduler) -> None:
+        self.name = name
+        self.site = site
+        self.transport = transport
+        self.scheduler = scheduler
+        if site.remote:
+            from hpc_serverless.core.errors import ConfigError
+
+            raise ConfigError(f"site '{site.name}' has a host ({site.host}): a site reached over SSH is "
+                              f"served by its agent; build it without transport= "
+                              f"(SlurmProvider(host=...) gives a RemoteProvider)", file=site.source, key="host")
+        self.fs = LOCAL
+        self._store = ObjectStore(site.storage_path / "store")
+        register_store(self._store)
+        self.backend = BatchBackend(self)
+
+    @property
+    def store(self) -> ObjectStore:
+        return self._store
+
+    def effective_target(self, target: Target) -> Target:
+        return target.merged_over(self.site.defaults)
+
+    def check_target(self, target: Target) -> None:
+        self.scheduler.check_target(self.effective_target(target))
+
+    def submit(self, fn: RemoteFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any],
+               target: Target) -> TaskRef:
+        deps = find_task_refs(args, kwargs)
+        for d in deps:
+            if d.backend_key != self.backend.key:
+                raise HPCServerlessError(
+                    f"{d!r} belongs to provider '{d.provider}'; a task on '{self.name}' can only "
+                    "depend on tasks of the same provider (pass get(ref) instead)")
+        blob = pack_arguments(fn.function, args, kwargs)
+        return self.submit_packed(secrets.token_hex(12), fn.name, fn.key, fn.function_bytes, blob,
+                                  [(d.task_id, d.function, d._job_id) for d in deps], target)
+
+    def submit_packed(self, task_id: str, name: str, fn_key: str, fn_bytes: bytes | None, blob: bytes,
+                      deps: Sequence[tuple[str, str, str | None]], target: Target) -> TaskRef:
+        """Queue a call whose arguments are pickled already (here, or by a remote client
+        through the agent). `deps` are (task id, function, job id) of upstream tasks; ones
+        this process does not know (a new agent) are tracked from their job id and result."""
+        target = self.effective_target(target)
+        with self.backend._lock:
+            known = self.backend._tasks.get(task_id)
+            if known is not None:  # the same call sent twice (a retried request): queued once
+                return known.ref
+            for dep_id, dep_fn, dep_job in deps:
+                self.backend._task(TaskRef(dep_id, self.backend.key, self.name, dep_fn, job_id=dep_job))
+        if fn_bytes is not None:
+            self.backend.ensure_function(fn_key, fn_bytes)
+        spec = {"task_id": task_id, "name": name, "fn_key": fn_key, "args": blob,
+                "deps": [(d[0], d[1]) for d in deps], "env": dict(target.env) or None,
+                "mpi": target.mpi, "requeue": target.requeue, "versions": versions(),
+                **self.mpi_launch(target)}
+        # not fsync'ed: if this process dies before submitting, the task is lost with it anyway
+        self.store.put(spec, task_key(task_id), what=f"the call of {name}()", durable=False,
+                       overwrite=True)
+        ref = TaskRef(task_id, self.backend.key, self.name, name, backend=self.backend)
+        self.backend.enqueue(BatchTask(ref, target, [d[0] for d in deps], name))
+        return ref
+
+    def mpi_launch(self, target: Target) -> dict[str, Any]:
+        if target.mpi <= 1:
+            return {}
+        return {"launcher": self.site.mpi.argv(target.mpi), "launcher_env": dict(self.site.mpi.env)}
+
+    def log_path_hint(self, job_id: str) -> str:
+        return str(self.site.storage_path / "jobs" / f"{job_id}_0_log.out")
+
+    def render_program(self, program: Program, arguments: Mapping[str, Any] | None = None) -> str:
+        """The batch script run_program would submit (for `hpc-serverless run --dry-run`)."""
+        from hpc_serverless.engines.programs_batch import BatchJobs
+
+        return BatchJobs(self).render(program, "DRY-RUN-JOB-ID")
+
+    def stats(self) -> dict[str, int]:
+        """Commands run on the site so far, by program name (sbatch, sacct, ...)."""
+        return dict(self.transport.counts)
+
+    # programs: see programs_batch (the Programs issue)
+    def run_program(self, program: Program, arguments: Mapping[str, Any] | None = None) -> Job:
+        from hpc_serverless.engines.programs_batch import BatchJobs
+
+        return BatchJobs(self).run(program, arguments)
+
+    def get_job_by_id(self, job_id: str) -> Job:
+        from hpc_serverless.engines.programs_batch import BatchJobs
+
+        return BatchJobs(self).get(job_id)
+
+    def jobs(self) -> list[Job]:
+        from hpc_serverless.engines.programs_batch import BatchJobs
+
+        return BatchJobs(self).list()
+
+    def search_blocker(self) -> str | None:
+        return self.transport.login_blocker()
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.scheduler.name} site '{self.site.name}' via {self.transport.describe()})"
+
+
+class SiteProvider(BatchProvider):
+    """A Slurm or PBS site built from its site file. On the login node (no `host`) it is
+    this provider; with a `host` the site is served by its agent there, so the constructor
+    returns a RemoteProvider instead. The site file is read once, in ``__new__``."""
+
+    kind: str  # the site's scheduler: "slurm" or "pbs"
+    _resolved: Site  # read by __new__, used by __init__
+
+    def __new__(cls, name: str = "cluster", host: str | None = None, username: str | None = None,
+                password: str | None = None, key_filename: str | None = None, port: int = 22,
+                site: Any = None, python: str | None = None, transport: Transport | None = None) -> Any:
+        s = BatchProvider.resolve_site(cls.kind, name, site, {"host": host, "username": username, "port": port,
+                                                              "key_filename": key_filename, "python": python})
+        if transport is None and s.remote:
+            from hpc_serverless.providers.remote import RemoteProvider
+
+            return RemoteProvider(name, s, password=password)
+        obj = super().__new__(cls)
+        obj._resolved = s
+        return obj
+
+    def __init__(self, name: str = "cluster", host: str | None = None, username: str | None = None,
+                 password: str | None = None, key_filename: str | None = None, port: int = 22,
+                 site: Any = None, python: str | None = None, transport: Transport | None = None) -> None:
+        s: Site = self._resolved
+        if transport is None:
+            from hpc_serverless.adapters.transport import connect
+
+            transport = connect(s, password=password)
+        super().__init__(name, s, transport, self.make_scheduler(s, transport))
+
+    def make_scheduler(self, site: Site, transport: Transport) -> Scheduler:
+        """The scheduler adapter of this kind of site."""
+        raise NotImplementedError
