@@ -39,7 +39,7 @@ from hpc_serverless import (
     put,
     save_result,
 )
-from hpc_serverless.programs import JOB_DIR_ENV  # set only inside a Program
+from hpc_serverless.core.jobs import JOB_DIR_ENV  # set only inside a Program
 
 DEFAULTS = {
     "n_qubits": 4,  # qubits per random circuit

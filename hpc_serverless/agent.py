@@ -52,8 +52,8 @@ from hpc_serverless.adapters.wire import (
 
 if TYPE_CHECKING:
     from hpc_serverless.config.site import Site
-    from hpc_serverless.engines.batch import BatchProvider
     from hpc_serverless.engines.pilot import PilotBackend
+    from hpc_serverless.providers.batch import BatchProvider
 
 log = logging.getLogger("hpc_serverless.agent")
 
@@ -220,7 +220,7 @@ class Agent:
 
         self.site = site
         provider = provider_for_site(site, site.name)
-        from hpc_serverless.engines.batch import BatchProvider
+        from hpc_serverless.providers.batch import BatchProvider
 
         if not isinstance(provider, BatchProvider):
             raise RuntimeError(f"site '{site.name}': mode {site.mode} is not served over SSH")
@@ -520,8 +520,8 @@ class Agent:
         return bool(self._jobs().job_stop(job_id))
 
     def op_job_result(self, job_id: str) -> tuple[Any, list[Any]]:
+        from hpc_serverless.core.jobs import RESULT_KEY
         from hpc_serverless.core.store import ObjectStore
-        from hpc_serverless.programs import RESULT_KEY
 
         jobs = self._jobs()
         jobs.job_info(job_id)  # names a job that does not exist

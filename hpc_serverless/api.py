@@ -69,12 +69,14 @@ class QuantumServerless:
 
     def __init__(self, config: Mapping[str, Any] | None = None, *, _source: str | None = None) -> None:
         global _last_serverless
-        from hpc_serverless.config.files import parse_serverless_config
+        # (imported here: site parsing pulls in pydantic, and a plain QuantumServerless() needs none)
+        from hpc_serverless.config.serverless import parse_serverless_config
+        from hpc_serverless.providers.factory import provider_from_entry
 
         self._providers: dict[str, Provider] = {}
         entries, default = parse_serverless_config(config or {}, source=_source)
-        for provider in entries:
-            self._providers[provider.name] = provider
+        for entry in entries:
+            self._providers[entry.name] = provider_from_entry(entry)
         if "local" not in self._providers:
             self._providers = {"local": _local_default(), **self._providers}
         self._default = default or "local"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
-    from hpc_serverless.engines.batch import BatchTask
+    from hpc_serverless.adapters.schedulers.base import BatchTask
 
 
 def submit_array(ex: Any, delayed: Sequence[Any], job_class: type, timeout_min: int) -> list[Any]:

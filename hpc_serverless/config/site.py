@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from hpc_serverless.config.files import key_line, read_config_file
 from hpc_serverless.core.errors import ConfigError, TargetError
-from hpc_serverless.core.target import Target
+from hpc_serverless.core.target import PBS_REQUEUE_UNSUPPORTED, Target
 
 __all__ = ["Site", "MpiLauncher", "PilotSettings", "load_site", "site_from_mapping", "expand", "on_cluster",
            "shell_word", "CLUSTER_SIDE_KEYS"]
@@ -265,10 +265,8 @@ def site_from_mapping(data: Mapping[str, Any], *, source: str | None = None,
             full = base
         raise ConfigError(msg, file=source, key=key, line=key_line(source, full)) from None
     if site.scheduler == "pbs" and site.defaults.requeue:
-        from hpc_serverless.adapters.schedulers.pbs import REQUEUE_UNSUPPORTED
-
         full = (*base, "defaults", "requeue")
-        raise ConfigError(REQUEUE_UNSUPPORTED, file=source, key=".".join(map(str, full)),
+        raise ConfigError(PBS_REQUEUE_UNSUPPORTED, file=source, key=".".join(map(str, full)),
                           line=key_line(source, full))
     return site
 

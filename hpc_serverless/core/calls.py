@@ -8,13 +8,26 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 from hpc_serverless.core.errors import DependencyError, SerializationError
 from hpc_serverless.core.refs import ObjectRef, TaskRef
 from hpc_serverless.core.serialization import dumps, loads, pack_exception, unpack_exception
 
-__all__ = ["pack_arguments", "find_task_refs", "resolve_arguments", "execute"]
+__all__ = ["TaskFunction", "pack_arguments", "find_task_refs", "resolve_arguments", "execute"]
+
+
+class TaskFunction(Protocol):
+    """What a provider needs of a remote function (the api's RemoteFunction): the function,
+    its pickled bytes (made once), a key that names those bytes in the store, and a name
+    for job names and messages."""
+
+    function: Callable[..., Any]
+    key: str
+    name: str
+
+    @property
+    def function_bytes(self) -> bytes: ...
 
 
 def _walk(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Iterator[Any]:

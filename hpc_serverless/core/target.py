@@ -105,6 +105,14 @@ def _name(value: Any, key: str) -> str | None:
     return value.strip()
 
 
+#: why `requeue` is refused on PBS sites (rather than silently doing nothing); here because
+#: both the PBS option mapping and the site-file check (config/site.py) refuse it
+PBS_REQUEUE_UNSUPPORTED = (
+    "target 'requeue' is not supported on PBS sites yet: the task would not be requeued near "
+    "its walltime and would end as TIMEOUT; drop 'requeue' (save_checkpoint still works: "
+    "submit the task again to resume), or run it on a Slurm site")
+
+
 @dataclass(frozen=True)
 class Target:
     """Resources for one task or program. Construct from a dict with :meth:`of`.

@@ -21,17 +21,14 @@ user does:
 
 from __future__ import annotations
 
-import abc
 import atexit
 import logging
-import secrets
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
+from hpc_serverless.adapters.schedulers.base import BatchTask, Scheduler
 from hpc_serverless.adapters.schedulers.common import JobState
-from hpc_serverless.core.calls import find_task_refs, pack_arguments
 from hpc_serverless.core.errors import (
     DependencyError,
     GetTimeoutError,
@@ -41,19 +38,14 @@ from hpc_serverless.core.errors import (
     TaskTimeoutError,
     WorkerDiedError,
 )
-from hpc_serverless.core.fs import LOCAL
-from hpc_serverless.core.refs import TaskRef, TaskStatus, register_backend, register_store
+from hpc_serverless.core.refs import TaskRef, TaskStatus, register_backend
 from hpc_serverless.core.serialization import loads, unpack_exception
 from hpc_serverless.core.store import ObjectStore
 from hpc_serverless.core.target import Target
-from hpc_serverless.providers.base import Provider
-from hpc_serverless.runtime.worker import function_key, result_key, task_key, versions
+from hpc_serverless.runtime.worker import function_key, result_key
 
 if TYPE_CHECKING:
-    from hpc_serverless.adapters.transport.base import Transport
-    from hpc_serverless.api import RemoteFunction
     from hpc_serverless.config.site import Site
-    from hpc_serverless.programs import Job, Program
 
 log = logging.getLogger("hpc_serverless")
 
@@ -65,64 +57,22 @@ RESULT_GRACE_S = 5.0
 MAX_LINGER_S = 2.0
 
 
-@dataclass(eq=False)
-class BatchTask:
-    """A task as the backend tracks it."""
+class BatchSite(Protocol):
+    """What the engine needs of its provider (providers/batch.py's BatchProvider)."""
 
-    ref: TaskRef
-    target: Target
-    deps: list[str]
-    name: str
-    job_id: str | None = None
-    state: JobState | None = None
-    status: str = TaskStatus.PENDING
-    error: BaseException | None = None   # a failure known without a result object
-    result_ok: bool | None = None        # set once the result object is seen
-    final_seen: float | None = None      # when the scheduler first called it finished
-    submitted: float = field(default_factory=time.time)
+    site: Site
+    scheduler: Scheduler
 
     @property
-    def settled(self) -> bool:
-        return self.error is not None or self.result_ok is not None
+    def store(self) -> ObjectStore: ...
 
-
-class Scheduler(abc.ABC):
-    """What the backend needs from a scheduler: submit, poll, cancel (all batched)."""
-
-    name: str
-
-    @abc.abstractmethod
-    def submit(self, tasks: Sequence[BatchTask], target: Target, after: Sequence[str]) -> list[str]:
-        """Submit tasks that share a target (as an array if several); their job ids."""
-
-    @abc.abstractmethod
-    def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
-        """States of these jobs, in as few commands as possible (one, normally)."""
-
-    @abc.abstractmethod
-    def cancel(self, job_ids: Sequence[str]) -> None: ...
-
-    @abc.abstractmethod
-    def max_array_size(self) -> int: ...
-
-    def check_target(self, target: Target) -> None:
-        """Raise ResourceError for what the site can never run."""
-
-    @abc.abstractmethod
-    def program_script(self, target: Target, *, job_name: str, job_id: str, job_dir: str,
-                       env: Mapping[str, str], workdir: str, command: Sequence[str]) -> str:
-        """The batch script of a Program (from the scheduler's template in jobscripts/)."""
-
-    @abc.abstractmethod
-    def submit_script(self, path: str, target: Target, job_name: str) -> str:
-        """Submit a script already on the site's filesystem; its job id. (The target and
-        name again, for schedulers whose options must also be on the command line.)"""
+    def log_path_hint(self, job_id: str) -> str: ...
 
 
 class BatchBackend:
     """TaskRef backend of one batch provider: queues, submits, polls, collects."""
 
-    def __init__(self, provider: BatchProvider) -> None:
+    def __init__(self, provider: BatchSite) -> None:
         self.provider = provider
         self.site = provider.site
         self.store = provider.store
@@ -536,174 +486,3 @@ class BatchBackend:
             self._cv.notify_all()
 
 
-class BatchProvider(Provider):
-    """A provider whose tasks are batch jobs on a site (Slurm, PBS)."""
-
-    site: Site
-    transport: Transport
-    scheduler: Scheduler
-
-    @staticmethod
-    def resolve_site(scheduler: str, name: str, site: Any, overrides: Mapping[str, Any]) -> Site:
-        """A Site from a path, a Site or a mapping, with connection overrides applied
-        (the arguments of SlurmProvider/PBSProvider, as in the seed's GatewayProvider)."""
-        from hpc_serverless.config.site import Site, site_from_mapping
-        from hpc_serverless.core.errors import ConfigError
-
-        if site is None:
-            raise ConfigError(f"provider {name!r} needs a site (a site_configs/*.yaml path)")
-        changes = {k: v for k, v in overrides.items() if v is not None and not (k == "port" and v == 22)}
-        if isinstance(site, Site):
-            s = site.model_copy(update=changes) if changes else site
-        else:
-            # the overrides are validated with the file's keys: a `host` given here means the
-            # cluster-side keys are the cluster's to expand (site.on_cluster), not ours
-            from hpc_serverless.config.files import read_config_file
-
-            raw = {"scheduler": scheduler, **site} if isinstance(site, Mapping) else read_config_file(site)
-            source = None if isinstance(site, Mapping) else str(site)
-            s = site_from_mapping({**raw, **changes}, source=source, name=name)
-        if s.scheduler != scheduler:
-            other = "SlurmProvider" if s.scheduler == "slurm" else "PBSProvider"
-            raise ConfigError(f"site '{s.name}' is a {s.scheduler} site; use {other}",
-                              file=s.source, key="scheduler")
-        return s
-
-    def __init__(self, name: str, site: Site, transport: Transport, scheduler: Scheduler) -> None:
-        self.name = name
-        self.site = site
-        self.transport = transport
-        self.scheduler = scheduler
-        if site.remote:
-            from hpc_serverless.core.errors import ConfigError
-
-            raise ConfigError(f"site '{site.name}' has a host ({site.host}): a site reached over SSH is "
-                              f"served by its agent; build it without transport= "
-                              f"(SlurmProvider(host=...) gives a RemoteProvider)", file=site.source, key="host")
-        self.fs = LOCAL
-        self._store = ObjectStore(site.storage_path / "store")
-        register_store(self._store)
-        self.backend = BatchBackend(self)
-
-    @property
-    def store(self) -> ObjectStore:
-        return self._store
-
-    def effective_target(self, target: Target) -> Target:
-        return target.merged_over(self.site.defaults)
-
-    def check_target(self, target: Target) -> None:
-        self.scheduler.check_target(self.effective_target(target))
-
-    def submit(self, fn: RemoteFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any],
-               target: Target) -> TaskRef:
-        deps = find_task_refs(args, kwargs)
-        for d in deps:
-            if d.backend_key != self.backend.key:
-                raise HPCServerlessError(
-                    f"{d!r} belongs to provider '{d.provider}'; a task on '{self.name}' can only "
-                    "depend on tasks of the same provider (pass get(ref) instead)")
-        blob = pack_arguments(fn.function, args, kwargs)
-        return self.submit_packed(secrets.token_hex(12), fn.name, fn.key, fn.function_bytes, blob,
-                                  [(d.task_id, d.function, d._job_id) for d in deps], target)
-
-    def submit_packed(self, task_id: str, name: str, fn_key: str, fn_bytes: bytes | None, blob: bytes,
-                      deps: Sequence[tuple[str, str, str | None]], target: Target) -> TaskRef:
-        """Queue a call whose arguments are pickled already (here, or by a remote client
-        through the agent). `deps` are (task id, function, job id) of upstream tasks; ones
-        this process does not know (a new agent) are tracked from their job id and result."""
-        target = self.effective_target(target)
-        with self.backend._lock:
-            known = self.backend._tasks.get(task_id)
-            if known is not None:  # the same call sent twice (a retried request): queued once
-                return known.ref
-            for dep_id, dep_fn, dep_job in deps:
-                self.backend._task(TaskRef(dep_id, self.backend.key, self.name, dep_fn, job_id=dep_job))
-        if fn_bytes is not None:
-            self.backend.ensure_function(fn_key, fn_bytes)
-        spec = {"task_id": task_id, "name": name, "fn_key": fn_key, "args": blob,
-                "deps": [(d[0], d[1]) for d in deps], "env": dict(target.env) or None,
-                "mpi": target.mpi, "requeue": target.requeue, "versions": versions(),
-                **self.mpi_launch(target)}
-        # not fsync'ed: if this process dies before submitting, the task is lost with it anyway
-        self.store.put(spec, task_key(task_id), what=f"the call of {name}()", durable=False,
-                       overwrite=True)
-        ref = TaskRef(task_id, self.backend.key, self.name, name, backend=self.backend)
-        self.backend.enqueue(BatchTask(ref, target, [d[0] for d in deps], name))
-        return ref
-
-    def mpi_launch(self, target: Target) -> dict[str, Any]:
-        if target.mpi <= 1:
-            return {}
-        return {"launcher": self.site.mpi.argv(target.mpi), "launcher_env": dict(self.site.mpi.env)}
-
-    def log_path_hint(self, job_id: str) -> str:
-        return str(self.site.storage_path / "jobs" / f"{job_id}_0_log.out")
-
-    def render_program(self, program: Program, arguments: Mapping[str, Any] | None = None) -> str:
-        """The batch script run_program would submit (for `hpc-serverless run --dry-run`)."""
-        from hpc_serverless.engines.programs_batch import BatchJobs
-
-        return BatchJobs(self).render(program, "DRY-RUN-JOB-ID")
-
-    def stats(self) -> dict[str, int]:
-        """Commands run on the site so far, by program name (sbatch, sacct, ...)."""
-        return dict(self.transport.counts)
-
-    # programs: see programs_batch (the Programs issue)
-    def run_program(self, program: Program, arguments: Mapping[str, Any] | None = None) -> Job:
-        from hpc_serverless.engines.programs_batch import BatchJobs
-
-        return BatchJobs(self).run(program, arguments)
-
-    def get_job_by_id(self, job_id: str) -> Job:
-        from hpc_serverless.engines.programs_batch import BatchJobs
-
-        return BatchJobs(self).get(job_id)
-
-    def jobs(self) -> list[Job]:
-        from hpc_serverless.engines.programs_batch import BatchJobs
-
-        return BatchJobs(self).list()
-
-    def search_blocker(self) -> str | None:
-        return self.transport.login_blocker()
-
-    def describe(self) -> str:
-        return f"{self.name} ({self.scheduler.name} site '{self.site.name}' via {self.transport.describe()})"
-
-
-class SiteProvider(BatchProvider):
-    """A Slurm or PBS site built from its site file. On the login node (no `host`) it is
-    this provider; with a `host` the site is served by its agent there, so the constructor
-    returns a RemoteProvider instead. The site file is read once, in ``__new__``."""
-
-    kind: str  # the site's scheduler: "slurm" or "pbs"
-    _resolved: Site  # read by __new__, used by __init__
-
-    def __new__(cls, name: str = "cluster", host: str | None = None, username: str | None = None,
-                password: str | None = None, key_filename: str | None = None, port: int = 22,
-                site: Any = None, python: str | None = None, transport: Transport | None = None) -> Any:
-        s = BatchProvider.resolve_site(cls.kind, name, site, {"host": host, "username": username, "port": port,
-                                                              "key_filename": key_filename, "python": python})
-        if transport is None and s.remote:
-            from hpc_serverless.providers.remote import RemoteProvider
-
-            return RemoteProvider(name, s, password=password)
-        obj = super().__new__(cls)
-        obj._resolved = s
-        return obj
-
-    def __init__(self, name: str = "cluster", host: str | None = None, username: str | None = None,
-                 password: str | None = None, key_filename: str | None = None, port: int = 22,
-                 site: Any = None, python: str | None = None, transport: Transport | None = None) -> None:
-        s: Site = self._resolved
-        if transport is None:
-            from hpc_serverless.adapters.transport import connect
-
-            transport = connect(s, password=password)
-        super().__init__(name, s, transport, self.make_scheduler(s, transport))
-
-    def make_scheduler(self, site: Site, transport: Transport) -> Scheduler:
-        """The scheduler adapter of this kind of site."""
-        raise NotImplementedError

@@ -103,13 +103,13 @@ from hpc_serverless.core.launch import GUARD
 from hpc_serverless.core.refs import TaskRef, TaskStatus, register_backend
 from hpc_serverless.core.serialization import loads, unpack_exception
 from hpc_serverless.core.target import Target, format_hms
-from hpc_serverless.engines.batch import BatchProvider
+from hpc_serverless.providers.batch import BatchProvider
 from hpc_serverless.runtime.worker import result_key
 
 if TYPE_CHECKING:
     from hpc_serverless.adapters.transport.base import Transport
-    from hpc_serverless.api import RemoteFunction
     from hpc_serverless.config.site import Site
+    from hpc_serverless.core.calls import TaskFunction
 
 __all__ = ["PilotProvider", "PilotBackend", "pilot_cluster_kwargs"]
 
@@ -1023,7 +1023,7 @@ class PilotProvider(BatchProvider):
             raise ResourceError(f"task does not fit the pilot workers of '{self.name}' (site "
                                 f"'{self.site.name}', mode: pilot): " + "; ".join(problems))
 
-    def submit(self, fn: RemoteFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any],
+    def submit(self, fn: TaskFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any],
                target: Target) -> TaskRef:
         deps = find_task_refs(args, kwargs)
         for d in deps:

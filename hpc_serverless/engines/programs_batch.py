@@ -12,16 +12,37 @@ import json
 import posixpath
 import shutil
 import time
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 from hpc_serverless.core.errors import HPCServerlessError, JobNotFoundError, ProgramError, SchedulerError
+from hpc_serverless.core.jobs import ARGUMENTS_KEY, JOB_DIR_ENV, RESULT_KEY, Job, Program, new_job_id
 from hpc_serverless.core.launch import module_argv
 from hpc_serverless.core.refs import TaskStatus
 from hpc_serverless.core.store import ObjectStore
-from hpc_serverless.programs import ARGUMENTS_KEY, JOB_DIR_ENV, RESULT_KEY, Job, Program, new_job_id
 
 if TYPE_CHECKING:
-    from hpc_serverless.engines.batch import BatchProvider
+    from hpc_serverless.adapters.schedulers.base import Scheduler
+    from hpc_serverless.config.site import Site
+    from hpc_serverless.core.fs import LocalFS
+    from hpc_serverless.core.target import Target
+    from hpc_serverless.engines.batch import BatchBackend
+
+
+class ProgramSite(Protocol):
+    """What program jobs need of their provider (providers/batch.py's BatchProvider)."""
+
+    name: str
+    site: Site
+    fs: LocalFS
+    scheduler: Scheduler
+    backend: BatchBackend
+
+    @property
+    def store(self) -> ObjectStore: ...
+
+    def effective_target(self, target: Target) -> Target: ...
+
+    def check_target(self, target: Target) -> None: ...
 
 
 #: scheduler states that say why a job's program was killed better than "signal 15" does
@@ -40,7 +61,7 @@ def _killed_from_outside(exit_record: Mapping[str, Any]) -> bool:
 class BatchJobs:
     """The JobBackend of a batch provider."""
 
-    def __init__(self, provider: BatchProvider) -> None:
+    def __init__(self, provider: ProgramSite) -> None:
         self.provider = provider
         self.fs = provider.fs
         self.root = posixpath.join(str(provider.site.storage_path), "programs")

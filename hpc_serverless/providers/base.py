@@ -15,8 +15,8 @@ from hpc_serverless.core.store import ObjectStore, new_object_id
 from hpc_serverless.core.target import Target
 
 if TYPE_CHECKING:
-    from hpc_serverless.api import RemoteFunction
-    from hpc_serverless.programs import Job, Program
+    from hpc_serverless.core.calls import TaskFunction
+    from hpc_serverless.core.jobs import Job, Program
 
 
 class Provider(abc.ABC):
@@ -39,7 +39,7 @@ class Provider(abc.ABC):
         """Raise ResourceError if `target` can never run here (called at submission)."""
 
     @abc.abstractmethod
-    def submit(self, fn: RemoteFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any],
+    def submit(self, fn: TaskFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any],
                target: Target) -> TaskRef:
         """Start one call of a decorated function; return its TaskRef at once."""
 

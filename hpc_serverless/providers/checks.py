@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from hpc_serverless.core.errors import HPCServerlessError
 
 if TYPE_CHECKING:
-    from hpc_serverless.engines.batch import BatchProvider
+    from hpc_serverless.providers.batch import BatchProvider
 
 
 def check_site(path: str, *, connect: bool = True) -> Iterator[str]:

@@ -1,16 +1,11 @@
-"""Build a batch provider from a configuration entry (a site plus connection overrides)."""
+"""Build the provider a site or a configuration entry describes: remote (through an agent),
+pilot, Slurm or PBS, or local."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from hpc_serverless.config.files import CONNECTION_KEYS
-from hpc_serverless.core.errors import ConfigError
+from hpc_serverless.config.serverless import ProviderEntry
+from hpc_serverless.config.site import Site
 from hpc_serverless.providers.base import Provider
-
-if TYPE_CHECKING:
-    from hpc_serverless.config.site import Site
 
 
 def provider_for_site(site: Site, name: str | None = None, password: str | None = None) -> Provider:
@@ -31,32 +26,10 @@ def provider_for_site(site: Site, name: str | None = None, password: str | None 
     return PBSProvider(name or site.name, site=site, password=password)
 
 
-def provider_from_entry(entry: dict[str, Any], *, source: str | None = None,
-                        where: tuple[Any, ...] = ()) -> Provider:
-    """A provider entry: `site` (a path, relative to the config file) and/or inline site keys,
-    plus connection overrides (host, port, username, password, key_filename, python)."""
-    from hpc_serverless.config.files import read_config_file
-    from hpc_serverless.config.site import site_from_mapping
+def provider_from_entry(entry: ProviderEntry) -> Provider:
+    """The provider a configuration entry describes (parsed by config/serverless.py)."""
+    if entry.site is None:
+        from hpc_serverless.providers.local import LocalProvider
 
-    entry = dict(entry)
-    name = entry.pop("name")
-    password = entry.pop("password", None)
-    site_ref = entry.pop("site", None)
-    data: dict[str, Any] = {}
-    site_source = source
-    base: tuple[Any, ...] = where
-    if site_ref is not None:
-        if not isinstance(site_ref, str):
-            raise ConfigError("'site' must be a path to a site file", file=source,
-                              key=".".join(map(str, (*where, "site"))))
-        path = Path(site_ref).expanduser()
-        if not path.is_absolute() and source and not path.exists():
-            path = Path(source).parent / path
-        data = read_config_file(path)
-        site_source, base = str(path), ()
-    overrides = {k: entry.pop(k) for k in list(entry) if k in CONNECTION_KEYS}
-    data.update(entry)  # inline site keys win over the file's
-    data.update(overrides)
-    data.setdefault("name", name)
-    site = site_from_mapping(data, source=site_source if not entry else source, base=base)
-    return provider_for_site(site, name, password)
+        return LocalProvider(entry.name, **entry.local)
+    return provider_for_site(entry.site, entry.name, entry.password)

@@ -13,12 +13,13 @@ from hpc_serverless.core.refs import TaskRef, register_store
 from hpc_serverless.core.store import ObjectStore
 from hpc_serverless.core.target import Target
 from hpc_serverless.engines.local_pool import LocalPool, TaskSpec
-from hpc_serverless.engines.pool_client import current_client
 from hpc_serverless.providers.base import Provider
+from hpc_serverless.runtime.pool_client import current_client
 
 if TYPE_CHECKING:
-    from hpc_serverless.api import RemoteFunction
-    from hpc_serverless.programs import Job, Program
+    from hpc_serverless.core.calls import TaskFunction
+    from hpc_serverless.core.jobs import Job, Program
+    from hpc_serverless.engines.local_programs import LocalJobs
 
 __all__ = ["LocalProvider", "local_resources", "default_home"]
 
@@ -127,7 +128,7 @@ class LocalProvider(Provider):
             raise ResourceError(f"task asks for more than provider '{self.name}' has: "
                                 + "; ".join(problems))
 
-    def submit(self, fn: RemoteFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any],
+    def submit(self, fn: TaskFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any],
                target: Target) -> TaskRef:
         deps = find_task_refs(args, kwargs)
         blob = pack_arguments(fn.function, args, kwargs)
@@ -153,16 +154,15 @@ class LocalProvider(Provider):
 
     # -- programs -------------------------------------------------------------------------
     def run_program(self, program: Program, arguments: Mapping[str, Any] | None = None) -> Job:
-        from hpc_serverless.programs import LocalJobs
-
-        return LocalJobs(self).run(program, arguments)
+        return self._programs().run(program, arguments)
 
     def get_job_by_id(self, job_id: str) -> Job:
-        from hpc_serverless.programs import LocalJobs
-
-        return LocalJobs(self).get(job_id)
+        return self._programs().get(job_id)
 
     def jobs(self) -> list[Job]:
-        from hpc_serverless.programs import LocalJobs
+        return self._programs().list()
 
-        return LocalJobs(self).list()
+    def _programs(self) -> LocalJobs:
+        from hpc_serverless.engines.local_programs import LocalJobs
+
+        return LocalJobs(self, default_home() / "jobs")

@@ -11,11 +11,12 @@ import shlex
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from hpc_serverless.adapters.schedulers import pbs as P
+from hpc_serverless.adapters.schedulers.base import BatchTask, Scheduler
 from hpc_serverless.adapters.schedulers.common import JobState
 from hpc_serverless.adapters.submitit_glue import submit_calls
 from hpc_serverless.core.errors import SchedulerError
 from hpc_serverless.core.target import Target
-from hpc_serverless.engines.batch import BatchTask, Scheduler, SiteProvider
+from hpc_serverless.providers.batch import SiteProvider
 
 if TYPE_CHECKING:
     from hpc_serverless.adapters.transport.base import CommandResult

@@ -30,19 +30,19 @@ from hpc_serverless.core.errors import (
     JobNotFoundError,
     TaskCancelledError,
 )
+from hpc_serverless.core.jobs import Job, Program
 from hpc_serverless.core.refs import TaskRef, TaskStatus, register_backend, register_store
 from hpc_serverless.core.serialization import loads, unpack_exception
 from hpc_serverless.core.store import ObjectStore
 from hpc_serverless.core.target import Target
 from hpc_serverless.engines.batch import MAX_LINGER_S
-from hpc_serverless.programs import Job, Program
 from hpc_serverless.providers.base import Provider
 
 if TYPE_CHECKING:
     from hpc_serverless.adapters.transport.agent_client import AgentClient
     from hpc_serverless.adapters.transport.ssh import SSHTransport
-    from hpc_serverless.api import RemoteFunction
     from hpc_serverless.config.site import Site
+    from hpc_serverless.core.calls import TaskFunction
 
 log = logging.getLogger("hpc_serverless")
 
@@ -351,7 +351,7 @@ class RemoteProvider(Provider):
         if refused is not None:
             raise refused
 
-    def submit(self, fn: RemoteFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any],
+    def submit(self, fn: TaskFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any],
                target: Target) -> TaskRef:
         backend = self.backend
         deps = find_task_refs(args, kwargs)

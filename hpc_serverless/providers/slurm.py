@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from hpc_serverless.adapters.schedulers import slurm as S
+from hpc_serverless.adapters.schedulers.base import BatchTask, Scheduler
 from hpc_serverless.adapters.schedulers.common import JobState
 from hpc_serverless.adapters.submitit_glue import submit_array, submit_calls
 from hpc_serverless.core.errors import ConfigError, SchedulerError
 from hpc_serverless.core.launch import module_command
 from hpc_serverless.core.target import Target
-from hpc_serverless.engines.batch import BatchTask, Scheduler, SiteProvider
+from hpc_serverless.providers.batch import SiteProvider
 
 if TYPE_CHECKING:
     from hpc_serverless.adapters.transport.base import Transport

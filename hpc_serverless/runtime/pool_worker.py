@@ -21,7 +21,7 @@ from typing import Any, Callable
 from hpc_serverless.core.calls import execute
 from hpc_serverless.core.refs import register_backend
 from hpc_serverless.core.serialization import loads, pack_exception
-from hpc_serverless.engines.pool_client import PoolClient, set_client
+from hpc_serverless.runtime.pool_client import PoolClient, set_client
 
 
 def main() -> None:

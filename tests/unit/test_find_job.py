@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from hpc_serverless.core.errors import JobNotFoundError
-from hpc_serverless.programs import Job, find_job, new_job_id, provider_of_job_id
+from hpc_serverless.core.jobs import Job, new_job_id, provider_of_job_id
+from hpc_serverless.programs import find_job
 from hpc_serverless.providers.local import LocalProvider
 
 

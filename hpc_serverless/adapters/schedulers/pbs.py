@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 
 from hpc_serverless.adapters.schedulers.common import JobState
 from hpc_serverless.core.errors import ResourceError, TargetError
-from hpc_serverless.core.target import Target, format_hms
+from hpc_serverless.core.target import PBS_REQUEUE_UNSUPPORTED, Target, format_hms
 
 # job_state letters -> our status (final letters resolved by exit status below)
 STATE_MAP: Mapping[str, str] = {
@@ -95,11 +95,7 @@ def final_state(exit_status: int | None, comment: str = "", flavor: str = "torqu
 
 
 # -- targets ----------------------------------------------------------------------------------------
-#: why `requeue` is refused on PBS sites (rather than silently doing nothing)
-REQUEUE_UNSUPPORTED = (
-    "target 'requeue' is not supported on PBS sites yet: the task would not be requeued near "
-    "its walltime and would end as TIMEOUT; drop 'requeue' (save_checkpoint still works: "
-    "submit the task again to resume), or run it on a Slurm site")
+REQUEUE_UNSUPPORTED = PBS_REQUEUE_UNSUPPORTED  # (defined in core: site files refuse it too)
 
 def resource_list(target: Target, flavor: str) -> list[str]:
     """The `-l` resources of a target (site defaults merged), in the site's dialect."""
