@@ -10,7 +10,7 @@ import inspect
 import os
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
-from hpc_serverless.core.errors import DependencyError, SerializationError
+from hpc_serverless.core.errors import SerializationError, upstream_failed
 from hpc_serverless.core.refs import ObjectRef, TaskRef
 from hpc_serverless.core.serialization import dumps, loads, pack_exception, unpack_exception
 
@@ -104,10 +104,7 @@ def decode_dependencies(raw: Mapping[str, tuple[bool, bytes, str]]) -> dict[str,
     out = {}
     for task_id, (ok, payload, name) in raw.items():
         if not ok:
-            cause = unpack_exception(payload)
-            raise DependencyError(
-                f"upstream task {name or task_id} failed with {type(cause).__name__}: {cause}"
-            ) from cause
+            raise upstream_failed(name or task_id, unpack_exception(payload))
         out[task_id] = loads(payload)
     return out
 

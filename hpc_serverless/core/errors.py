@@ -112,6 +112,20 @@ class DependencyError(TaskError):
     """A task did not run because a TaskRef it depends on failed or was cancelled."""
 
 
+
+def upstream_failed(upstream: str, cause: BaseException | None = None, *, downstream: str | None = None,
+                    status: str | None = None) -> DependencyError:
+    """The one message every engine gives for a task whose upstream task did not succeed:
+    which upstream (name#id), why (its exception, else its status), and which task did not
+    run. The upstream exception is the cause, so its traceback stays reachable."""
+    why = f"{type(cause).__name__}: {cause}" if cause is not None else (status or "").lower()
+    message = f"upstream task {upstream} did not succeed" + (f" ({why})" if why else "")
+    if downstream:
+        message += f", so {downstream} did not run"
+    err = DependencyError(message)
+    err.__cause__ = cause
+    return err
+
 class TaskCancelledError(TaskError, concurrent.futures.CancelledError):
     """The task was cancelled before it produced a value."""
 

@@ -37,6 +37,7 @@ from hpc_serverless.core.errors import (
     TaskCancelledError,
     TaskTimeoutError,
     WorkerDiedError,
+    upstream_failed,
 )
 from hpc_serverless.core.refs import TaskRef, TaskStatus, register_backend
 from hpc_serverless.core.serialization import loads, unpack_exception
@@ -239,11 +240,7 @@ class BatchBackend:
             except HPCServerlessError as exc:
                 cause = exc
         name = f"{up.name}#{up.ref.task_id}" if up else dep_id
-        err = DependencyError(f"upstream task {name} did not succeed"
-                              + (f" ({type(cause).__name__}: {cause})" if cause else "")
-                              + f", so {task.name} did not run")
-        err.__cause__ = cause
-        return err
+        return upstream_failed(name, cause, downstream=task.name)
 
     def _settle(self, t: BatchTask, ok: bool) -> None:
         """Its result object is there. A failure also settles the tasks waiting on it."""

@@ -43,12 +43,12 @@ from multiprocessing.connection import wait as wait_connections
 from typing import Any, Iterator, Sequence
 
 from hpc_serverless.core.errors import (
-    DependencyError,
     GetTimeoutError,
     HPCServerlessError,
     TaskCancelledError,
     TaskTimeoutError,
     WorkerDiedError,
+    upstream_failed,
 )
 from hpc_serverless.core.launch import module_argv
 from hpc_serverless.core.refs import TaskRef, TaskStatus, register_backend
@@ -318,11 +318,8 @@ class LocalPool:
             cause = _exception_of(upstream.payload) if upstream.payload else None
         except Exception:  # noqa: BLE001 - the message below still names the upstream task
             cause = None
-        what = f"{type(cause).__name__}: {cause}" if cause else upstream.status.lower()
-        err = DependencyError(f"upstream task {upstream.spec.name or 'task'}#{upstream.id} "
-                              f"did not succeed ({what}), so {task.spec.name or 'this task'} "
-                              "did not run")
-        err.__cause__ = cause
+        err = upstream_failed(f"{upstream.spec.name or 'task'}#{upstream.id}", cause,
+                              downstream=task.spec.name or "this task", status=upstream.status)
         self._finish(task, False, err, TaskStatus.FAILED, "DependencyNeverSatisfied")
 
     # -- the dispatcher thread ------------------------------------------------------------

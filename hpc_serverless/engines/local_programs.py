@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol
 
 from hpc_serverless.core.errors import HPCServerlessError, JobNotFoundError, ProgramError
+from hpc_serverless.core.fs import LOCAL
 from hpc_serverless.core.jobs import ARGUMENTS_KEY, JOB_DIR_ENV, RESULT_KEY, Job, Program, new_job_id
 from hpc_serverless.core.launch import module_argv
 from hpc_serverless.core.refs import TaskStatus
@@ -170,9 +170,7 @@ def _write_stopped(job_dir: Path, reason: str) -> None:
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(3)}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    LOCAL.write_atomic(str(path), json.dumps(data, indent=1).encode())
 
 
 def _check_dependencies(program: Program) -> None:

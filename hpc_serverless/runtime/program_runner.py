@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from hpc_serverless.core.fs import LOCAL
 from hpc_serverless.core.launch import script_argv
 
 
@@ -49,9 +50,7 @@ def main(argv: list[str]) -> int:
             reason += " (SIGTERM from the scheduler: its time limit, a preemption, or a cancel)"
     record = {"status": status, "state": state, "reason": reason, "exit_code": code,
               "started": started, "ended": time.time()}
-    tmp = job_dir / ".exit.json.tmp"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, job_dir / "exit.json")
+    LOCAL.write_atomic(str(job_dir / "exit.json"), json.dumps(record).encode())
     return 0
 
 

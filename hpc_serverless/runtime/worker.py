@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from hpc_serverless.core.calls import execute
-from hpc_serverless.core.errors import DependencyError, SerializationError, WorkerDiedError
+from hpc_serverless.core.errors import SerializationError, WorkerDiedError, upstream_failed
 from hpc_serverless.core.launch import module_argv
 from hpc_serverless.core.serialization import loads, pack_exception, unpack_exception
 from hpc_serverless.core.store import ObjectStore
@@ -92,9 +92,7 @@ def _load_call(store: ObjectStore, spec: dict[str, Any]) -> tuple[Any, dict[str,
     for dep_id, dep_name in spec.get("deps", []):
         ok, payload, _info = store.get(result_key(dep_id))
         if not ok:
-            cause = unpack_exception(payload)
-            raise DependencyError(f"upstream task {dep_name}#{dep_id} failed with "
-                                  f"{type(cause).__name__}: {cause}") from cause
+            raise upstream_failed(f"{dep_name}#{dep_id}", unpack_exception(payload))
         deps[dep_id] = loads(payload)
     return fn, deps
 
