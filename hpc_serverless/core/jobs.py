@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
-from hpc_serverless.core.errors import GetTimeoutError, JobFailedError, ProgramError
+from hpc_serverless.core.deadline import Deadline
+from hpc_serverless.core.errors import JobFailedError, ProgramError
 from hpc_serverless.core.refs import TaskStatus
 from hpc_serverless.core.target import Target
 
@@ -104,15 +105,15 @@ class Job:
 
     def wait(self, timeout: float | None = None, poll: float = 0.2) -> str:
         """Block until the job ends; returns its final status."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         delay = poll
         while True:
             status = self.status()
             if status in TaskStatus.FINAL:
                 return status
-            if deadline is not None and time.monotonic() >= deadline:
-                raise GetTimeoutError(f"job {self.job_id} did not finish within {timeout} s (it is {status})")
-            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
+            if deadline.expired():
+                raise deadline.error(f"job {self.job_id}", status)
+            time.sleep(deadline.cap(delay) or 0.0)
             delay = min(delay * 1.5, 5.0)
 
     def result(self, timeout: float | None = None) -> Any:

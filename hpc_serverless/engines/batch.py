@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from hpc_serverless.adapters.schedulers.base import BatchTask, Scheduler
 from hpc_serverless.adapters.schedulers.common import JobState
+from hpc_serverless.core.deadline import Deadline, split_done
 from hpc_serverless.core.errors import (
     DependencyError,
-    GetTimeoutError,
     HPCServerlessError,
     SchedulerError,
     TaskCancelledError,
@@ -437,7 +437,7 @@ class BatchBackend:
             return True
 
     def task_result(self, ref: TaskRef, timeout: float | None) -> Any:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         delay = 0.05
         while True:
             with self._lock:
@@ -454,27 +454,24 @@ class BatchBackend:
                 if ok:
                     return loads(payload)
                 raise unpack_exception(payload)
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise GetTimeoutError(f"{ref!r} did not finish within {timeout} s (it is {t.status}"
-                                      + (f", {t.state.state} {t.state.reason}" if t.state else "") + ")")
+            if deadline.expired():
+                raise deadline.error(repr(ref), t.status + (f", {t.state.state} {t.state.reason}" if t.state else ""))
             with self._lock:
                 if t in self._queue or (t.job_id and not t.settled):
                     self._start()
-                self._cv.wait(delay if remaining is None else min(delay, remaining))
+                self._cv.wait(deadline.cap(delay))
             delay = min(delay * 1.5, 0.5)
 
     def task_wait(self, refs: Sequence[TaskRef], num_returns: int,
                   timeout: float | None) -> tuple[list[TaskRef], list[TaskRef]]:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         delay = 0.05
         while True:
-            done = [r for r in refs if self.task_status(r) in TaskStatus.FINAL]
-            if len(done) >= num_returns or (deadline is not None and time.monotonic() >= deadline):
-                ids = {r.task_id for r in done}
-                return done, [r for r in refs if r.task_id not in ids]
+            done = {r.task_id for r in refs if self.task_status(r) in TaskStatus.FINAL}
+            if len(done) >= num_returns or deadline.expired():
+                return split_done(refs, done)
             with self._lock:
-                self._cv.wait(delay)
+                self._cv.wait(deadline.cap(delay))
             delay = min(delay * 1.5, 0.5)
 
     def close(self) -> None:

@@ -42,8 +42,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_connections
 from typing import Any, Iterator, Sequence
 
+from hpc_serverless.core.deadline import Deadline, split_done
 from hpc_serverless.core.errors import (
-    GetTimeoutError,
     HPCServerlessError,
     TaskCancelledError,
     TaskTimeoutError,
@@ -509,15 +509,13 @@ class LocalPool:
             return self._cancel(ref.task_id)
 
     def task_result(self, ref: TaskRef, timeout: float | None) -> Any:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         with self._cv:
             task = self._task(ref)
             while task.status not in TaskStatus.FINAL:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise GetTimeoutError(f"{ref!r} did not finish within {timeout} s "
-                                          f"(it is {task.status})")
-                self._cv.wait(remaining)
+                if deadline.expired():
+                    raise deadline.error(repr(ref), task.status)
+                self._cv.wait(deadline.remaining())
             ok, payload = task.ok, task.payload
         if ok and isinstance(payload, bytes):
             return loads(payload)
@@ -525,16 +523,13 @@ class LocalPool:
 
     def task_wait(self, refs: Sequence[TaskRef], num_returns: int,
                   timeout: float | None) -> tuple[list[TaskRef], list[TaskRef]]:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         with self._cv:
             while True:
-                done = [r for r in refs if self._task(r).status in TaskStatus.FINAL]
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if len(done) >= num_returns or (remaining is not None and remaining <= 0):
-                    break
-                self._cv.wait(remaining)
-        done_ids = {r.task_id for r in done}
-        return done, [r for r in refs if r.task_id not in done_ids]
+                done = {r.task_id for r in refs if self._task(r).status in TaskStatus.FINAL}
+                if len(done) >= num_returns or deadline.expired():
+                    return split_done(refs, done)
+                self._cv.wait(deadline.remaining())
 
     def stats(self) -> dict[str, int]:
         with self._lock:

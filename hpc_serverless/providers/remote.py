@@ -24,8 +24,8 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from hpc_serverless.core.calls import find_task_refs, pack_arguments
+from hpc_serverless.core.deadline import Deadline, split_done
 from hpc_serverless.core.errors import (
-    GetTimeoutError,
     HPCServerlessError,
     JobNotFoundError,
     TaskCancelledError,
@@ -246,7 +246,7 @@ class RemoteBackend:
         raise unpack_exception(payload)
 
     def task_result(self, ref: TaskRef, timeout: float | None) -> Any:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         with self._lock:
             t = self._task(ref)
         self._ensure_sent(t)
@@ -258,28 +258,25 @@ class RemoteBackend:
                 if outcome is not None:
                     t.outcome = outcome
                     continue
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise GetTimeoutError(f"{ref!r} did not finish within {timeout} s (it is {t.status})")
-            self._poll(POLL_WAIT_S if remaining is None else min(POLL_WAIT_S, remaining))
+            if deadline.expired():
+                raise deadline.error(repr(ref), t.status)
+            self._poll(deadline.cap(POLL_WAIT_S) or 0.0)
 
     def task_wait(self, refs: Sequence[TaskRef], num_returns: int,
                   timeout: float | None) -> tuple[list[TaskRef], list[TaskRef]]:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         with self._lock:
             tasks = [self._task(r) for r in refs]
         if any(not t.sent for t in tasks):
             self.flush()
         first = True
         while True:
-            done = [t.ref for t in tasks if t.settled or t.status in TaskStatus.FINAL]
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if len(done) >= num_returns and not first or (remaining is not None and remaining <= 0):
-                ids = {r.task_id for r in done}
-                return done, [r for r in refs if r.task_id not in ids]
+            done = {t.ref.task_id for t in tasks if t.settled or t.status in TaskStatus.FINAL}
+            if len(done) >= num_returns and not first or deadline.expired():
+                return split_done(refs, done)
             if len(done) >= num_returns and first and all(t.settled for t in tasks):
-                return done, []
-            self._poll(0.0 if first else (POLL_WAIT_S if remaining is None else min(POLL_WAIT_S, remaining)))
+                return split_done(refs, done)
+            self._poll(0.0 if first else deadline.cap(POLL_WAIT_S) or 0.0)
             first = False
 
 
