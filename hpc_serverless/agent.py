@@ -525,7 +525,7 @@ class Agent:
 
         jobs = self._jobs()
         jobs.job_info(job_id)  # names a job that does not exist
-        data, buffers, _ = ObjectStore(jobs._dir(job_id)).read_parts(RESULT_KEY)
+        data, buffers, _ = ObjectStore(jobs.dirs.path(job_id)).read_parts(RESULT_KEY)
         return pickle.PickleBuffer(data), [pickle.PickleBuffer(b) for b in buffers]
 
     # -- facts ---------------------------------------------------------------------------------

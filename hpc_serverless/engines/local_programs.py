@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,13 +12,13 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
-from hpc_serverless.core.errors import HPCServerlessError, JobNotFoundError, ProgramError
+from hpc_serverless.core.errors import ProgramError
 from hpc_serverless.core.fs import LOCAL
-from hpc_serverless.core.jobs import ARGUMENTS_KEY, JOB_DIR_ENV, RESULT_KEY, Job, Program, new_job_id
+from hpc_serverless.core.jobs import JOB_DIR_ENV, Job, Program, new_job_id
 from hpc_serverless.core.launch import module_argv
 from hpc_serverless.core.refs import TaskStatus
-from hpc_serverless.core.store import ObjectStore
 from hpc_serverless.core.target import Target
+from hpc_serverless.engines.job_dirs import JobDirs, exit_info, new_record
 
 __all__ = ["LocalJobs"]
 
@@ -38,15 +37,7 @@ class LocalJobs:
     def __init__(self, provider: JobSite, root: Path) -> None:
         self.provider = provider
         self.root = root
-
-    def _dir(self, job_id: str) -> Path:
-        if not job_id or "/" in job_id or job_id.startswith("."):
-            raise HPCServerlessError(f"invalid job id {job_id!r}")
-        d = self.root / job_id
-        if not (d / "record.json").exists():
-            raise JobNotFoundError(f"no job {job_id!r} on provider '{self.provider.name}' "
-                                   f"(looked in {self.root})", job_id=job_id, where=str(self.root))
-        return d
+        self.dirs = JobDirs(str(root), provider.name)
 
     def run(self, program: Program, arguments: Mapping[str, Any] | None) -> Job:
         if not isinstance(program, Program):
@@ -55,14 +46,8 @@ class LocalJobs:
         self.provider.check_target(program.resources)
         _check_dependencies(program)
         job_id = new_job_id(self.provider.name)
-        d = self.root / job_id
-        d.mkdir(mode=0o700, parents=True)
-        store = ObjectStore(d)
-        store.put(dict(arguments or {}), ARGUMENTS_KEY, what="the program's arguments")
-        shutil.copytree(wd, d / "workdir", symlinks=True)
-        record = {"job_id": job_id, "title": program.title, "description": program.description,
-                  "entrypoint": program.entrypoint, "provider": self.provider.name,
-                  "created": time.time(), "target": program.resources.as_dict()}
+        record = new_record(job_id, program, self.provider.name, time.time())
+        d = Path(self.dirs.stage(job_id, record, arguments, str(wd)))
         env = dict(os.environ)
         env.update(program.env_vars or {})
         env.update(program.resources.env)
@@ -76,34 +61,29 @@ class LocalJobs:
                 cwd=d / "workdir", env=env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
         record["pid"] = proc.pid
-        _write_json(d / "record.json", record)
+        self.dirs.write_record(job_id, record)
         return Job(job_id, self, self.provider.name)
 
     def get(self, job_id: str) -> Job:
-        self._dir(job_id)
+        self.dirs.record(job_id)
         return Job(job_id, self, self.provider.name)
 
     def list(self) -> list[Job]:
-        if not self.root.is_dir():
-            return []
-        ids = sorted((p.name for p in self.root.iterdir() if (p / "record.json").exists()), reverse=True)
-        return [Job(i, self, self.provider.name) for i in ids]
+        return [Job(i, self, self.provider.name) for i in self.dirs.ids()
+                if self.dirs.fs.exists(self.dirs.path(i, "record.json"))]
 
     # JobBackend
     def job_info(self, job_id: str) -> dict[str, Any]:
-        d = self._dir(job_id)
-        record = json.loads((d / "record.json").read_text())
+        record = self.dirs.record(job_id)
         info = {k: record.get(k) for k in ("job_id", "title", "entrypoint", "created", "pid")}
-        exit_file = d / "exit.json"
-        if exit_file.exists():
-            ex = json.loads(exit_file.read_text())
-            info.update(status=ex["status"], state=ex["state"], reason=ex.get("reason", ""),
-                        ended=ex.get("ended"), exit_code=ex.get("exit_code"))
+        ex = self.dirs.exit_record(job_id)
+        if ex is not None:
+            info.update(exit_info(ex))
         elif _alive(record.get("pid")):
             info.update(status=TaskStatus.RUNNING, state="RUNNING", reason="")
-        elif exit_file.exists():  # it finished between the two checks
+        elif self.dirs.exit_record(job_id) is not None:  # it finished between the two checks
             return self.job_info(job_id)
-        elif (d / "stop-requested").exists():  # stopped before its runner could record it
+        elif self.dirs.stop_requested(job_id):  # stopped before its runner could record it
             info.update(status=TaskStatus.STOPPED, state="CANCELLED", reason="stopped by the user")
         else:
             info.update(status=TaskStatus.FAILED, state="LOST",
@@ -112,21 +92,20 @@ class LocalJobs:
         return info
 
     def job_logs(self, job_id: str) -> str:
-        return (self._dir(job_id) / "output.log").read_text(errors="replace")
+        self.dirs.record(job_id)
+        return self.dirs.logs(job_id)
 
     def job_result(self, job_id: str) -> Any:
-        d = self._dir(job_id)
-        if not (d / RESULT_KEY).exists():
-            return None
-        return ObjectStore(d).get(RESULT_KEY)
+        self.dirs.record(job_id)
+        return self.dirs.result(job_id)
 
     def job_stop(self, job_id: str) -> bool:
-        d = self._dir(job_id)
-        record = json.loads((d / "record.json").read_text())
+        record = self.dirs.record(job_id)
+        d = Path(self.dirs.path(job_id))
         pid = record.get("pid")
-        if (d / "exit.json").exists() or not _alive(pid):
+        if not isinstance(pid, int) or (d / "exit.json").exists() or not _alive(pid):
             return False
-        (d / "stop-requested").touch()
+        self.dirs.mark_stopped(job_id)
         try:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:

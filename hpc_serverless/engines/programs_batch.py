@@ -8,17 +8,16 @@ with the job id alone.
 
 from __future__ import annotations
 
-import json
 import posixpath
-import shutil
 import time
 from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
-from hpc_serverless.core.errors import HPCServerlessError, JobNotFoundError, ProgramError, SchedulerError
-from hpc_serverless.core.jobs import ARGUMENTS_KEY, JOB_DIR_ENV, RESULT_KEY, Job, Program, new_job_id
+from hpc_serverless.core.errors import ProgramError, SchedulerError
+from hpc_serverless.core.jobs import JOB_DIR_ENV, Job, Program, new_job_id
 from hpc_serverless.core.launch import module_argv
 from hpc_serverless.core.refs import TaskStatus
 from hpc_serverless.core.store import ObjectStore
+from hpc_serverless.engines.job_dirs import JobDirs, exit_info, new_record
 
 if TYPE_CHECKING:
     from hpc_serverless.adapters.schedulers.base import Scheduler
@@ -65,33 +64,18 @@ class BatchJobs:
         self.provider = provider
         self.fs = provider.fs
         self.root = posixpath.join(str(provider.site.storage_path), "programs")
-
-    def _dir(self, job_id: str) -> str:
-        if not job_id or "/" in job_id or job_id.startswith(".") or "\n" in job_id:
-            raise HPCServerlessError(f"invalid job id {job_id!r}")
-        return posixpath.join(self.root, job_id)
-
-    def _record(self, job_id: str) -> dict[str, Any]:
-        try:
-            return dict(json.loads(self.fs.read_bytes(posixpath.join(self._dir(job_id), "record.json"))))
-        except FileNotFoundError:
-            where = self.where()
-            raise JobNotFoundError(f"no job {job_id!r} on provider '{self.provider.name}' "
-                                   f"(looked in {where})", job_id=job_id, where=where) from None
+        host = provider.site.host
+        self.dirs = JobDirs(self.root, provider.name, self.fs, where=f"{host}:{self.root}" if host else self.root)
 
     def where(self) -> str:
         """Where the job records are, as a user would look for them."""
-        host = self.provider.site.host
-        return f"{host}:{self.root}" if host else self.root
-
-    def _write_record(self, job_dir: str, record: Mapping[str, Any]) -> None:
-        self.fs.write_atomic(posixpath.join(job_dir, "record.json"), json.dumps(record, indent=1).encode())
+        return self.dirs.where
 
     # -- submit -------------------------------------------------------------------------------
     def render(self, program: Program, job_id: str) -> str:
         provider = self.provider
         target = provider.effective_target(program.resources)
-        job_dir = self._dir(job_id)
+        job_dir = self.dirs.path(job_id)
         env = {**dict(program.env_vars or {}), **dict(target.env), JOB_DIR_ENV: job_dir,
                "HPC_SERVERLESS_STORE": str(provider.store.root), "PYTHONUNBUFFERED": "1"}
         return provider.scheduler.program_script(
@@ -108,18 +92,11 @@ class BatchJobs:
         wd = program.check()  # before anything is written or submitted
         self.provider.check_target(program.resources)
         job_id = new_job_id(name or self.provider.name)
-        job_dir = self._dir(job_id)
         script = self.render(program, job_id)
-        self.fs.makedirs(job_dir, 0o700)
-        record: dict[str, Any] = {
-            "job_id": job_id, "title": program.title, "description": program.description,
-            "entrypoint": program.entrypoint, "provider": self.provider.name,
-            "site": self.provider.site.name, "created": time.time(),
-            "target": program.resources.as_dict(), "dependencies": list(program.dependencies or []),
-            "scheduler": self.provider.scheduler.name, "scheduler_job_id": None}
-        self._write_record(job_dir, record)
-        ObjectStore(job_dir).put(dict(arguments or {}), ARGUMENTS_KEY, what="the program's arguments")
-        shutil.copytree(wd, posixpath.join(job_dir, "workdir"), symlinks=True, dirs_exist_ok=True)
+        record = new_record(job_id, program, self.provider.name, time.time(), site=self.provider.site.name,
+                            dependencies=list(program.dependencies or []),
+                            scheduler=self.provider.scheduler.name, scheduler_job_id=None)
+        job_dir = self.dirs.stage(job_id, record, arguments, str(wd))
         script_path = posixpath.join(job_dir, "job.sh")
         self.fs.write_atomic(script_path, script.encode(), mode=0o700)
         try:
@@ -127,35 +104,28 @@ class BatchJobs:
                 script_path, self.provider.effective_target(program.resources), program.title)
         except SchedulerError as exc:
             record["refused"] = str(exc)
-            self._write_record(job_dir, record)
+            self.dirs.write_record(job_id, record)
             raise
-        self._write_record(job_dir, record)
+        self.dirs.write_record(job_id, record)
         return Job(job_id, self, self.provider.name)
 
     def get(self, job_id: str) -> Job:
-        self._record(job_id)
+        self.dirs.record(job_id)
         return Job(job_id, self, self.provider.name)
 
     def list(self) -> list[Job]:
-        try:
-            names = self.fs.listdir(self.root)
-        except FileNotFoundError:
-            return []
-        return [Job(n, self, self.provider.name) for n in sorted(names, reverse=True) if not n.startswith(".")]
+        return [Job(n, self, self.provider.name) for n in self.dirs.ids()]
 
     # -- JobBackend ---------------------------------------------------------------------------------
     def job_info(self, job_id: str) -> dict[str, Any]:
-        record = self._record(job_id)
-        job_dir = self._dir(job_id)
+        record = self.dirs.record(job_id)
+        job_dir = self.dirs.path(job_id)
         info: dict[str, Any] = {k: record.get(k) for k in ("job_id", "title", "entrypoint", "created",
                                                           "scheduler_job_id")}
         if record.get("refused"):
             info.update(status=TaskStatus.FAILED, state="REFUSED", reason=record["refused"])
             return info
-        try:
-            ex = json.loads(self.fs.read_bytes(posixpath.join(job_dir, "exit.json")))
-        except FileNotFoundError:
-            ex = None
+        ex = self.dirs.exit_record(job_id)
         sid = record.get("scheduler_job_id")
         if ex is not None and sid and _killed_from_outside(ex):
             # the runner saw its program killed by a signal nobody asked for through stop():
@@ -176,8 +146,7 @@ class BatchJobs:
                                    "scheduler's word on why")
                 return info
         if ex is not None:
-            info.update(status=ex["status"], state=ex["state"], reason=ex.get("reason", ""),
-                        exit_code=ex.get("exit_code"), ended=ex.get("ended"))
+            info.update(exit_info(ex))
             return info
         state = self.provider.backend.job_states([sid])[sid] if sid else None
         if state is None:
@@ -191,34 +160,27 @@ class BatchJobs:
             # ended without the runner's exit record: time limit, memory, cancel, node failure
             from hpc_serverless.adapters.schedulers.slurm import FAILURE_TEXT
 
-            try:  # the runner may have written it just now
-                ex = json.loads(self.fs.read_bytes(posixpath.join(job_dir, "exit.json")))
-                info.update(status=ex["status"], state=ex["state"], reason=ex.get("reason", ""))
+            ex = self.dirs.exit_record(job_id)  # the runner may have written it just now
+            if ex is not None:
+                info.update(exit_info(ex))
                 return info
-            except FileNotFoundError:
-                pass
-            stopped = self.fs.exists(posixpath.join(job_dir, "stop-requested")) or state.state == "CANCELLED"
+            stopped = self.dirs.stop_requested(job_id) or state.state == "CANCELLED"
             info.update(status=TaskStatus.STOPPED if stopped else TaskStatus.FAILED, state=state.state,
                         reason=state.reason or FAILURE_TEXT.get(state.state, state.state.lower()),
                         exit_code=state.exit_code)
         return info
 
     def job_logs(self, job_id: str) -> str:
-        try:
-            return self.fs.read_bytes(posixpath.join(self._dir(job_id), "output.log")).decode(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return self.dirs.logs(job_id)
 
     def job_result(self, job_id: str) -> Any:
-        store = ObjectStore(self._dir(job_id))
-        return store.get(RESULT_KEY) if store.exists(RESULT_KEY) else None
+        return self.dirs.result(job_id)
 
     def job_stop(self, job_id: str) -> bool:
-        record = self._record(job_id)
+        record = self.dirs.record(job_id)
         info = self.job_info(job_id)
         if info["status"] in TaskStatus.FINAL or not record.get("scheduler_job_id"):
             return False
-        job_dir = self._dir(job_id)
-        self.fs.write_atomic(posixpath.join(job_dir, "stop-requested"), b"")
+        self.dirs.mark_stopped(job_id)
         self.provider.scheduler.cancel([record["scheduler_job_id"]])
         return True
