@@ -22,8 +22,11 @@ import pytest
 
 paramiko = pytest.importorskip("paramiko")
 
-from hpc_serverless.adapters.transport import LocalTransport, connect  # noqa: E402
-from hpc_serverless.adapters.transport import ssh as ssh_mod  # noqa: E402
+from hpc_serverless.adapters.transport import (  # noqa: E402
+    LocalTransport,
+    connect,
+    ssh_paramiko,
+)
 from hpc_serverless.adapters.transport.ssh import SSHTransport  # noqa: E402
 from hpc_serverless.config.site import site_from_mapping  # noqa: E402
 from hpc_serverless.core.errors import (  # noqa: E402
@@ -514,6 +517,6 @@ def test_paramiko_is_optional(monkeypatch) -> None:
     out = subprocess.run([sys.executable, "-c", "import sys, hpc_serverless, hpc_serverless.adapters.transport; "
                           "assert 'paramiko' not in sys.modules"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    monkeypatch.setattr(ssh_mod, "paramiko", None)
+    monkeypatch.setattr(ssh_paramiko, "paramiko", None)
     with pytest.raises(ConfigError, match=re.escape("pip install 'hpc-serverless[ssh]'")):
         SSHTransport(HOST)
