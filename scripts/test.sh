@@ -9,7 +9,8 @@
 # The test environment (.venv) holds the exact versions of requirements/test.lock, so CI
 # tests what was tested. `bash scripts/test.sh --latest` runs the suite against the newest
 # releases that pyproject.toml allows instead, in .venv-latest, to catch drift on purpose.
-# Other arguments go to pytest (e.g. `bash scripts/test.sh -k local -x`).
+# Other arguments go to pytest (e.g. `bash scripts/test.sh -k local -x`, or
+# `bash scripts/test.sh tests/unit -q` to run only the files or folders named).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/venv.sh
@@ -71,5 +72,10 @@ export HPC_SERVERLESS_TEST_DEPS=$mode   # tests/unit/test_tooling.py checks the 
 echo "setup took $((SECONDS - T0)) s ($mode versions in $venv)"
 run_as=()
 [[ -n $client ]] && run_as=(runuser -u "$client" --)
+# the whole suite, unless the arguments name test files or folders (tests/unit, file::test)
+where=(tests)
+for arg in ${args[@]+"${args[@]}"}; do
+    if [[ $arg != -* && -e ${arg%%::*} ]]; then where=(); break; fi
+done
 # -p no:cacheprovider: the client may not write into the checkout
-exec ${run_as[@]+"${run_as[@]}"} "$venv/bin/python" -m pytest -p no:cacheprovider tests ${args[@]+"${args[@]}"}
+exec ${run_as[@]+"${run_as[@]}"} "$venv/bin/python" -m pytest -p no:cacheprovider ${where[@]+"${where[@]}"} ${args[@]+"${args[@]}"}
