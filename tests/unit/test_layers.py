@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engines", ("engines",)),
     ("providers", ("providers",)),
     ("api", ("api", "programs", "errors", "__init__")),
-    ("entry points", ("cli", "agent")),
+    ("entry points", ("cli", "agent", "agent_daemon")),
 ]
 
 
