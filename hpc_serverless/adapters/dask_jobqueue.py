@@ -15,6 +15,10 @@ expected signatures, and pyproject.toml pins ``dask-jobqueue<0.10`` because of t
   for :meth:`TaskRef.info`, read by :func:`task_states` on the scheduler's own event loop
   through the public ``Client.run_on_scheduler`` (never from another thread).
 
+Not a private name, but a workaround kept here too: dask_jobqueue's import sets a SIGINT
+handler; :func:`import_jobqueue` restores the previous one (and, outside the main thread,
+where none can be set, keeps ``signal.signal`` from acting for the import's duration).
+
 Everything else the engine uses is public: the cluster classes and their keywords,
 ``Cluster.scheduler_info`` (the connected workers, kept up to date by the cluster),
 ``Client.map``, futures and their ``status``, ``Client.subscribe_topic``.
@@ -29,8 +33,6 @@ import signal
 import sys
 import threading
 from typing import TYPE_CHECKING, Any, Iterable, Protocol
-
-from hpc_serverless.core.errors import HPCServerlessError
 
 if TYPE_CHECKING:
     from hpc_serverless.adapters.transport.base import Transport
@@ -49,24 +51,34 @@ _IMPORT_LOCK = threading.Lock()
 def import_jobqueue() -> Any:
     """dask_jobqueue, imported without letting it keep its SIGINT handler.
 
-    Its ``runner`` module sets one at import (SIGINT exits the process), which replaces the
-    user's Ctrl-C handling and raises ValueError outside the main thread. So the import
-    happens in the main thread (the pilot provider's constructor calls this), and the
-    previous handler is put back right after.
+    Its ``runner`` module sets one at import (SIGINT exits the process), which would replace
+    the user's Ctrl-C handling, and which raises ValueError outside the main thread. In the
+    main thread (the pilot engine imports it when it starts, in the caller's thread) the
+    previous handler is put back right after. Elsewhere (an agent's request thread) no
+    handler can be set at all: there, and only for the import, ``signal.signal`` leaves the
+    handler as it is.
     """
     with _IMPORT_LOCK:
         if "dask_jobqueue" in sys.modules:
             return sys.modules["dask_jobqueue"]
-        if threading.current_thread() is not threading.main_thread():
-            raise HPCServerlessError("pilot mode imports dask-jobqueue, which sets a signal handler: "
-                                     "create the pilot provider in the main thread (or import "
-                                     "dask_jobqueue there first)")
-        previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            try:
+                import dask_jobqueue
+            finally:
+                if previous is not None:  # None: a handler not set from Python
+                    signal.signal(signal.SIGINT, previous)
+            return dask_jobqueue
+        real = signal.signal
+
+        def keep(signum: Any, handler: Any) -> Any:
+            return signal.getsignal(signum)
+
+        signal.signal = keep  # type: ignore[assignment]
         try:
             import dask_jobqueue
         finally:
-            if previous is not None:  # None: a handler not set from Python, nothing to restore
-                signal.signal(signal.SIGINT, previous)
+            signal.signal = real
         return dask_jobqueue
 
 

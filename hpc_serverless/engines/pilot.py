@@ -161,7 +161,6 @@ class PilotBackend:
         #: the site's scheduler commands (poll and cancel the pilot jobs)
         self.scheduler = scheduler
         self.shape = worker_shape(site)
-        import_jobqueue()  # here, in the constructor's (main) thread: see its docstring
         self.script_dir = str(self.site.storage_path / "pilot" / "scripts")
         self.key = f"pilot:{self.site.name}:{secrets.token_hex(6)}"
         self._lock = threading.RLock()
@@ -190,6 +189,7 @@ class PilotBackend:
         (raises what the keeper found wrong, or GetTimeoutError)."""
         with self._lock:
             if not self._threads:
+                import_jobqueue()  # in the caller's thread, usually the main one: see its docstring
                 for target, name in ((self._flusher, "flush"), (self._collector, "collect"),
                                      (self._keeper, "keep")):
                     th = threading.Thread(target=target, name=f"hpcs-pilot-{name}-{self.site.name}", daemon=True)
