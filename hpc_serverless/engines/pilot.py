@@ -25,6 +25,10 @@ How a call travels::
     keeper thread      replaces pilot jobs that ended (walltime retirement, scancel,
                        node failure) and reports workers that never connect
 
+Size: ~740 lines, of which ~95 are this docstring; the rest is one class whose three
+threads share one lock and one set of calls (the job bookkeeping is in pilot_jobs.py). A
+further cut (submission and collection apart) is the next step, not done yet.
+
 Modules: the worker side is :mod:`hpc_serverless.runtime.pilot_worker`, the jobs' shape
 and dask-jobqueue keywords :mod:`hpc_serverless.engines.pilot_cluster`, the private hooks
 of dask-jobqueue :mod:`hpc_serverless.adapters.dask_jobqueue`.
