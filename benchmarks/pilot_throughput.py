@@ -35,8 +35,8 @@ from typing import Any
 
 from hpc_serverless import QuantumServerless, SlurmProvider, distribute_task, get, wait
 from hpc_serverless.config.site import load_site
-from hpc_serverless.engines.pilot import PilotProvider
 from hpc_serverless.providers.batch import BatchProvider
+from hpc_serverless.providers.pilot import PilotProvider
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -178,7 +178,7 @@ def start_jobqueue() -> tuple[Any, Any, float]:
     from dask_jobqueue import SLURMCluster
 
     from hpc_serverless.config.site import load_site
-    from hpc_serverless.engines.pilot import worker_shape
+    from hpc_serverless.engines.pilot_cluster import worker_shape
 
     site = load_site(str(PILOT_SITE))
     shape = worker_shape(site)
@@ -237,7 +237,7 @@ def section_cluster(p: dict[str, Any], job_cap: int, log: Callable[[str], None])
 
     from hpc_serverless import SlurmProvider
     from hpc_serverless.config.site import load_site
-    from hpc_serverless.engines.pilot import PilotProvider
+    from hpc_serverless.providers.pilot import PilotProvider
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     for m in (pilot_throughput, slurm_throughput):

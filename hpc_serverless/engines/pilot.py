@@ -1,6 +1,8 @@
 """High-throughput mode: many small tasks through a few pilot jobs (dask-jobqueue).
 
-A site with ``mode: pilot`` gets a :class:`PilotProvider`. Instead of one scheduler job
+The engine of pilot mode: the dask client and cluster, and the three threads below. A
+site with ``mode: pilot`` gets a :class:`~hpc_serverless.providers.pilot.PilotProvider`,
+which owns one :class:`PilotBackend`. Instead of one scheduler job
 per task (or per array element), it keeps a handful of batch jobs running, each a dask
 worker started by dask-jobqueue (``SLURMCluster`` or ``PBSCluster``) and connected to a
 dask scheduler that lives in this process. Tasks go to those workers; the scheduler
@@ -16,11 +18,20 @@ How a call travels::
                        into chunks of up to `max_chunk` calls and sent with ONE
                        client.map per resource shape; calls that wait for other tasks
                        get the upstream dask futures as arguments (so dask orders them)
-    dask worker        _run_calls(): each call through calls.execute; (ok, payload)
+    dask worker        runtime.pilot_worker.run_calls(): each call through
+                       calls.execute; (ok, payload)
     collector thread   done futures gathered in batches into this process; the futures
                        are then released, so a worker that dies later loses nothing
     keeper thread      replaces pilot jobs that ended (walltime retirement, scancel,
                        node failure) and reports workers that never connect
+
+Size: ~740 lines, of which ~95 are this docstring; the rest is one class whose three
+threads share one lock and one set of calls (the job bookkeeping is in pilot_jobs.py). A
+further cut (submission and collection apart) is the next step, not done yet.
+
+Modules: the worker side is :mod:`hpc_serverless.runtime.pilot_worker`, the jobs' shape
+and dask-jobqueue keywords :mod:`hpc_serverless.engines.pilot_cluster`, the private hooks
+of dask-jobqueue :mod:`hpc_serverless.adapters.dask_jobqueue`.
 
 Resources: each dask worker process is started with the resources
 ``{"cpu": cores, "mem": MiB}`` of its share of the job, and each dask task asks for the
@@ -72,46 +83,45 @@ it); the laptop's client sends calls and polls results through the agent, and pi
 live as long as that agent does.
 """
 
+
 from __future__ import annotations
 
-import asyncio
 import atexit
 import importlib.util
 import logging
-import os
-import platform
 import queue
 import secrets
-import shlex
 import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from hpc_serverless.core.calls import find_task_refs, pack_arguments
+from hpc_serverless.adapters.dask_jobqueue import import_jobqueue, job_class, task_states
+from hpc_serverless.core.deadline import Deadline, split_done
 from hpc_serverless.core.errors import (
     ConfigError,
     DependencyError,
     GetTimeoutError,
     HPCServerlessError,
-    ResourceError,
-    SchedulerError,
     TaskCancelledError,
     WorkerDiedError,
+    upstream_failed,
 )
-from hpc_serverless.core.launch import GUARD
 from hpc_serverless.core.refs import TaskRef, TaskStatus, register_backend
 from hpc_serverless.core.serialization import loads, unpack_exception
-from hpc_serverless.core.target import Target, format_hms
-from hpc_serverless.providers.batch import BatchProvider
+from hpc_serverless.core.target import Target
+from hpc_serverless.engines.pilot_cluster import WorkerShape, pilot_cluster_kwargs, worker_shape
+from hpc_serverless.engines.pilot_jobs import PilotJobs
+from hpc_serverless.runtime.pilot_worker import STARTED_TOPIC, run_calls
 from hpc_serverless.runtime.worker import result_key
 
 if TYPE_CHECKING:
+    from hpc_serverless.adapters.schedulers.base import Scheduler
     from hpc_serverless.adapters.transport.base import Transport
     from hpc_serverless.config.site import Site
-    from hpc_serverless.core.calls import TaskFunction
+    from hpc_serverless.core.fs import LocalFS
+    from hpc_serverless.core.store import ObjectStore
 
-__all__ = ["PilotProvider", "PilotBackend", "pilot_cluster_kwargs"]
+__all__ = ["PilotBackend", "WorkerShape", "pilot_cluster_kwargs", "worker_shape"]
 
 log = logging.getLogger("hpc_serverless")
 
@@ -123,227 +133,6 @@ FLUSH_MAX_S = 0.05
 CHUNKS_PER_THREAD = 8
 #: how often the keeper looks at the pilot jobs
 KEEPER_INTERVAL_S = 1.0
-
-
-# -- worker side ----------------------------------------------------------------------------------
-_FUNCTIONS: dict[str, Any] = {}
-#: the event a chunk sends when it starts (so a TaskRef says RUNNING only when it runs)
-STARTED_TOPIC = "hpc-serverless-pilot-started"
-_JOB_ID = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID") or ""
-_HOST = platform.node()
-
-
-def _dep_value(store_root: str, dep_id: str, dep_name: str, outcome: tuple[Any, ...]) -> Any:
-    ok, payload, _job = outcome
-    if payload is None:  # stored: too big for a dask message
-        from hpc_serverless.core.store import ObjectStore
-
-        ok, payload, _info = ObjectStore(store_root).get(result_key(dep_id))
-    if not ok:
-        cause = unpack_exception(payload)
-        raise DependencyError(f"upstream task {dep_name}#{dep_id} failed with "
-                              f"{type(cause).__name__}: {cause}") from cause
-    return loads(payload)
-
-
-def _run_calls(calls: list[tuple[Any, ...]], upstream: list[list[tuple[Any, ...]]],
-               store_root: str, inline_limit: int) -> list[tuple[Any, ...]]:
-    """Run a chunk of calls on a dask worker; one (ok, payload or None, job id) per call.
-
-    A call is (task_id, name, fn_key, fn_bytes, args, env, deps): `args` is the pickled
-    (args, kwargs) or, if large, the store key holding them; each dep is
-    (task_id, name, (i, pos)) for position `pos` of `upstream[i]`, or (task_id, name, outcome)
-    when the client already had the upstream result. A payload of None means: in the store.
-    """
-    from hpc_serverless.core.calls import execute
-    from hpc_serverless.core.serialization import pack_exception
-    from hpc_serverless.core.store import ObjectStore
-
-    try:
-        from distributed import get_worker
-
-        w = get_worker()
-        w.log_event(STARTED_TOPIC, {"key": w.get_current_task(), "job": _JOB_ID})
-    except Exception:  # noqa: BLE001 - only the RUNNING status depends on it
-        pass
-    out: list[tuple[Any, ...]] = []
-    for task_id, name, fn_key, fn_bytes, args, env, deps in calls:
-        try:
-            fn = _FUNCTIONS.get(fn_key)
-            if fn is None:
-                fn = _FUNCTIONS[fn_key] = loads(fn_bytes)
-            if isinstance(args, str):
-                args = ObjectStore(store_root).read_parts(args)[0]
-            values = {}
-            for dep_id, dep_name, src in deps:
-                outcome = upstream[src[0]][src[1]] if len(src) == 2 else src
-                values[dep_id] = _dep_value(store_root, dep_id, dep_name, outcome)
-        except BaseException as exc:  # noqa: BLE001 - the call's failure, reported to the caller
-            ok, payload = False, pack_exception(exc)
-        else:
-            ok, payload = execute(fn, args, values, env)
-        if len(payload) > inline_limit:
-            info = {"host": _HOST, "job_id": _JOB_ID, "ended": time.time()}
-            ObjectStore(store_root).put((ok, payload, info), result_key(task_id), what=f"the result of {name}",
-                                        overwrite=True, meta={"ok": ok})
-            out.append((ok, None, _JOB_ID))
-        else:
-            out.append((ok, payload, _JOB_ID))
-    return out
-
-
-_IMPORT_LOCK = threading.Lock()
-
-
-def _import_jobqueue() -> Any:
-    """dask_jobqueue, imported without letting it replace this process's SIGINT handler
-    (its runner module installs one at import, which also fails outside the main thread)."""
-    import signal
-    import sys
-
-    with _IMPORT_LOCK:
-        if "dask_jobqueue" in sys.modules:
-            return sys.modules["dask_jobqueue"]
-        real = signal.signal
-
-        def keep(signum: Any, handler: Any) -> Any:
-            return signal.getsignal(signum)
-
-        signal.signal = keep  # type: ignore[assignment]
-        try:
-            import dask_jobqueue
-        finally:
-            signal.signal = real
-        return dask_jobqueue
-
-
-# -- the pilot jobs ---------------------------------------------------------------------------------
-def _job_name(site: Site) -> str:
-    import re
-
-    return ("hpcs-pilot-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", site.name))[:40]
-
-
-@dataclass(frozen=True)
-class WorkerShape:
-    """What one pilot job is and what each of its dask worker processes offers."""
-
-    target: Target          # the job's own target (site defaults merged in)
-    processes: int
-    cores: int              # per worker process
-    mem_mib: int            # per worker process
-    lifetime: float | None  # seconds, before --lifetime-stagger
-    stagger: float
-
-
-def worker_shape(site: Site) -> WorkerShape:
-    p = site.pilot
-    target = Target.of(p.target).merged_over(site.defaults)
-    if target.mpi > 1 or target.nodes > 1:
-        raise ConfigError("pilot jobs are one dask worker job on one node: no 'mpi' or 'nodes'",
-                          file=site.source, key="pilot.target")
-    if not target.mem_mib:
-        raise ConfigError("pilot jobs need a memory size: set pilot.target.mem (or defaults.mem)",
-                          file=site.source, key="pilot.target")
-    if target.cpu % p.processes:
-        raise ConfigError(f"pilot.processes={p.processes} does not divide the job's cpu={target.cpu}",
-                          file=site.source, key="pilot.processes")
-    lifetime = p.lifetime
-    stagger = p.lifetime_stagger
-    if lifetime is None and target.time_s:
-        budget = target.time_s - p.walltime_margin
-        if budget <= 0:
-            raise ConfigError(f"the pilot jobs' time ({target.time_s} s) leaves nothing after "
-                              f"walltime_margin={p.walltime_margin:g} s", file=site.source,
-                              key="pilot.walltime_margin")
-        if stagger is None:
-            stagger = min(60.0, 0.05 * budget)
-        lifetime = budget - stagger  # the latest retirement is then time - margin
-    return WorkerShape(target, p.processes, target.cpu // p.processes, target.mem_mib // p.processes,
-                       lifetime, stagger or 0.0)
-
-
-def pilot_cluster_kwargs(site: Site, store_root: str, shape: WorkerShape | None = None) -> dict[str, Any]:
-    """The SLURMCluster / PBSCluster keywords for a site (pure: no cluster is started)."""
-    from hpc_serverless.adapters.jobscript import export_lines
-
-    shape = shape or worker_shape(site)
-    p, t = site.pilot, shape.target
-    logs = str(site.storage_path / "pilot" / "logs")
-    env = {**site.env, **t.env, "HPC_SERVERLESS_STORE": store_root}
-    extra_args = ["--resources", f"cpu={shape.cores},mem={shape.mem_mib}"]
-    if shape.lifetime is not None:
-        extra_args += ["--lifetime", f"{int(shape.lifetime)}s",
-                       "--lifetime-stagger", f"{int(shape.stagger)}s"]
-    kw: dict[str, Any] = {
-        "cores": t.cpu, "processes": shape.processes, "memory": f"{t.mem_mib}MiB",
-        # dask-jobqueue appends "-m distributed.cli.dask_worker": it runs behind our guard
-        "python": f"{shlex.quote(site.python)} -c {shlex.quote(GUARD)}", "job_name": _job_name(site),
-        "job_script_prologue": [*site.setup, export_lines(env)],
-        "worker_extra_args": extra_args,
-        "death_timeout": int(p.connect_timeout),
-        "walltime": format_hms(t.time_s) if t.time_s else None,
-        "queue": t.partition, "account": t.account,
-        "interface": p.interface,
-        "scheduler_options": {"dashboard_address": ":0", **p.scheduler_options},
-    }
-    if site.scheduler == "slurm":
-        from hpc_serverless.adapters.schedulers import slurm as S
-
-        opts = S.sbatch_options(t, directives=site.directives)
-        own = {"nodes", "ntasks-per-node", "cpus-per-task", "time", "mem", "partition", "account"}
-        opts = {k: v for k, v in opts.items() if k not in own}
-        opts["output"] = f"{logs}/%x-%j.log"
-        kw["job_extra_directives"] = [line.removeprefix("#SBATCH ") for line in S.directive_lines(opts)]
-    else:
-        from hpc_serverless.adapters.schedulers import pbs as P
-
-        resources = [r for r in P.resource_list(t, site.pbs_flavor) if not r.startswith("walltime=")]
-        extra: list[str] = []
-        for line in site.directives + t.directives:
-            parts = P.parse_directive(line)
-            if parts[0] == "-l" and len(parts) == 2:
-                resources.append(parts[1])
-            else:
-                extra.append(shlex.join(parts))
-        kw["resource_spec"] = ",".join(resources)
-        kw["job_extra_directives"] = [*extra, "-j oe", f"-o {shlex.quote(logs)}/"]
-    return kw
-
-
-def _job_class(base: type, backend: PilotBackend) -> type:
-    """dask-jobqueue's Job for the site's scheduler, its commands run through our transport
-    (counted like every other scheduler command, and over SSH if the site has a host)."""
-
-    class PilotJob(base):  # type: ignore[misc,valid-type]
-        async def _submit_job(self, script_filename: str) -> str:
-            with open(script_filename) as f:
-                text = f.read()
-            path = f"{backend.script_dir}/{self.name}-{secrets.token_hex(4)}.sh"
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, lambda: backend.fs.write_atomic(path, text.encode(), 0o700))
-            try:
-                out: str = await self._call([*shlex.split(self.submit_command), path])
-            except RuntimeError as exc:
-                backend.submit_failed(exc)
-                raise
-            finally:  # the scheduler keeps its own copy
-                await loop.run_in_executor(None, backend.fs.unlink, path)
-            return out
-
-        async def start(self) -> None:
-            await super().start()
-            backend.job_started(str(self.job_id))
-
-        @classmethod
-        async def _call(cls, cmd: list[str], **kwargs: Any) -> str:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(None, lambda: backend.transport.run(cmd))
-            if not result.ok:
-                raise RuntimeError(result.describe())
-            return result.stdout
-
-    return PilotJob
 
 
 # -- the client side ---------------------------------------------------------------------------------
@@ -362,7 +151,7 @@ class _Call:
         self.future: Any = None                       # the dask future of its chunk
         self.pos = 0
         self.submitted = False
-        self.wire_deps: list[tuple[Any, ...]] = []   # deps as _run_calls reads them
+        self.wire_deps: list[tuple[Any, ...]] = []   # deps as run_calls reads them
 
     @property
     def final(self) -> bool:
@@ -372,13 +161,12 @@ class _Call:
 class PilotBackend:
     """TaskRef backend of a pilot provider: the dask client, its cluster, three threads."""
 
-    def __init__(self, provider: PilotProvider) -> None:
-        self.provider = provider
-        self.site = provider.site
-        self.store = provider.store
-        self.transport = provider.transport
-        self.fs = provider.fs
-        self.shape = worker_shape(self.site)
+    def __init__(self, site: Site, store: ObjectStore, transport: Transport, fs: LocalFS,
+                 scheduler: Scheduler) -> None:
+        self.site, self.store, self.transport, self.fs = site, store, transport, fs
+        #: the site's scheduler commands (poll and cancel the pilot jobs)
+        self.scheduler = scheduler
+        self.shape = worker_shape(site)
         self.script_dir = str(self.site.storage_path / "pilot" / "scripts")
         self.key = f"pilot:{self.site.name}:{secrets.token_hex(6)}"
         self._lock = threading.RLock()
@@ -390,6 +178,7 @@ class PilotBackend:
         self._done: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._chunks: dict[str, list[_Call]] = {}
         self._running: dict[str, str] = {}      # chunk key -> pilot job, once it started
+        self._running_on: dict[str, str] = {}   # chunk key -> the worker running it
         self._threads: list[threading.Thread] = []
         self._work = threading.Event()
         self._closed = False
@@ -397,11 +186,7 @@ class PilotBackend:
         self._started = threading.Event()
         self.cluster: Any = None
         self.client: Any = None
-        self.jobs: list[str] = []                # every pilot job submitted, in order
-        self._job_seen: dict[str, tuple[str, float]] = {}  # job -> (status, since)
-        self._submit_errors: list[BaseException] = []
-        self.connected_once = False
-        self.max_workers_seen = 0
+        self.pilot_jobs = PilotJobs(site, scheduler, fs)
         register_backend(self)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -410,6 +195,7 @@ class PilotBackend:
         (raises what the keeper found wrong, or GetTimeoutError)."""
         with self._lock:
             if not self._threads:
+                import_jobqueue()  # in the caller's thread, usually the main one: see its docstring
                 for target, name in ((self._flusher, "flush"), (self._collector, "collect"),
                                      (self._keeper, "keep")):
                     th = threading.Thread(target=target, name=f"hpcs-pilot-{name}-{self.site.name}", daemon=True)
@@ -418,22 +204,21 @@ class PilotBackend:
                 atexit.register(self.close)
         if not wait:
             return
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         with self._lock:
             while not self.connected_once:
                 if self._broken is not None:
                     raise self._broken
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+                if deadline.expired():
                     raise GetTimeoutError(f"no pilot worker of site '{self.site.name}' connected within "
                                           f"{timeout} s (jobs: {', '.join(self.jobs) or 'none yet'})")
-                self._cv.wait(0.2 if remaining is None else min(0.2, remaining))
+                self._cv.wait(deadline.cap(0.2))
 
     def _start_cluster(self) -> None:
         import dask
         from distributed import Client
 
-        jobqueue = _import_jobqueue()
+        jobqueue = import_jobqueue()
         Cluster = jobqueue.SLURMCluster if self.site.scheduler == "slurm" else jobqueue.PBSCluster
         self.fs.makedirs(self.script_dir, 0o700)
         self.fs.makedirs(str(self.site.storage_path / "pilot" / "logs"), 0o700)
@@ -447,7 +232,7 @@ class PilotBackend:
             kw["shared_temp_directory"] = str(self.site.storage_path / "pilot")
         # a worker that left is replaced after this long (dask's default waits 15 s)
         dask.config.set({"distributed.deploy.lost-worker-timeout": "2s"})
-        job_cls = _job_class(Cluster.job_cls, self)
+        job_cls = job_class(Cluster.job_cls, self)
         cluster = Cluster(job_cls=job_cls, **kw)
         p = self.site.pilot
         if p.adaptive_max is not None:
@@ -462,7 +247,9 @@ class PilotBackend:
     def _on_started(self, event: tuple[float, dict[str, str]]) -> None:
         """(The client's event loop.) A chunk started on a worker."""
         msg = event[1]  # (it may come before the flusher has filed the chunk's future)
-        self._running[msg.get("key", "")] = msg.get("job", "")
+        key = msg.get("key", "")
+        self._running_on[key] = msg.get("worker", "")
+        self._running[key] = msg.get("job", "")
 
     def close(self) -> None:
         """Stop the pilot jobs and the scheduler; pending tasks fail with TaskCancelledError."""
@@ -490,7 +277,7 @@ class PilotBackend:
             log.warning("%s: closing the pilot cluster failed; cancelling its jobs", self.site.name,
                         exc_info=True)
             if self.jobs:
-                self.provider.scheduler.cancel(list(self.jobs))
+                self.scheduler.cancel(list(self.jobs))
         for attr in ("_job_ca_file", "_job_cert", "_job_key"):  # the TLS files for the workers
             f = getattr(cluster, attr, None)
             if f is not None:
@@ -500,6 +287,30 @@ class PilotBackend:
                 th.join(timeout=5)
 
     # -- submission ------------------------------------------------------------------------------
+    def submit_packed(self, task_id: str, name: str, fn_key: str, fn_bytes: bytes | None, blob: bytes,
+                      deps: Sequence[tuple[str, str, str | None]], target: Target, provider: str) -> TaskRef:
+        """Queue a call whose arguments are pickled already (here, or by a laptop's client
+        through the agent, in whose process the dask scheduler then runs). A call sent
+        twice (a retried request) is queued once; `fn_bytes` may be None for a function
+        sent before. `provider` is the name its TaskRef carries."""
+        with self._lock:
+            known = self._calls.get(task_id)
+            if known is not None:
+                return known.ref
+            if fn_bytes is None:
+                fn_bytes = self.function_bytes.get(fn_key)
+            if fn_bytes is None:
+                raise HPCServerlessError(f"the function of {name}() ({fn_key}) was never sent to this "
+                                         "provider")
+            self.function_bytes[fn_key] = fn_bytes
+        resources = {"cpu": target.cpu}
+        if target.mem_mib:
+            resources["mem"] = target.mem_mib
+        ref = TaskRef(task_id, self.key, provider, name, backend=self)
+        env = dict(target.env) or None
+        self.submit(_Call(ref, name, fn_key, fn_bytes, blob, env, [d[0] for d in deps], resources))
+        return ref
+
     def submit(self, call: _Call) -> None:
         with self._lock:
             if self._closed:
@@ -619,7 +430,7 @@ class PilotBackend:
             for res, groups in ready.items():
                 payload = [[self._wire(c, limit) for c in calls] for calls, _ in groups]
                 keys = [f"hpcs-{secrets.token_hex(8)}" for _ in groups]
-                futures = client.map(_run_calls, payload, [ups for _, ups in groups], key=keys,
+                futures = client.map(run_calls, payload, [ups for _, ups in groups], key=keys,
                                      store_root=root, inline_limit=limit, resources=dict(res), pure=False)
                 with self._lock:
                     for fut, (calls, _) in zip(futures, groups, strict=True):
@@ -646,11 +457,7 @@ class PilotBackend:
                 cause = self._exception_of(up)
             except HPCServerlessError as exc:
                 cause = exc
-        err = DependencyError(f"upstream task {up.name}#{up.ref.task_id} did not succeed"
-                              + (f" ({type(cause).__name__}: {cause})" if cause else "")
-                              + f", so {c.name} did not run")
-        err.__cause__ = cause
-        return err
+        return upstream_failed(f"{up.name}#{up.ref.task_id}", cause, downstream=c.name)
 
     def _exception_of(self, c: _Call) -> BaseException:
         assert c.outcome is not None
@@ -707,6 +514,7 @@ class PilotBackend:
             for f, value, failure in results:
                 calls = self._chunks.pop(f.key, [])
                 self._running.pop(f.key, None)
+                self._running_on.pop(f.key, None)
                 for i, c in enumerate(calls):
                     c.future = None
                     if c.final:
@@ -750,10 +558,9 @@ class PilotBackend:
     # -- the keeper: replace ended jobs, report workers that never connect ------------------------
     def _keeper(self) -> None:
         self._started.wait()
-        next_poll = 0.0
         while not self._closed:
             try:
-                next_poll = self._keep(next_poll)
+                self._keep()
             except Exception:  # noqa: BLE001 - the keeper must outlive one bad look
                 if not self._closed:
                     log.exception("%s: checking the pilot jobs failed", self.site.name)
@@ -762,35 +569,23 @@ class PilotBackend:
                     return
                 self._cv.wait(KEEPER_INTERVAL_S)
 
-    def _keep(self, next_poll: float) -> float:
+    def _keep(self) -> None:
         cluster = self.cluster
         if cluster is None or self._broken is not None:
-            return next_poll
-        workers = len(cluster.scheduler.workers)
-        self.max_workers_seen = max(self.max_workers_seen, workers)
-        if workers and not self.connected_once:
+            return
+        if self.pilot_jobs.saw_workers(len(cluster.scheduler_info["workers"])):
             with self._lock:
-                self.connected_once = True
                 self._cv.notify_all()
-        if self._submit_errors and not self.connected_once:
-            exc = self._submit_errors[-1]
-            self._break(SchedulerError(f"{self.provider.scheduler.name} refused the pilot job of site "
-                                       f"'{self.site.name}': {exc}"))
-            return next_poll
+        refused = self.pilot_jobs.refused()
+        if refused is not None:
+            self._break(refused)
+            return
         # a job whose worker left (walltime retirement, scancel, node failure) was closed by
         # dask-jobqueue and dropped from cluster.workers; ask for the plan again
         cluster.loop.add_callback(self._replan)
-        now = time.monotonic()
-        if self.connected_once or not self.jobs or now < next_poll:
-            return next_poll
-        states = self.provider.scheduler.poll(list(self.jobs))
-        for job_id in self.jobs:
-            st = states.get(job_id)
-            status = st.status if st is not None else ""
-            if status and self._job_seen.get(job_id, ("", 0.0))[0] != status:
-                self._job_seen[job_id] = (status, now)
-        self._check_connect(now)
-        return now + min(self.site.poll_interval, 5.0)
+        unreachable = self.pilot_jobs.unreachable(cluster.scheduler_address)
+        if unreachable is not None:
+            self._break(unreachable)
 
     def _replan(self) -> None:
         """(The cluster's event loop.) Start jobs for planned workers that have none."""
@@ -799,36 +594,6 @@ class PilotBackend:
             return
         if set(cluster.worker_spec) - set(cluster.workers):
             cluster.scale(jobs=len(cluster.worker_spec))
-
-    def _check_connect(self, now: float) -> None:
-        if self.connected_once or self._broken is not None:
-            return
-        timeout = self.site.pilot.connect_timeout
-        running = [j for j, (s, since) in self._job_seen.items()
-                   if s == TaskStatus.RUNNING and now - since >= timeout]
-        ended = [j for j, (s, _) in self._job_seen.items() if s in TaskStatus.FINAL]
-        if not running and not ended:
-            return
-        address = self.cluster.scheduler_address
-        logs = self.site.storage_path / "pilot" / "logs"
-        tail = self._log_tail(ended[0]) if ended else ""
-        what = (f"pilot job(s) {', '.join(running)} have been RUNNING for {timeout:g} s"
-                if running else f"pilot job(s) {', '.join(ended)} ended")
-        self._break(HPCServerlessError(
-            f"site '{self.site.name}': {what}, but no dask worker connected to the scheduler at "
-            f"{address}. Most likely the compute nodes cannot open a connection to this machine "
-            f"(a firewall, or an address on a network the nodes do not route). Set pilot.interface "
-            f"(e.g. ib0) or pilot.scheduler_options.host to an address the nodes can reach, or use "
-            f"mode: jobs. Worker logs: {logs}" + (f"\nlast lines of job {ended[0]}'s log:\n{tail}" if tail else "")))
-
-    def _log_tail(self, job_id: str) -> str:
-        logs = str(self.site.storage_path / "pilot" / "logs")
-        try:
-            name = next(n for n in self.fs.listdir(logs) if job_id in n)
-            text = self.fs.read_bytes(f"{logs}/{name}").decode(errors="replace")
-        except (StopIteration, OSError):
-            return ""
-        return "\n".join(text.strip().splitlines()[-8:])
 
     def _break(self, exc: BaseException) -> None:
         """The pilot cluster cannot work: every pending and future task fails with `exc`."""
@@ -856,13 +621,22 @@ class PilotBackend:
     # -- hooks from the Job class (the cluster's event loop) --------------------------------------------
     def job_started(self, job_id: str) -> None:
         with self._lock:
-            self.jobs.append(job_id)
+            self.pilot_jobs.jobs.append(job_id)
 
     def submit_failed(self, exc: BaseException) -> None:
-        self._submit_errors.append(exc)
+        self.pilot_jobs.submit_errors.append(exc)
+
+    @property
+    def jobs(self) -> list[str]:
+        """Every pilot job submitted, in order."""
+        return self.pilot_jobs.jobs
+
+    @property
+    def connected_once(self) -> bool:
+        return self.pilot_jobs.connected_once
 
     # -- TaskBackend ------------------------------------------------------------------------------------
-    def _call(self, ref: TaskRef) -> _Call:
+    def _call_of(self, ref: TaskRef) -> _Call:
         c = self._calls.get(ref.task_id)
         if c is None:
             raise HPCServerlessError(f"{ref!r} is not a task of this pilot provider (it was submitted "
@@ -871,27 +645,42 @@ class PilotBackend:
 
     def task_status(self, ref: TaskRef) -> str:
         with self._lock:
-            c = self._call(ref)
+            c = self._call_of(ref)
             if c.outcome is not None:
                 return TaskStatus.SUCCEEDED if c.outcome[0] else TaskStatus.FAILED
             if c.error is not None:
                 return TaskStatus.STOPPED if isinstance(c.error, TaskCancelledError) else TaskStatus.FAILED
             fut = c.future
-            if fut is not None and fut.key in self._running and self._dask_state(fut.key) == "processing":
+            if fut is not None and self._runs(fut.key):
                 return TaskStatus.RUNNING
             return TaskStatus.PENDING
 
+    def _runs(self, key: str) -> bool:
+        """A chunk runs from its start event until it is collected, unless the worker that
+        started it has left (dask then runs it again elsewhere: pending until it starts)."""
+        worker = self._running_on.get(key)
+        if worker is None or self.cluster is None:
+            return False
+        return not worker or worker in self.cluster.scheduler_info["workers"]
+
     def _dask_state(self, key: str) -> str:
-        cluster = self.cluster
-        ts = cluster.scheduler.tasks.get(key) if cluster is not None else None
-        return ts.state if ts is not None else ""
+        """The chunk's state in the dask scheduler ('' if it has none, or it cannot say)."""
+        client = self.client
+        if client is None:
+            return ""
+        try:
+            return task_states(client, [key]).get(key, "")
+        except Exception:  # noqa: BLE001 - a diagnostic only
+            log.debug("reading the dask state of %s", key, exc_info=True)
+            return ""
 
     def task_info(self, ref: TaskRef) -> dict[str, Any]:
         status = self.task_status(ref)
         with self._lock:
-            c = self._call(ref)
-            fut = c.future
-            state = self._dask_state(fut.key) if fut is not None else ""
+            fut = self._call_of(ref).future
+        state = self._dask_state(fut.key) if fut is not None else ""  # (a request: not under the lock)
+        with self._lock:
+            c = self._call_of(ref)
             if not state:
                 state = "QUEUED" if not c.submitted else status
             reason = str(c.error) if c.error is not None else ""
@@ -901,7 +690,7 @@ class PilotBackend:
 
     def task_cancel(self, ref: TaskRef) -> bool:
         with self._lock:
-            c = self._call(ref)
+            c = self._call_of(ref)
             if c.final:
                 return False
             c.error = TaskCancelledError(f"task {c.name} was cancelled")
@@ -917,15 +706,13 @@ class PilotBackend:
         return True
 
     def task_result(self, ref: TaskRef, timeout: float | None) -> Any:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         with self._lock:
-            c = self._call(ref)
+            c = self._call_of(ref)
             while not c.final:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise GetTimeoutError(f"{ref!r} did not finish within {timeout} s "
-                                          f"(it is {self.task_status(ref)})")
-                self._cv.wait(remaining)
+                if deadline.expired():
+                    raise deadline.error(repr(ref), self.task_status(ref))
+                self._cv.wait(deadline.remaining())
             error, outcome = c.error, c.outcome
         if error is not None:
             raise error
@@ -939,143 +726,10 @@ class PilotBackend:
 
     def task_wait(self, refs: Sequence[TaskRef], num_returns: int,
                   timeout: float | None) -> tuple[list[TaskRef], list[TaskRef]]:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         with self._lock:
             while True:
-                done = [r for r in refs if self._call(r).final]
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if len(done) >= num_returns or (remaining is not None and remaining <= 0):
-                    ids = {r.task_id for r in done}
-                    return done, [r for r in refs if r.task_id not in ids]
-                self._cv.wait(remaining)
-
-
-class PilotProvider(BatchProvider):
-    """A Slurm or PBS site in pilot mode (``mode: pilot`` in its site file).
-
-    Tasks run in dask workers that dask-jobqueue starts as a few long batch jobs (see the
-    module's docstring); objects, the store and Programs are those of the site's
-    :class:`~hpc_serverless.engines.batch.BatchProvider` (Programs stay batch jobs).
-    ``provider.start(wait=True)`` starts the pilot jobs now and waits for the first worker.
-    """
-
-    def __init__(self, name: str = "cluster", site: str | os.PathLike[str] | Site | Mapping[str, Any] | None = None,
-                 host: str | None = None, username: str | None = None, password: str | None = None,
-                 key_filename: str | None = None, port: int = 22, python: str | None = None,
-                 transport: Transport | None = None) -> None:
-        from hpc_serverless.config.site import Site as SiteModel
-        from hpc_serverless.config.site import load_site, site_from_mapping
-
-        if isinstance(site, (str, os.PathLike)):
-            site = load_site(site)
-        elif isinstance(site, Mapping):
-            site = site_from_mapping(site, name=name)
-        if not isinstance(site, SiteModel):
-            raise ConfigError(f"provider {name!r} needs a site (a site_configs/*.yaml path)")
-        s = self.resolve_site(site.scheduler, name, site, {"host": host, "username": username, "port": port,
-                                                            "key_filename": key_filename, "python": python})
-        if importlib.util.find_spec("dask_jobqueue") is None:
-            raise ConfigError("pilot mode needs dask-jobqueue: pip install 'hpc-serverless[pilot]'",
-                              file=s.source, key="mode")
-        if s.remote:
-            raise ConfigError("pilot mode runs the dask scheduler in this process, which the compute nodes "
-                              "must reach; a site with a 'host' runs it in its agent on the login node: "
-                              "build the provider from the site (QuantumServerless configuration, "
-                              "or SlurmProvider/PBSProvider(host=...)) rather than PilotProvider(host=...)",
-                              file=s.source, key="mode")
-        if transport is None:
-            from hpc_serverless.adapters.transport import connect
-
-            transport = connect(s, password=password)
-        store_root = str(s.storage_path / "store")
-        if s.scheduler == "slurm":
-            from hpc_serverless.providers.slurm import SlurmScheduler
-
-            scheduler: Any = SlurmScheduler(s, transport, store_root)
-        else:
-            from hpc_serverless.providers.pbs import PBSScheduler
-
-            scheduler = PBSScheduler(s, transport, store_root)
-        super().__init__(name, s, transport, scheduler)
-        self.pilot = PilotBackend(self)
-
-    # -- tasks -------------------------------------------------------------------------------------
-    def check_target(self, target: Target) -> None:
-        shape = self.pilot.shape
-        problems = []
-        if target.cpu > shape.cores:
-            problems.append(f"cpu={target.cpu} but each pilot worker has {shape.cores} core(s)")
-        if target.mem_mib and target.mem_mib > shape.mem_mib:
-            problems.append(f"mem={target.mem_mib} MiB but each pilot worker has {shape.mem_mib} MiB")
-        for key in ("gpu", "mpi", "nodes"):
-            if getattr(target, key) > (0 if key == "gpu" else 1):
-                problems.append(f"{key}={getattr(target, key)} needs its own batch job (mode: jobs)")
-        if target.time_s and shape.lifetime and target.time_s > shape.lifetime:
-            problems.append(f"time={target.time_s} s but a pilot worker lives {int(shape.lifetime)} s")
-        for key in ("partition", "account", "qos", "constraint"):
-            mine = getattr(target, key)
-            if mine and mine != getattr(shape.target, key):
-                problems.append(f"{key}={mine!r} but the pilot workers run with "
-                                f"{key}={getattr(shape.target, key)!r}")
-        if target.directives:
-            problems.append("scheduler directives apply to batch jobs (mode: jobs)")
-        if problems:
-            raise ResourceError(f"task does not fit the pilot workers of '{self.name}' (site "
-                                f"'{self.site.name}', mode: pilot): " + "; ".join(problems))
-
-    def submit(self, fn: TaskFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any],
-               target: Target) -> TaskRef:
-        deps = find_task_refs(args, kwargs)
-        for d in deps:
-            if d.backend_key != self.pilot.key:
-                raise HPCServerlessError(
-                    f"{d!r} belongs to provider '{d.provider}'; a task on '{self.name}' can only "
-                    "depend on tasks of the same provider (pass get(ref) instead)")
-        blob = pack_arguments(fn.function, args, kwargs)
-        return self.submit_packed(secrets.token_hex(12), fn.name, fn.key, fn.function_bytes, blob,
-                                  [(d.task_id, d.function, d._job_id) for d in deps], target)
-
-    def submit_packed(self, task_id: str, name: str, fn_key: str, fn_bytes: bytes | None, blob: bytes,
-                      deps: Sequence[tuple[str, str, str | None]], target: Target) -> TaskRef:
-        """Queue a call whose arguments are pickled already (here, or by a laptop's client
-        through the agent, in whose process the dask scheduler then runs). A call sent
-        twice (a retried request) is queued once; `fn_bytes` may be None for a function
-        sent before."""
-        with self.pilot._lock:
-            known = self.pilot._calls.get(task_id)
-            if known is not None:
-                return known.ref
-            if fn_bytes is None:
-                fn_bytes = self.pilot.function_bytes.get(fn_key)
-            if fn_bytes is None:
-                raise HPCServerlessError(f"the function of {name}() ({fn_key}) was never sent to this "
-                                         "provider")
-            self.pilot.function_bytes[fn_key] = fn_bytes
-        resources = {"cpu": target.cpu}
-        if target.mem_mib:
-            resources["mem"] = target.mem_mib
-        ref = TaskRef(task_id, self.pilot.key, self.name, name, backend=self.pilot)
-        env = dict(target.env) or None
-        self.pilot.submit(_Call(ref, name, fn_key, fn_bytes, blob, env, [d[0] for d in deps], resources))
-        return ref
-
-    def start(self, wait: bool = True, timeout: float | None = None) -> PilotProvider:
-        """Start the pilot jobs now; with `wait`, until one worker is connected (a site whose
-        workers cannot reach this process fails here, with the reason)."""
-        self.pilot.start(wait=wait, timeout=timeout)
-        return self
-
-    def close(self) -> None:
-        """Stop the pilot jobs (also done at exit)."""
-        self.pilot.close()
-        self.backend.close()
-
-    def pilot_jobs(self) -> list[str]:
-        """The scheduler job ids of every pilot job started so far."""
-        return list(self.pilot.jobs)
-
-    def describe(self) -> str:
-        p = self.site.pilot
-        size = (f"{p.adaptive_min}-{p.adaptive_max}" if p.adaptive_max is not None else str(p.workers))
-        return (f"{self.name} ({self.scheduler.name} site '{self.site.name}', pilot mode: {size} worker "
-                f"job(s) of {self.pilot.shape.target.cpu} cores)")
+                done = {r.task_id for r in refs if self._call_of(r).final}
+                if len(done) >= num_returns or deadline.expired():
+                    return split_done(refs, done)
+                self._cv.wait(deadline.remaining())

@@ -85,11 +85,17 @@ class BatchProvider(Provider):
     def check_target(self, target: Target) -> None:
         self.scheduler.check_target(self.effective_target(target))
 
+    @property
+    def tasks_key(self) -> str:
+        """The key of the engine behind this provider's TaskRefs (a task may depend only on
+        tasks of the same engine)."""
+        return self.backend.key
+
     def submit(self, fn: TaskFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any],
                target: Target) -> TaskRef:
         deps = find_task_refs(args, kwargs)
         for d in deps:
-            if d.backend_key != self.backend.key:
+            if d.backend_key != self.tasks_key:
                 raise HPCServerlessError(
                     f"{d!r} belongs to provider '{d.provider}'; a task on '{self.name}' can only "
                     "depend on tasks of the same provider (pass get(ref) instead)")

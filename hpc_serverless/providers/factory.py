@@ -14,7 +14,7 @@ def provider_for_site(site: Site, name: str | None = None, password: str | None 
 
         return RemoteProvider(name or site.name, site, password=password)
     if site.mode == "pilot":  # many small tasks through a few dask worker jobs
-        from hpc_serverless.engines.pilot import PilotProvider
+        from hpc_serverless.providers.pilot import PilotProvider
 
         return PilotProvider(name or site.name, site=site, password=password)
     if site.scheduler == "slurm":

@@ -246,7 +246,7 @@ def test_shutdown_leaves_no_jobs(pilot):
 
 
 def test_workers_retire_before_walltime_and_tasks_still_complete():
-    from hpc_serverless.engines.pilot import PilotProvider
+    from hpc_serverless.providers.pilot import PilotProvider
 
     provider = PilotProvider("retiring", site=_site(lifetime=6, lifetime_stagger=2))
     try:
@@ -261,7 +261,7 @@ def test_workers_retire_before_walltime_and_tasks_still_complete():
 
 
 def test_workers_that_cannot_connect_are_reported_early():
-    from hpc_serverless.engines.pilot import PilotProvider
+    from hpc_serverless.providers.pilot import PilotProvider
 
     site = _site(workers=1, connect_timeout=4)
     site = site.model_copy(update={"setup": ("sleep 120",)})  # the job runs, no worker ever connects

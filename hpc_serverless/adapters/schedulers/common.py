@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+__all__ = ["JobState", "job_name"]
 
 
 @dataclass(frozen=True)
@@ -19,3 +22,10 @@ class JobState:
     @property
     def final(self) -> bool:
         return self.status in ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def job_name(name: str, *, prefix: str = "hpcs-", limit: int = 45) -> str:
+    """A job name every scheduler accepts: `prefix` and `name` with characters outside
+    ``[A-Za-z0-9_.-]`` replaced by ``_``, at most `limit` characters (15 on older PBS
+    servers, whose names must also start with a letter: pass such a prefix)."""
+    return (prefix + (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "task"))[:limit]

@@ -136,6 +136,20 @@ def parse_directive(line: str) -> list[str]:
     return parts
 
 
+def split_directives(directives: Iterable[str]) -> tuple[list[str], list[list[str]]]:
+    """The `-l` resources of site and target directives apart from the other directives
+    (each as its argv pieces): resources join the target's into one `-l`."""
+    resources: list[str] = []
+    others: list[list[str]] = []
+    for line in directives:
+        parts = parse_directive(line)
+        if parts[0] == "-l" and len(parts) == 2:
+            resources.append(parts[1])
+        else:
+            others.append(parts)
+    return resources, others
+
+
 def qsub_options(target: Target, flavor: str, *, directives: Iterable[str] = (), job_name: str = "",
                  output: str = "", array: int | None = None) -> list[str]:
     """qsub argv options (without the script). Every `-l` resource is joined into one
@@ -149,14 +163,9 @@ def qsub_options(target: Target, flavor: str, *, directives: Iterable[str] = (),
         opts += ["-q", target.partition]
     if target.account:
         opts += ["-A", target.account]
-    resources = resource_list(target, flavor)
-    extra: list[str] = []
-    for line in directives:
-        parts = parse_directive(line)
-        if parts[0] == "-l" and len(parts) == 2:
-            resources.append(parts[1])
-        else:
-            extra += parts
+    more, others = split_directives(directives)
+    resources = resource_list(target, flavor) + more
+    extra = [piece for parts in others for piece in parts]
     opts += ["-l", ",".join(resources)]
     # (target env is exported inside the script, quoted; `-v` would break on commas)
     if array is not None:
