@@ -21,7 +21,6 @@ user does:
 
 from __future__ import annotations
 
-import abc
 import atexit
 import logging
 import secrets
@@ -30,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from hpc_serverless.adapters.schedulers.base import Scheduler
 from hpc_serverless.adapters.schedulers.common import JobState
 from hpc_serverless.core.calls import find_task_refs, pack_arguments
 from hpc_serverless.core.errors import (
@@ -84,39 +84,6 @@ class BatchTask:
     @property
     def settled(self) -> bool:
         return self.error is not None or self.result_ok is not None
-
-
-class Scheduler(abc.ABC):
-    """What the backend needs from a scheduler: submit, poll, cancel (all batched)."""
-
-    name: str
-
-    @abc.abstractmethod
-    def submit(self, tasks: Sequence[BatchTask], target: Target, after: Sequence[str]) -> list[str]:
-        """Submit tasks that share a target (as an array if several); their job ids."""
-
-    @abc.abstractmethod
-    def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
-        """States of these jobs, in as few commands as possible (one, normally)."""
-
-    @abc.abstractmethod
-    def cancel(self, job_ids: Sequence[str]) -> None: ...
-
-    @abc.abstractmethod
-    def max_array_size(self) -> int: ...
-
-    def check_target(self, target: Target) -> None:
-        """Raise ResourceError for what the site can never run."""
-
-    @abc.abstractmethod
-    def program_script(self, target: Target, *, job_name: str, job_id: str, job_dir: str,
-                       env: Mapping[str, str], workdir: str, command: Sequence[str]) -> str:
-        """The batch script of a Program (from the scheduler's template in jobscripts/)."""
-
-    @abc.abstractmethod
-    def submit_script(self, path: str, target: Target, job_name: str) -> str:
-        """Submit a script already on the site's filesystem; its job id. (The target and
-        name again, for schedulers whose options must also be on the command line.)"""
 
 
 class BatchBackend:

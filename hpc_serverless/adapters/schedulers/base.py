@@ -1,0 +1,58 @@
+"""What an engine needs from a scheduler: submit, poll, cancel, all batched.
+
+The interface lives here, below the engines, so the batch and pilot engines can both drive
+the Slurm and PBS runners (slurm_runner.py, pbs_runner.py) without importing providers.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
+
+if TYPE_CHECKING:
+    from hpc_serverless.adapters.schedulers.common import JobState
+    from hpc_serverless.core.refs import TaskRef
+    from hpc_serverless.core.target import Target
+
+
+class QueuedTask(Protocol):
+    """What a scheduler reads of a task it submits (the batch engine's BatchTask is one)."""
+
+    @property
+    def ref(self) -> TaskRef: ...
+
+    @property
+    def name(self) -> str: ...
+
+
+class Scheduler(abc.ABC):
+    """What the backend needs from a scheduler: submit, poll, cancel (all batched)."""
+
+    name: str
+
+    @abc.abstractmethod
+    def submit(self, tasks: Sequence[QueuedTask], target: Target, after: Sequence[str]) -> list[str]:
+        """Submit tasks that share a target (as an array if several); their job ids."""
+
+    @abc.abstractmethod
+    def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        """States of these jobs, in as few commands as possible (one, normally)."""
+
+    @abc.abstractmethod
+    def cancel(self, job_ids: Sequence[str]) -> None: ...
+
+    @abc.abstractmethod
+    def max_array_size(self) -> int: ...
+
+    def check_target(self, target: Target) -> None:
+        """Raise ResourceError for what the site can never run."""
+
+    @abc.abstractmethod
+    def program_script(self, target: Target, *, job_name: str, job_id: str, job_dir: str,
+                       env: Mapping[str, str], workdir: str, command: Sequence[str]) -> str:
+        """The batch script of a Program (from the scheduler's template in jobscripts/)."""
+
+    @abc.abstractmethod
+    def submit_script(self, path: str, target: Target, job_name: str) -> str:
+        """Submit a script already on the site's filesystem; its job id. (The target and
+        name again, for schedulers whose options must also be on the command line.)"""
