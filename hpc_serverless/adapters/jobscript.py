@@ -8,7 +8,10 @@ from __future__ import annotations
 import re
 import shlex
 from importlib import resources
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from hpc_serverless.config.site import Site
 
 _SLOT = re.compile(r"@([A-Z_]+)@")
 
@@ -33,6 +36,16 @@ def export_lines(env: Mapping[str, str]) -> str:
         if not k.isidentifier():
             raise ValueError(f"{k!r} is not an environment variable name")
     return "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in env.items())
+
+
+def job_preamble(site: Site, store_root: str, env: Mapping[str, str] | None = None) -> list[str]:
+    """The lines every task and pilot job of a site runs before our command: the site's setup,
+    then its environment (and `env` over it), where the object store is, and where the site's
+    scheduler commands are (the worker requeues through them)."""
+    exports = {**site.env, **(env or {}), "HPC_SERVERLESS_STORE": store_root}
+    if site.commands_dir:
+        exports["HPC_SERVERLESS_COMMANDS_DIR"] = site.commands_dir
+    return [*site.setup, export_lines(exports)]
 
 
 def command_line(argv: Sequence[str]) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from hpc_serverless.core.errors import TargetError
 
-__all__ = ["Target", "parse_mem_mib", "parse_time_seconds", "format_hms"]
+__all__ = ["Target", "capacity_problems", "parse_mem_mib", "parse_time_seconds", "format_hms"]
 
 _MEM_UNITS = {
     "": None, "k": 1 / 1024, "kb": 1 / 1024, "ki": 1 / 1024, "kib": 1 / 1024,
@@ -255,3 +255,20 @@ _BUILTIN: dict[str, Any] = {f.name: getattr(Target(given=frozenset()), f.name) f
 def _differing_fields(t: Target) -> frozenset[str]:
     """The value fields of ``t`` that differ from the built-in defaults (a Target built directly)."""
     return frozenset(f for f in _VALUE_FIELDS if getattr(t, f) != _BUILTIN[f])
+
+
+def capacity_problems(target: Target, *, has: str, cores: int, mem_mib: int, gpus: int | None,
+                      cores_asked: tuple[int, str] | None = None) -> list[str]:
+    """What a target asks beyond a machine, node or worker that `has` ("it has", "its nodes
+    have") `cores`, `mem_mib` and `gpus` (None: not counted here), one phrase each; every
+    provider's check_target words its refusal with these. `cores_asked` is (how many cores,
+    how to say it) where that is not just `cpu`."""
+    n, said = cores_asked or (target.cpu, f"cpu={target.cpu}")
+    problems = []
+    if n > cores:
+        problems.append(f"{said} but {has} {cores} core(s)")
+    if target.mem_mib and target.mem_mib > mem_mib:
+        problems.append(f"mem={target.mem_mib} MiB but {has} {mem_mib} MiB")
+    if gpus is not None and target.gpu > gpus:
+        problems.append(f"gpu={target.gpu} but {has} {gpus} GPU(s)")
+    return problems

@@ -25,9 +25,10 @@ import atexit
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
-from hpc_serverless.adapters.schedulers.base import BatchTask, Scheduler
+from hpc_serverless.adapters.schedulers.base import Scheduler
 from hpc_serverless.adapters.schedulers.common import JobState
 from hpc_serverless.core.deadline import Deadline, split_done
 from hpc_serverless.core.errors import (
@@ -56,6 +57,27 @@ RESULT_GRACE_S = 5.0
 #: a loop of calls is gathered into one array while calls keep coming `array_linger`
 #: apart, but never held back longer than this
 MAX_LINGER_S = 2.0
+
+
+@dataclass(eq=False)
+class BatchTask:
+    """A task as the engine tracks it (a scheduler reads only its ref and name)."""
+
+    ref: TaskRef
+    target: Target
+    deps: list[str]
+    name: str
+    job_id: str | None = None
+    state: JobState | None = None
+    status: str = TaskStatus.PENDING
+    error: BaseException | None = None   # a failure known without a result object
+    result_ok: bool | None = None        # set once the result object is seen
+    final_seen: float | None = None      # when the scheduler first called it finished
+    submitted: float = field(default_factory=time.time)
+
+    @property
+    def settled(self) -> bool:
+        return self.error is not None or self.result_ok is not None
 
 
 class BatchSite(Protocol):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hpc_serverless.adapters.dask_jobqueue import SLURM_HEADER_OPTIONS
-from hpc_serverless.adapters.jobscript import export_lines
+from hpc_serverless.adapters.jobscript import job_preamble
 from hpc_serverless.adapters.schedulers import pbs as P
 from hpc_serverless.adapters.schedulers import slurm as S
 from hpc_serverless.adapters.schedulers.common import job_name
@@ -73,7 +73,6 @@ def pilot_cluster_kwargs(site: Site, store_root: str, shape: WorkerShape | None 
     shape = shape or worker_shape(site)
     p, t = site.pilot, shape.target
     logs = str(site.storage_path / "pilot" / "logs")
-    env = {**site.env, **t.env, "HPC_SERVERLESS_STORE": store_root}
     extra_args = ["--resources", f"cpu={shape.cores},mem={shape.mem_mib}"]
     if shape.lifetime is not None:
         extra_args += ["--lifetime", f"{int(shape.lifetime)}s",
@@ -82,8 +81,8 @@ def pilot_cluster_kwargs(site: Site, store_root: str, shape: WorkerShape | None 
         "cores": t.cpu, "processes": shape.processes, "memory": f"{t.mem_mib}MiB",
         # dask-jobqueue appends "-m distributed.cli.dask_worker": it runs behind our guard
         "python": f"{shlex.quote(site.python)} -c {shlex.quote(GUARD)}",
-        "job_name": job_name(site.name, prefix="hpcs-pilot-", limit=40),
-        "job_script_prologue": [*site.setup, export_lines(env)],
+        "job_name": job_name(site.name, prefix="hpcs-pilot-", width=40),
+        "job_script_prologue": job_preamble(site, store_root, env=t.env),
         "worker_extra_args": extra_args,
         "death_timeout": int(p.connect_timeout),
         "walltime": format_hms(t.time_s) if t.time_s else None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from hpc_serverless.adapters.schedulers.base import BatchTask, Scheduler
+from hpc_serverless.adapters.schedulers.base import Scheduler
 from hpc_serverless.config.site import Site
 from hpc_serverless.core.calls import find_task_refs, pack_arguments
 from hpc_serverless.core.errors import ConfigError, HPCServerlessError
@@ -17,7 +17,7 @@ from hpc_serverless.core.fs import LOCAL
 from hpc_serverless.core.refs import TaskRef, register_store
 from hpc_serverless.core.store import ObjectStore
 from hpc_serverless.core.target import Target
-from hpc_serverless.engines.batch import BatchBackend
+from hpc_serverless.engines.batch import BatchBackend, BatchTask
 from hpc_serverless.providers.base import Provider
 from hpc_serverless.runtime.worker import task_key, versions
 

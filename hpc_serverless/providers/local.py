@@ -11,7 +11,7 @@ from hpc_serverless.core.calls import find_task_refs, pack_arguments
 from hpc_serverless.core.errors import HPCServerlessError, ResourceError
 from hpc_serverless.core.refs import TaskRef, register_store
 from hpc_serverless.core.store import ObjectStore
-from hpc_serverless.core.target import Target
+from hpc_serverless.core.target import Target, capacity_problems
 from hpc_serverless.engines.local_pool import LocalPool, TaskSpec
 from hpc_serverless.providers.base import Provider
 from hpc_serverless.runtime.pool_client import current_client
@@ -110,14 +110,9 @@ class LocalProvider(Provider):
 
     def check_target(self, target: Target) -> None:
         cores, mem, gpus = self.capacity()
-        problems = []
-        if target.cpu * target.mpi > cores:
-            what = f"cpu={target.cpu}" + (f" x mpi={target.mpi}" if target.mpi > 1 else "")
-            problems.append(f"{what} but it has {cores} core(s)")
-        if target.mem_mib and target.mem_mib > mem:
-            problems.append(f"mem={target.mem_mib} MiB but it has {mem} MiB")
-        if target.gpu > gpus:
-            problems.append(f"gpu={target.gpu} but it has {gpus} GPU(s)")
+        said = f"cpu={target.cpu}" + (f" x mpi={target.mpi}" if target.mpi > 1 else "")
+        problems = capacity_problems(target, has="it has", cores=cores, mem_mib=mem, gpus=gpus,
+                                     cores_asked=(target.cpu * target.mpi, said))
         if target.nodes > 1:
             problems.append(f"nodes={target.nodes} but it is one machine")
         if target.mpi > 1:

@@ -1,118 +1,17 @@
-"""PBS Pro and Torque sites: the same task and program machinery as Slurm.
-
-Tasks go through submitit, with our PBS executor plugin (providers/pbs_submitit.py);
-programs through jobscripts/pbs.sh. Status: one qstat for all open jobs per poll.
-"""
+"""PBS Pro and Torque sites: a site file, a transport and the PBS scheduler
+(adapters/schedulers/pbs_runner.py); the same task and program machinery as Slurm."""
 
 from __future__ import annotations
 
-import re
-import shlex
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from hpc_serverless.adapters.schedulers import pbs as P
-from hpc_serverless.adapters.schedulers.base import BatchTask, Scheduler
-from hpc_serverless.adapters.schedulers.common import JobState
-from hpc_serverless.adapters.submitit_glue import submit_calls
-from hpc_serverless.core.errors import SchedulerError
-from hpc_serverless.core.target import Target
+from hpc_serverless.adapters.schedulers.pbs_runner import PBSScheduler
 from hpc_serverless.providers.batch import SiteProvider
 
 if TYPE_CHECKING:
-    from hpc_serverless.adapters.transport.base import CommandResult
-
-if TYPE_CHECKING:
+    from hpc_serverless.adapters.schedulers.base import Scheduler
     from hpc_serverless.adapters.transport.base import Transport
     from hpc_serverless.config.site import Site
-
-
-def _job_name(name: str) -> str:
-    # PBS job names: at most 15 characters on older servers, alphanumeric start
-    return ("h" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name))[:15]
-
-
-class PBSScheduler(Scheduler):
-    """qsub (through the submitit PBS plugin for tasks), qstat, qdel."""
-
-    def __init__(self, site: Site, transport: Transport, store_root: str) -> None:
-        self.site, self.transport, self.store_root = site, transport, store_root
-        self.flavor = site.pbs_flavor
-        self.name = "PBS Pro" if self.flavor == "pbspro" else "Torque"
-        self.folder = site.storage_path / "jobs" / "%j"
-
-    def max_array_size(self) -> int:
-        return self.site.max_array_size or 1000
-
-    def check_target(self, target: Target) -> None:
-        P.check_fits(target, self.flavor)
-
-    def setup_lines(self) -> list[str]:
-        from hpc_serverless.adapters.jobscript import export_lines
-
-        env = {**self.site.env, "HPC_SERVERLESS_STORE": self.store_root}
-        if self.site.commands_dir:  # qrerun inside the job (worker.py) comes from there too
-            env["HPC_SERVERLESS_COMMANDS_DIR"] = self.site.commands_dir
-        return [*self.site.setup, export_lines(env)]
-
-    def _run(self, argv: list[str]) -> CommandResult:
-        return self.transport.run([self.site.command(argv[0]), *argv[1:]])
-
-    def options(self, target: Target, name: str, after: Sequence[str] = ()) -> list[str]:
-        opts = P.qsub_options(target, self.flavor, directives=self.site.directives, job_name=_job_name(name))
-        if after:
-            opts += ["-W", "depend=afterok:" + ":".join(self._native_ids(after))]
-        return opts
-
-    def _native_ids(self, job_ids: Sequence[str]) -> list[str]:
-        """Our array element ids ('12_3') in the server's words ('12[3]')."""
-        if self.flavor in ("pbspro", "torque") and not self.site.arrays:
-            return list(job_ids)
-        return [re.sub(r"^(\d+)_(\d+)$", r"\1[\2]", j) for j in job_ids]
-
-    def submit(self, tasks: Sequence[BatchTask], target: Target, after: Sequence[str]) -> list[str]:
-        from hpc_serverless.adapters.pbs_submitit import PBSExecutor
-
-        name = tasks[0].name if len({t.name for t in tasks}) == 1 else "tasks"
-        ex = PBSExecutor(self.folder, shlex.quote(self.site.python), self.transport)
-        ex.update_parameters(options=self.options(target, name, after), setup=self.setup_lines(),
-                             flavor=self.flavor, qsub=self.site.command("qsub"))
-        return submit_calls(ex, tasks, self.store_root)
-
-    def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
-        native = self._native_ids(job_ids)
-        result = self._run(P.qstat_argv(native, self.flavor))
-        # qstat exits non-zero when some ids are unknown (finished and forgotten), yet
-        # prints the others: parse what there is; missing ids count as vanished
-        if not result.ok and not result.stdout.strip() and not re.search(r"Unknown Job Id", result.stderr, re.I):
-            raise SchedulerError(result.describe(), transient=P.is_transient(result.stderr))
-        states = P.parse_qstat_json(result.stdout) if self.flavor == "pbspro" else P.parse_qstat_text(result.stdout)
-        back = dict(zip(native, job_ids, strict=True))
-        return {back.get(k, k): v for k, v in states.items()}
-
-    def cancel(self, job_ids: Sequence[str]) -> None:
-        result = self._run(P.qdel_argv(self._native_ids(job_ids)))
-        if not result.ok and "finished" not in result.stderr.lower() and "completed" not in result.stderr.lower():
-            raise SchedulerError(f"could not cancel: {result.describe()}", transient=P.is_transient(result.stderr))
-
-    # -- programs --------------------------------------------------------------------------------------
-    def program_script(self, target: Target, *, job_name: str, job_id: str, job_dir: str,
-                       env: Mapping[str, str], workdir: str, command: Sequence[str]) -> str:
-        from hpc_serverless.adapters.jobscript import render_program
-
-        options = P.qsub_options(target, self.flavor, directives=self.site.directives,
-                                 job_name=_job_name(job_name))
-        return render_program("pbs.sh", directives=P.directive_lines(options), job_id=job_id, job_dir=job_dir,
-                              setup=self.site.setup, env={**self.site.env, **env}, workdir=workdir,
-                              command=command)
-
-    def submit_script(self, path: str, target: Target, job_name: str) -> str:
-        # the options again on the command line: Slurm's qsub wrapper ignores #PBS lines
-        opts = P.qsub_options(target, self.flavor, directives=self.site.directives, job_name=_job_name(job_name))
-        result = self._run(["qsub", *opts, "-o", "/dev/null", "-j", "oe", path])
-        if not result.ok:
-            raise SchedulerError(f"PBS refused the job: {result.describe()}",
-                                 transient=P.is_transient(result.stderr))
-        return P.short_id(P.parse_qsub(result.stdout))
 
 
 class PBSProvider(SiteProvider):
@@ -123,3 +22,6 @@ class PBSProvider(SiteProvider):
 
     def make_scheduler(self, site: Site, transport: Transport) -> Scheduler:
         return PBSScheduler(site, transport, str(site.storage_path / "store"))
+
+
+__all__ = ["PBSProvider", "PBSScheduler"]

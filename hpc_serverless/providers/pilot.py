@@ -12,15 +12,15 @@ import os
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from hpc_serverless.adapters.schedulers.base import Scheduler
+from hpc_serverless.adapters.schedulers.pbs_runner import PBSScheduler
+from hpc_serverless.adapters.schedulers.slurm_runner import SlurmScheduler
 from hpc_serverless.adapters.transport import connect
 from hpc_serverless.config.site import Site, load_site, site_from_mapping
 from hpc_serverless.core.errors import ConfigError, ResourceError
 from hpc_serverless.core.refs import TaskRef
-from hpc_serverless.core.target import Target
+from hpc_serverless.core.target import Target, capacity_problems
 from hpc_serverless.engines.pilot import PilotBackend
 from hpc_serverless.providers.batch import BatchProvider
-from hpc_serverless.providers.pbs import PBSScheduler
-from hpc_serverless.providers.slurm import SlurmScheduler
 
 if TYPE_CHECKING:
     from hpc_serverless.adapters.transport.base import Transport
@@ -72,11 +72,8 @@ class PilotProvider(BatchProvider):
     # -- tasks -------------------------------------------------------------------------------------
     def check_target(self, target: Target) -> None:
         shape = self.pilot.shape
-        problems = []
-        if target.cpu > shape.cores:
-            problems.append(f"cpu={target.cpu} but each pilot worker has {shape.cores} core(s)")
-        if target.mem_mib and target.mem_mib > shape.mem_mib:
-            problems.append(f"mem={target.mem_mib} MiB but each pilot worker has {shape.mem_mib} MiB")
+        problems = capacity_problems(target, has="each pilot worker has", cores=shape.cores,
+                                     mem_mib=shape.mem_mib, gpus=None)
         for key in ("gpu", "mpi", "nodes"):
             if getattr(target, key) > (0 if key == "gpu" else 1):
                 problems.append(f"{key}={getattr(target, key)} needs its own batch job (mode: jobs)")

@@ -11,12 +11,13 @@ from typing import Sequence
 import pytest
 
 from hpc_serverless import QuantumServerless, distribute_task, get
-from hpc_serverless.adapters.schedulers.base import BatchTask, Scheduler
+from hpc_serverless.adapters.schedulers.base import Scheduler
 from hpc_serverless.adapters.schedulers.common import JobState
 from hpc_serverless.adapters.transport import MockTransport
 from hpc_serverless.config.site import site_from_mapping
 from hpc_serverless.core.errors import DependencyError, SchedulerError, WorkerDiedError
 from hpc_serverless.core.target import Target
+from hpc_serverless.engines.batch import BatchTask
 from hpc_serverless.providers.batch import BatchProvider
 from hpc_serverless.runtime import worker
 

@@ -1,43 +1,28 @@
-"""What the batch engine needs of a scheduler adapter, and the task record it hands over.
+"""What an engine needs from a scheduler: submit, poll, cancel, all batched.
 
-The engine (engines/batch.py) queues, batches and polls; a `Scheduler` (Slurm, PBS)
-turns a batch into a job or array and reads states back, through the site's transport.
-Defined here, below both, so each side imports it and neither imports the other.
+The interface lives here, below the engines, so the batch and pilot engines can both drive
+the Slurm and PBS runners (slurm_runner.py, pbs_runner.py) without importing providers.
 """
 
 from __future__ import annotations
 
 import abc
-import time
-from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
 
-from hpc_serverless.adapters.schedulers.common import JobState
-from hpc_serverless.core.refs import TaskRef, TaskStatus
-from hpc_serverless.core.target import Target
-
-__all__ = ["BatchTask", "Scheduler"]
+if TYPE_CHECKING:
+    from hpc_serverless.adapters.schedulers.common import JobState
+    from hpc_serverless.core.refs import TaskRef
+    from hpc_serverless.core.target import Target
 
 
-@dataclass(eq=False)
-class BatchTask:
-    """A task as the backend tracks it."""
-
-    ref: TaskRef
-    target: Target
-    deps: list[str]
-    name: str
-    job_id: str | None = None
-    state: JobState | None = None
-    status: str = TaskStatus.PENDING
-    error: BaseException | None = None   # a failure known without a result object
-    result_ok: bool | None = None        # set once the result object is seen
-    final_seen: float | None = None      # when the scheduler first called it finished
-    submitted: float = field(default_factory=time.time)
+class QueuedTask(Protocol):
+    """What a scheduler reads of a task it submits (the batch engine's BatchTask is one)."""
 
     @property
-    def settled(self) -> bool:
-        return self.error is not None or self.result_ok is not None
+    def ref(self) -> TaskRef: ...
+
+    @property
+    def name(self) -> str: ...
 
 
 class Scheduler(abc.ABC):
@@ -46,7 +31,7 @@ class Scheduler(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def submit(self, tasks: Sequence[BatchTask], target: Target, after: Sequence[str]) -> list[str]:
+    def submit(self, tasks: Sequence[QueuedTask], target: Target, after: Sequence[str]) -> list[str]:
         """Submit tasks that share a target (as an array if several); their job ids."""
 
     @abc.abstractmethod

@@ -1,11 +1,10 @@
-"""What every scheduler module produces: a job's state, in the scheduler's words and ours."""
+"""What every scheduler module shares: a job's state in the scheduler's words and ours, and
+the job names we give."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-__all__ = ["JobState", "job_name"]
 
 
 @dataclass(frozen=True)
@@ -24,8 +23,9 @@ class JobState:
         return self.status in ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def job_name(name: str, *, prefix: str = "hpcs-", limit: int = 45) -> str:
-    """A job name every scheduler accepts: `prefix` and `name` with characters outside
-    ``[A-Za-z0-9_.-]`` replaced by ``_``, at most `limit` characters (15 on older PBS
-    servers, whose names must also start with a letter: pass such a prefix)."""
-    return (prefix + (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "task"))[:limit]
+def job_name(name: str, *, prefix: str = "hpcs-", width: int = 45) -> str:
+    """A scheduler job name for `name`: `prefix` first (our jobs stand out in squeue and qstat),
+    then `name` with anything but letters, digits, `_.-` folded to `_`, all cut to `width`
+    characters (PBS servers may take 15). An empty name becomes "task"."""
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "task"
+    return (prefix + clean)[:width]

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping
 
 from hpc_serverless.adapters.schedulers.common import JobState
 from hpc_serverless.core.errors import ResourceError
-from hpc_serverless.core.target import Target
+from hpc_serverless.core.target import Target, capacity_problems
 
 # Slurm job states (squeue/sacct long names) -> our five statuses
 STATE_MAP: Mapping[str, str] = {
@@ -262,13 +262,9 @@ def check_fits(target: Target, partitions: Mapping[str, Partition], site_name: s
         if part is None:
             return
     per_node = math.ceil(target.mpi / target.nodes)
-    problems = []
-    if target.cpu * per_node > part.cpus:
-        problems.append(f"{target.cpu * per_node} cores per node but its nodes have {part.cpus}")
-    if target.mem_mib and target.mem_mib > part.mem_mib:
-        problems.append(f"mem={target.mem_mib} MiB but its nodes have {part.mem_mib} MiB")
-    if target.gpu > part.gpus:
-        problems.append(f"gpu={target.gpu} but its nodes have {part.gpus}")
+    cores = target.cpu * per_node
+    problems = capacity_problems(target, has="its nodes have", cores=part.cpus, mem_mib=part.mem_mib,
+                                 gpus=part.gpus, cores_asked=(cores, f"{cores} cores per node"))
     if target.nodes > part.nodes:
         problems.append(f"nodes={target.nodes} but it has {part.nodes}")
     if problems:
