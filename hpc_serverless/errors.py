@@ -7,6 +7,7 @@ from hpc_serverless.core.errors import (
     AuthenticationError,
     ConfigError,
     CorruptObjectError,
+    CorruptRecordError,
     DependencyError,
     GetTimeoutError,
     HostKeyError,
@@ -32,7 +33,7 @@ from hpc_serverless.core.errors import (
 )
 
 __all__ = [
-    "AgentError", "AuthenticationError", "ConfigError", "CorruptObjectError", "DependencyError",
+    "AgentError", "AuthenticationError", "ConfigError", "CorruptObjectError", "CorruptRecordError", "DependencyError",
     "GetTimeoutError", "HPCServerlessError", "HostKeyError", "JobFailedError", "JobNotFoundError",
     "ObjectNotFoundError", "ProgramError", "RemoteTaskError", "RemoteTraceback", "ResourceError",
     "SchedulerError", "SerializationError", "StoreError", "TargetError", "TaskCancelledError",

@@ -225,6 +225,30 @@ def shell_word(value: str) -> str:
     return "".join(out)
 
 
+#: characters no site value that reaches a batch script or a shell may hold (a newline in
+#: `storage` would end a comment line of a rendered script and run the rest as shell)
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: keys whose text never reaches a script (free prose)
+_PROSE_KEYS = frozenset({"description", "source"})
+
+
+def _control_character(value: Any, where: tuple[Any, ...] = ()) -> tuple[tuple[Any, ...], str] | None:
+    """The first (key path, character) of a control character in a site's values."""
+    if isinstance(value, str):
+        m = _CONTROL.search(value)
+        return (where, m.group(0)) if m else None
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        if not where and key in _PROSE_KEYS:
+            continue
+        if isinstance(key, str) and _CONTROL.search(key):
+            return (*where, key), _CONTROL.search(key).group(0)  # type: ignore[union-attr]
+        found = _control_character(item, (*where, key))
+        if found:
+            return found
+    return None
+
+
 def _valid_keys(model: type[BaseModel]) -> list[str]:
     return [k for k in model.model_fields if k != "source"]
 
@@ -241,6 +265,13 @@ def site_from_mapping(data: Mapping[str, Any], *, source: str | None = None,
     cdir = raw.get("commands_dir")
     if isinstance(cdir, str) and source and not raw.get("host") and not os.path.isabs(expand(cdir)):
         raw["commands_dir"] = os.path.join(os.path.dirname(os.path.abspath(source)), cdir)  # beside the file
+    bad = _control_character(raw)
+    if bad is not None:
+        keys, char = bad
+        full = base + keys
+        raise ConfigError(f"a control character ({char!r}) in a site value: site values reach batch scripts "
+                          "and shell lines, so each must be one line of printable text",
+                          file=source, key=".".join(map(str, full)), line=key_line(source, full))
     try:
         site = Site(**raw)
     except ValidationError as exc:

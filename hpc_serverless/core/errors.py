@@ -182,6 +182,10 @@ class ProgramError(HPCServerlessError, ValueError):
     """A Program that cannot be submitted (missing entrypoint, bad working dir)."""
 
 
+class CorruptRecordError(HPCServerlessError, ValueError):
+    """A job's record or exit record is not whole JSON (a torn write, or damage)."""
+
+
 class JobNotFoundError(HPCServerlessError, LookupError):
     """No job with this id where it was looked for; ``where`` names the place(s)."""
 

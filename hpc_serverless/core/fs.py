@@ -101,12 +101,34 @@ class LocalFS:
                 f.seek(offset)
             return f.read()
 
+    def sync_dir(self, path: str) -> None:
+        """Make a rename in directory `path` durable (where the filesystem allows it)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:  # some filesystems refuse fsync on a directory: the rename stands
+            pass
+        finally:
+            os.close(fd)
+
     def write_atomic(self, path: str, data: bytes, mode: int = 0o600) -> None:
-        """Small files (records, markers): write a temporary name, then rename over."""
-        tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{secrets.token_hex(4)}.tmp"
-        with self.open_new(tmp, mode) as f:
-            f.write(data)
-        self.replace(tmp, path)
+        """Small files (job records, exit records, markers): written aside, fsynced, then
+        renamed over, and the rename made durable: a reader sees the old file or the whole
+        new one, also after a crash of the node."""
+        folder = os.path.dirname(path) or "."
+        tmp = f"{folder}/.{os.path.basename(path)}.{secrets.token_hex(4)}.tmp"
+        try:
+            with self.open_new(tmp, mode) as f:
+                f.write(data)
+                self.sync(f)
+            self.replace(tmp, path)
+        except BaseException:
+            self.unlink(tmp)
+            raise
+        self.sync_dir(folder)
 
 
 LOCAL = LocalFS()

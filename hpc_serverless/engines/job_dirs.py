@@ -10,7 +10,7 @@ import posixpath
 import shutil
 from typing import Any, Mapping
 
-from hpc_serverless.core.errors import HPCServerlessError, JobNotFoundError
+from hpc_serverless.core.errors import CorruptRecordError, HPCServerlessError, JobNotFoundError
 from hpc_serverless.core.fs import LOCAL, LocalFS
 from hpc_serverless.core.jobs import ARGUMENTS_KEY, RESULT_KEY, Program
 from hpc_serverless.core.store import ObjectStore
@@ -33,10 +33,22 @@ class JobDirs:
 
     def record(self, job_id: str) -> dict[str, Any]:
         try:
-            return dict(json.loads(self.fs.read_bytes(self.path(job_id, "record.json"))))
+            return self._json(job_id, "record.json")
         except FileNotFoundError:
             raise JobNotFoundError(f"no job {job_id!r} on provider '{self.provider}' (looked in {self.where})",
                                    job_id=job_id, where=self.where) from None
+
+    def _json(self, job_id: str, name: str) -> dict[str, Any]:
+        path = self.path(job_id, name)
+        raw = self.fs.read_bytes(path)
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+            raise CorruptRecordError(f"{path} of job {job_id!r} is damaged ({len(raw)} bytes, not whole "
+                                     f"JSON: {exc}); the job's other files are in {self.path(job_id)}") from None
+        if not isinstance(data, dict):
+            raise CorruptRecordError(f"{path} of job {job_id!r} holds {type(data).__name__}, not a record")
+        return data
 
     def write_record(self, job_id: str, record: Mapping[str, Any]) -> None:
         self.fs.write_atomic(self.path(job_id, "record.json"), json.dumps(record, indent=1).encode())
@@ -44,7 +56,7 @@ class JobDirs:
     def exit_record(self, job_id: str) -> dict[str, Any] | None:
         """What the runner wrote when the program ended (None while it has not)."""
         try:
-            return dict(json.loads(self.fs.read_bytes(self.path(job_id, "exit.json"))))
+            return self._json(job_id, "exit.json")
         except FileNotFoundError:
             return None
 

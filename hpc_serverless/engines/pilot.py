@@ -230,6 +230,8 @@ class PilotBackend:
                                   key="pilot.tls")
             kw["security"] = True
             kw["shared_temp_directory"] = str(self.site.storage_path / "pilot")
+        else:
+            warn_insecure(self.site)
         # a worker that left is replaced after this long (dask's default waits 15 s)
         dask.config.set({"distributed.deploy.lost-worker-timeout": "2s"})
         job_cls = job_class(Cluster.job_cls, self)
@@ -733,3 +735,13 @@ class PilotBackend:
                 if len(done) >= num_returns or deadline.expired():
                     return split_done(refs, done)
                 self._cv.wait(deadline.remaining())
+
+
+def warn_insecure(site: Site) -> None:
+    """Said on every start of a pilot cluster without TLS: its scheduler accepts work from
+    anyone who reaches its port, and that work runs as this user."""
+    message = (f"site '{site.name}' runs its pilot scheduler without TLS (pilot.tls: false"
+               + (f" in {site.source}" if site.source else "") + "): anyone who can reach its port can "
+               "run code as you. Set pilot.tls: true (needs the 'cryptography' package) unless "
+               "this network is yours alone.")
+    log.warning(message)  # (a log record, not warnings.warn: that shows once per process)

@@ -88,7 +88,8 @@ def pilot_cluster_kwargs(site: Site, store_root: str, shape: WorkerShape | None 
         "walltime": format_hms(t.time_s) if t.time_s else None,
         "queue": t.partition, "account": t.account,
         "interface": p.interface,
-        "scheduler_options": {"dashboard_address": ":0", **p.scheduler_options},
+        # the dashboard has no login: on this host only, unless the site asks otherwise
+        "scheduler_options": {"dashboard_address": "127.0.0.1:0", **p.scheduler_options},
     }
     if site.scheduler == "slurm":
         opts = S.sbatch_options(t, directives=site.directives)

@@ -14,7 +14,8 @@ again from the top, so it should save its progress now and then and pick it up::
         return state["theta"]
 
 Checkpoints live in the site's store under ``checkpoints/<task id>`` and are written
-atomically (a crash mid-save leaves the previous one).
+atomically and durably: written aside, fsynced, then renamed over the previous one, so a
+crash mid-save (of the task or of the node) leaves the previous one.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def save_checkpoint(state: Any) -> bool:
     if where is None:
         return False
     store, key = where
-    store.put(state, key, what="the checkpoint", overwrite=True)
+    # durable at any size: the new one is on disk before it replaces the previous one
+    store.put(state, key, what="the checkpoint", overwrite=True, durable=True)
     return True
 
 

@@ -54,3 +54,25 @@ def test_provider_entry_errors_name_the_site_file(tmp_path):
     cfg.write_text("providers:\n  - name: cluster\n    site: nothere.yaml\n")
     with pytest.raises(ConfigError, match="nothere.yaml.*not found"):
         QuantumServerless.load_configuration(cfg)
+
+
+@pytest.mark.parametrize("text,key,line", [
+    ('scheduler: slurm\nstorage: "/tmp/s\\necho pwned"\n', "storage", 2),
+    ('scheduler: slurm\nstorage: /tmp/s\nenv:\n  A: "x\\u001b[2Jy"\n', "env.A", 4),
+    ('scheduler: slurm\nstorage: /tmp/s\nsetup:\n  - module load x\n  - "a\\rb"\n', "setup.1", 5),
+    ('scheduler: slurm\nstorage: /tmp/s\ndefaults:\n  partition: "p\\u0000"\n', "defaults.partition", 4),
+])
+def test_control_characters_in_site_values_are_refused(tmp_path, text, key, line):
+    """A value that reaches a batch script may not hold a newline or other control
+    character (a newline in storage would end a comment line and run the rest as shell)."""
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="control character") as e:
+        load_site(path)
+    assert e.value.key == key and e.value.file == str(path) and e.value.line == line
+
+
+def test_description_may_span_lines(tmp_path):
+    path = tmp_path / "site.yaml"
+    path.write_text("scheduler: slurm\nstorage: /tmp/s\ndescription: |\n  two\n  lines\n")
+    assert load_site(path).description == "two\nlines\n"
