@@ -94,7 +94,7 @@ class BatchSite(Protocol):
     @property
     def store(self) -> ObjectStore: ...
 
-    def log_path_hint(self, job_id: str) -> str: ...
+    def log_path_hint(self, job_id: str, task_id: str = "") -> str: ...
 
     def record_jobs(self, task_id: str, job_ids: list[str]) -> None:
         """Note in the task's session which jobs it submitted (gc asks about them)."""
@@ -434,7 +434,7 @@ class BatchBackend:
         if st.state in ("CANCELLED", "REVOKED"):
             return TaskCancelledError(f"task {t.name}: {detail}")
         return WorkerDiedError(f"task {t.name}: {detail}, without storing a result. Its log: "
-                               f"{self.provider.log_path_hint(t.job_id or '')}")
+                               f"{self.provider.log_path_hint(t.job_id or '', t.ref.task_id)}")
 
     def _note(self, task_id: str) -> str | None:
         """What the worker left for us about its job (a failed requeue), if anything."""

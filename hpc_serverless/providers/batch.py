@@ -181,8 +181,9 @@ class BatchProvider(Provider):
             return {}
         return {"launcher": self.site.mpi.argv(target.mpi), "launcher_env": dict(self.site.mpi.env)}
 
-    def log_path_hint(self, job_id: str) -> str:
-        return str(self.site.storage_path / "jobs" / f"{job_id}_0_log.out")
+    def log_path_hint(self, job_id: str, task_id: str = "") -> str:
+        """Where a task's job log is: in its session's jobs/ (older tasks: the site's jobs/)."""
+        return str(self.scheduler.folder_for(task_id).parent / f"{job_id}_0_log.out")
 
     def render_program(self, program: Program, arguments: Mapping[str, Any] | None = None) -> str:
         """The batch script run_program would submit (for `hpc-serverless run --dry-run`)."""

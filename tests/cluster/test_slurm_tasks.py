@@ -204,7 +204,7 @@ def test_job_logs_land_in_storage(on_slurm):
     ref = where()
     job_id, cpus = get(ref, timeout=120)
     assert job_id == ref.job_id.split("_")[0] or job_id
-    logs = list(Path(on_slurm.site.storage_path / "jobs").glob(f"{ref.job_id}_0_log.out"))
+    logs = list(Path(on_slurm.session.jobs_dir).glob(f"{ref.job_id}_0_log.out"))
     assert logs and "[hpc-serverless] task where#" in logs[0].read_text()
 
 
