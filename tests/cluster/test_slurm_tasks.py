@@ -321,7 +321,7 @@ def test_failed_requeue_is_reported_and_the_task_runs_on(on_slurm, tmp_path):
     ref = marks_then_sleeps(str(marker), 6)
     _signal_when_started(ref, marker)
     assert get(ref, timeout=120) == "finished"
-    log = "".join(p.read_text() for p in Path(on_slurm.site.storage_path / "jobs").glob(f"{ref.job_id}_0_log.*"))
+    log = "".join(p.read_text() for p in Path(on_slurm.session.jobs_dir).glob(f"{ref.job_id}_0_log.*"))
     assert "could not requeue the job: `scontrol requeue" in log and "disabled" in log, log
 
 
