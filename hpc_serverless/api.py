@@ -177,6 +177,11 @@ class QuantumServerless:
         """Bytes and files on a site's storage, per session and per kind, and its quota."""
         return dict(self._site(provider, "du").du())
 
+    def remove_job(self, job_id: str, provider: str | None = None) -> dict[str, Any]:
+        """Remove a finished Program's directory from a site (`hpc-serverless rm JOB_ID`):
+        gc keeps Programs until this or `gc(programs=True)`."""
+        return dict(self._site(provider, "remove_program").remove_program(job_id))
+
     def _current(self) -> Provider:
         inner = _context.get()
         if inner is not None and inner in self._providers.values():

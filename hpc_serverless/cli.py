@@ -183,9 +183,7 @@ def cmd_du(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    s = _serverless(args)
-    provider = s._site(None, "remove_program")
-    r = provider.remove_program(args.job_id)
+    r = _serverless(args).remove_job(args.job_id)
     print(f"removed {r['id']} ({_size(r['bytes'])} in {r['files']} files)")
     return 0
 
@@ -248,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("rm", help="remove a finished program's job directory")
     rm.add_argument("job_id")
     rm.set_defaults(func=cmd_rm)
+    for c in (g, d, rm):  # also after the command: `hpc-serverless gc --provider cluster`
+        c.add_argument("--provider", default=argparse.SUPPRESS, help="the provider (a Slurm or PBS site)")
 
     sites = sub.add_parser("sites", help="site configurations")
     ssub = sites.add_subparsers(dest="sites_command", required=True)
