@@ -235,6 +235,33 @@ class Agent:
         self.backend.flush()
         return [(t.job_id, _portable(t.error) if t.error else None) for t in tasks]
 
+    # -- sessions and storage (protocol 2) --------------------------------------------------------
+    def op_session_beat(self, session_id: str) -> None:
+        """A remote client's session is in use: its beat, written here on the site's clock."""
+        session = getattr(self.provider, "session_for", lambda _sid: None)(session_id)
+        if session is not None:
+            session.beat()
+
+    def op_session_close(self, session_id: str) -> None:
+        session = getattr(self.provider, "session_for", lambda _sid: None)(session_id)
+        if session is not None:
+            session.close()
+
+    def _housekeeping(self, what: str) -> Any:
+        method = getattr(self.provider, what, None)
+        if method is None:
+            raise RuntimeError(f"provider '{self.provider.name}' has no {what}")
+        return method
+
+    def op_gc(self, older_than: float, dry_run: bool, programs: bool) -> Any:
+        return self._housekeeping("gc")(older_than, dry_run=dry_run, programs=programs)
+
+    def op_du(self) -> Any:
+        return self._housekeeping("du")()
+
+    def op_remove_program(self, job_id: str) -> Any:
+        return self._housekeeping("remove_program")(job_id)
+
     def op_check_target(self, target: Any) -> None:
         self.provider.check_target(target)
 

@@ -155,6 +155,33 @@ class QuantumServerless:
     def jobs(self) -> list[Any]:
         return self._current().jobs()
 
+    # storage ---------------------------------------------------------------------------------
+    def _site(self, provider: str | None, what: str) -> Any:
+        p = self.provider(provider) if provider else self._current()
+        if not hasattr(p, what):
+            raise HPCServerlessError(f"provider '{p.name}' keeps no sessions on a site; "
+                                     f"{what} applies to Slurm and PBS providers")
+        return p
+
+    def gc(self, older_than: str | float = "7d", *, dry_run: bool = False, programs: bool = False,
+           provider: str | None = None) -> dict[str, Any]:
+        """Remove finished sessions not used for `older_than` ("7d", "12h", seconds) from a
+        site's storage, never one a live process or a queued or running job still uses;
+        `programs` also removes finished Programs. The report lists what went and what stayed."""
+        from hpc_serverless.core.sessions import parse_duration
+
+        seconds = parse_duration(older_than) if isinstance(older_than, str) else float(older_than)
+        return dict(self._site(provider, "gc").gc(seconds, dry_run=dry_run, programs=programs))
+
+    def du(self, provider: str | None = None) -> dict[str, Any]:
+        """Bytes and files on a site's storage, per session and per kind, and its quota."""
+        return dict(self._site(provider, "du").du())
+
+    def remove_job(self, job_id: str, provider: str | None = None) -> dict[str, Any]:
+        """Remove a finished Program's directory from a site (`hpc-serverless rm JOB_ID`):
+        gc keeps Programs until this or `gc(programs=True)`."""
+        return dict(self._site(provider, "remove_program").remove_program(job_id))
+
     def _current(self) -> Provider:
         inner = _context.get()
         if inner is not None and inner in self._providers.values():

@@ -135,6 +135,59 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from hpc_serverless.core.sessions import parse_duration
+
+    try:
+        seconds = parse_duration(args.older_than)
+    except ValueError as exc:
+        raise HPCServerlessError(str(exc)) from None
+    report = _serverless(args).gc(seconds, dry_run=args.dry_run, programs=args.programs)
+    if args.json:
+        print(json.dumps(report, default=str))
+        return 0
+    verb = "would remove" if report["dry_run"] else "removed"
+    for r in report["removed"]:
+        print(f"{verb}  {r['id']}  {_size(r['bytes'])} in {r['files']} files")
+    for k in report["kept"]:
+        print(f"kept     {k['id']}  ({k['why']})")
+    print(f"{verb} {len(report['removed'])} ({_size(report['bytes'])}, {report['files']} files) "
+          f"on {report['site']}; kept {len(report['kept'])}")
+    return 0
+
+
+def cmd_du(args: argparse.Namespace) -> int:
+    report = _serverless(args).du()
+    if args.json:
+        print(json.dumps(report, default=str))
+        return 0
+    print(f"{report['site']}: {report['storage']}")
+    for s in report["sessions"]:
+        kinds = ", ".join(f"{k} {s['files_by_kind'][k]} files/{_size(b)}" for k, b in s["bytes_by_kind"].items())
+        print(f"  session {s['id']}  {_size(s['bytes'])} in {s['files']} files"
+              f"{'  (live)' if s['live'] else ''}  [{kinds}]")
+    for kind, v in report["kinds"].items():
+        print(f"  {kind:<24} {_size(v['bytes']):>10}  {v['files']:>8} files")
+    print(f"  {'total':<24} {_size(report['bytes']):>10}  {report['files']:>8} files")
+    quota = report["quota"]
+    print("quota: " + (quota if isinstance(quota, str) else "; ".join(quota)))
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    r = _serverless(args).remove_job(args.job_id)
+    print(f"removed {r['id']} ({_size(r['bytes'])} in {r['files']} files)")
+    return 0
+
+
 def cmd_sites_check(args: argparse.Namespace) -> int:
     from hpc_serverless.providers.checks import check_site
 
@@ -144,7 +197,8 @@ def cmd_sites_check(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hpc-serverless", description="Run and follow hpc_serverless programs.")
+    p = argparse.ArgumentParser(prog="hpc-serverless", description="Run and follow hpc_serverless programs; "
+                                "look after a site's storage (gc, du, rm).")
     p.add_argument("--config", help="QuantumServerless configuration (YAML/JSON); default "
                    "$HPC_SERVERLESS_CONFIG or ./serverless.yaml")
     p.add_argument("--provider", help="provider name from the configuration (default: its default)")
@@ -178,6 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
     j = sub.add_parser("jobs", help="the jobs you ran on the provider, newest first")
     j.add_argument("--limit", type=int, default=50)
     j.set_defaults(func=cmd_jobs)
+
+    g = sub.add_parser("gc", help="remove finished sessions (and with --programs, programs) from a site")
+    g.add_argument("--older-than", default="7d", metavar="DURATION",
+                   help="only sessions not used for this long: 7d (default), 12h, 30m, 0")
+    g.add_argument("--dry-run", action="store_true", help="list what would go and its size; remove nothing")
+    g.add_argument("--programs", action="store_true", help="also finished programs older than the cutoff")
+    g.add_argument("--json", action="store_true", help="the report as JSON")
+    g.set_defaults(func=cmd_gc)
+    d = sub.add_parser("du", help="bytes and files on a site, per session and per kind, and the quota")
+    d.add_argument("--json", action="store_true", help="the report as JSON")
+    d.set_defaults(func=cmd_du)
+    rm = sub.add_parser("rm", help="remove a finished program's job directory")
+    rm.add_argument("job_id")
+    rm.set_defaults(func=cmd_rm)
+    for c in (g, d, rm):  # also after the command: `hpc-serverless gc --provider cluster`
+        c.add_argument("--provider", default=argparse.SUPPRESS, help="the provider (a Slurm or PBS site)")
 
     sites = sub.add_parser("sites", help="site configurations")
     ssub = sites.add_subparsers(dest="sites_command", required=True)

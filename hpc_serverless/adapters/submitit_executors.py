@@ -119,6 +119,31 @@ def submit_calls(executor: core.Executor, task_ids: Sequence[str], store_root: s
     return [j.job_id for j in jobs]
 
 
+def remove_job_files(jobs_dir: Path, job_ids: Sequence[str]) -> int:
+    """Remove submitit's files of finished jobs (their folders: the submitted and result
+    pickles, an array's script; the script's link in `jobs_dir`), keeping their logs,
+    which sit beside the folders. Returns how many files went. submitit's `JobPaths` says
+    where each is; a job still writing its result pickle would fail, so the engine calls
+    this only once the job is over."""
+    removed = 0
+    gone: set[str] = set()
+    for job_id in job_ids:
+        folder = utils.JobPaths(jobs_dir / "%j", job_id=job_id).folder
+        if not folder.is_dir():
+            continue
+        for f in folder.iterdir():
+            f.unlink(missing_ok=True)
+            removed += 1
+        folder.rmdir()
+        gone.add(str(folder))
+    if gone:  # the links submitit leaves at the scripts' first names
+        for entry in jobs_dir.glob(".submission_file_*"):
+            if entry.is_symlink() and os.path.dirname(os.readlink(entry)) in gone:
+                entry.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 # -- Slurm ----------------------------------------------------------------------------------------
 class TransportSlurmExecutor(SlurmExecutor):
     """submitit's SlurmExecutor (its sbatch script, its parameters) whose sbatch runs through
@@ -285,4 +310,5 @@ class PBSExecutor(core.PicklingExecutor):
         return re.sub(r"\[\]", "", P.short_id(P.parse_qsub(text)))
 
 
-__all__ = ["PBSExecutor", "PBSJob", "PBSJobEnvironment", "TransportSlurmExecutor", "submit_calls"]
+__all__ = ["PBSExecutor", "PBSJob", "PBSJobEnvironment", "TransportSlurmExecutor", "remove_job_files",
+           "submit_calls"]

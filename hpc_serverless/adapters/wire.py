@@ -23,7 +23,7 @@ __all__ = ["PROTOCOL", "MAGIC", "versions", "encode", "read_head", "read_frame",
            "exact_reader_into"]
 
 #: bumped whenever a message changes shape; the handshake refuses a different one
-PROTOCOL = 1
+PROTOCOL = 2  # 2: session_beat, session_close, gc, du, remove_program; task ids carry a session
 MAGIC = b"HPCW"
 _HEAD = struct.Struct("<4sI")
 _SIZE = struct.Struct("<Q")

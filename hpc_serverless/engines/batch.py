@@ -22,6 +22,7 @@ user does:
 from __future__ import annotations
 
 import atexit
+import hashlib
 import logging
 import threading
 import time
@@ -42,9 +43,10 @@ from hpc_serverless.core.errors import (
 )
 from hpc_serverless.core.refs import TaskRef, TaskStatus, register_backend
 from hpc_serverless.core.serialization import loads, unpack_exception
+from hpc_serverless.core.sessions import session_of
 from hpc_serverless.core.store import ObjectStore
 from hpc_serverless.core.target import Target
-from hpc_serverless.runtime.worker import function_key, result_key
+from hpc_serverless.runtime.worker import function_key, result_key, task_key
 
 if TYPE_CHECKING:
     from hpc_serverless.config.site import Site
@@ -57,6 +59,9 @@ RESULT_GRACE_S = 5.0
 #: a loop of calls is gathered into one array while calls keep coming `array_linger`
 #: apart, but never held back longer than this
 MAX_LINGER_S = 2.0
+#: a collected task's job files go this long after its result appeared: the job's own
+#: runner (submitit) still writes its result pickle into them just after ours
+RELEASE_AFTER_S = 2.0
 
 
 @dataclass(eq=False)
@@ -89,7 +94,10 @@ class BatchSite(Protocol):
     @property
     def store(self) -> ObjectStore: ...
 
-    def log_path_hint(self, job_id: str) -> str: ...
+    def log_path_hint(self, job_id: str, task_id: str = "") -> str: ...
+
+    def record_jobs(self, task_id: str, job_ids: list[str]) -> None:
+        """Note in the task's session which jobs it submitted (gc asks about them)."""
 
 
 class BatchBackend:
@@ -111,19 +119,26 @@ class BatchBackend:
         self._interval = self.site.poll_interval
         self._next_poll = 0.0
         self._closed = False
-        self._functions_written: set[str] = set()
+        self._functions_written: dict[str, str] = {}   # a client's function key -> its stored key
+        self._releasing: list[tuple[float, BatchTask]] = []   # collected, job files still there
+        self._array_open: dict[str, int] = {}   # array id -> its tasks not yet collected
         self._job_cache: dict[str, tuple[float, JobState | None]] = {}
         self.polls = 0
         register_backend(self)
 
     # -- submission side (user threads) ----------------------------------------------------
-    def ensure_function(self, fn_key: str, fn_bytes: bytes) -> None:
-        if fn_key in self._functions_written:
-            return
-        key = function_key(fn_key)
+    def ensure_function(self, fn_key: str, fn_bytes: bytes | None) -> str:
+        """The key to put in a call for this function: its content hash, so every process
+        and session calling the same code shares one file (stored here the first time)."""
+        known = self._functions_written.get(fn_key)
+        if known is not None or fn_bytes is None:
+            return known or fn_key  # not sent (a new agent): stored under the client's key before
+        stored = "h:" + hashlib.sha256(fn_bytes).hexdigest()[:32]
+        key = function_key(stored)
         if not self.store.exists(key):
             self.store.put(fn_bytes, key, what="the task function", overwrite=True)
-        self._functions_written.add(fn_key)
+        self._functions_written[fn_key] = stored
+        return stored
 
     def enqueue(self, task: BatchTask) -> None:
         with self._lock:
@@ -140,12 +155,16 @@ class BatchBackend:
             self._thread = threading.Thread(target=self._loop, name=f"hpc-serverless-{self.site.name}",
                                             daemon=True)
             self._thread.start()
-            atexit.register(self.flush)
+            atexit.register(self.flush, at_exit=True)
 
-    def flush(self) -> None:
-        """Submit everything queued now (also at exit: fire-and-forget tasks still go out)."""
+    def flush(self, at_exit: bool = False) -> None:
+        """Submit everything queued now (also at exit: fire-and-forget tasks still go out,
+        and collected tasks' job files are removed)."""
         with self._lock:
             self._submit_queue()
+            if at_exit and self._releasing:
+                self._cv.wait(max(0.0, self._releasing[-1][0] + RELEASE_AFTER_S - time.monotonic()))
+                self._release_due(time.monotonic())
 
     # -- the engine thread ------------------------------------------------------------------
     def _loop(self) -> None:
@@ -166,11 +185,16 @@ class BatchBackend:
                     or len(self._queue) >= self.scheduler.max_array_size()):
                 self._submit_queue()
                 return
+            if self._releasing and now >= self._releasing[0][0] + RELEASE_AFTER_S:
+                self._release_due(now)
+                return
             active = [t for t in self._tasks.values() if t.job_id and not t.settled]
             if active and now >= self._next_poll:
                 self._poll(active)
                 return
             waits = []
+            if self._releasing:
+                waits.append(self._releasing[0][0] + RELEASE_AFTER_S - now)
             if self._queue and self._queued_since is not None:
                 waits.append(min(self._last_enqueue + self.site.array_linger,
                                  self._queued_since + MAX_LINGER_S) - now)
@@ -181,7 +205,8 @@ class BatchBackend:
     def _submit_queue(self) -> None:
         """Submit queued tasks: arrays by target; dependent tasks one by one (lock held)."""
         queue, self._queue, self._queued_since = self._queue, [], None
-        groups: dict[Target, list[BatchTask]] = {}
+        # an array holds calls of one target and one session (its files live in the session)
+        groups: dict[tuple[Target, str | None], list[BatchTask]] = {}
         ordered: list[tuple[Target, list[BatchTask]]] = []
         for task in queue:
             if task.settled:
@@ -189,10 +214,11 @@ class BatchBackend:
             if task.deps or not self.site.arrays:  # alone (after its upstream jobs, if any)
                 ordered.append((task.target, [task]))
             else:
-                if task.target not in groups:
-                    groups[task.target] = []
-                    ordered.append((task.target, groups[task.target]))
-                groups[task.target].append(task)
+                group = (task.target, session_of(task.ref.task_id))
+                if group not in groups:
+                    groups[group] = []
+                    ordered.append((task.target, groups[group]))
+                groups[group].append(task)
         limit = max(1, self.scheduler.max_array_size())
         for target, tasks in ordered:
             after: list[str] = []
@@ -234,6 +260,12 @@ class BatchBackend:
         for t, job_id in zip(chunk, job_ids, strict=True):
             t.job_id, t.submitted = job_id, now
             t.ref._job_id = job_id
+        array = job_ids[0].split("_", 1)[0]
+        self._array_open[array] = self._array_open.get(array, 0) + len(chunk)
+        try:
+            self.provider.record_jobs(chunk[0].ref.task_id, job_ids)
+        except OSError as exc:  # gc then judges the session by its heartbeat and age alone
+            log.warning("%s: cannot record job %s in its session: %s", self.site.name, array, exc)
 
     def _upstream_jobs(self, task: BatchTask) -> tuple[list[str], BaseException | None]:
         """Job ids to wait for (afterok), or the failure that makes the task pointless."""
@@ -266,10 +298,35 @@ class BatchBackend:
 
     def _settle(self, t: BatchTask, ok: bool) -> None:
         """Its result object is there. A failure also settles the tasks waiting on it."""
+        first = t.result_ok is None
         t.result_ok = ok
         t.status = TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED
+        if first and t.job_id:
+            self._releasing.append((time.monotonic(), t))
+            self._cv.notify_all()
         if not ok:
             self._fail_dependents(t)
+
+    def _release_due(self, now: float) -> None:
+        """Remove what collected tasks no longer need on the site (lock held): the call and
+        submitit's files, so a task leaves its result and its log. An array's script goes
+        with its last element."""
+        due = [t for when, t in self._releasing if now >= when + RELEASE_AFTER_S]
+        self._releasing = [(w, t) for w, t in self._releasing if now < w + RELEASE_AFTER_S]
+        for t in due:
+            job_id = t.job_id or ""
+            array = job_id.split("_", 1)[0]
+            left = self._array_open.get(array, 1) - 1
+            jobs = [job_id] + ([array] if left <= 0 and array != job_id else [])
+            if left <= 0:
+                self._array_open.pop(array, None)
+            else:
+                self._array_open[array] = left
+            try:
+                self.store.delete(task_key(t.ref.task_id))
+                self.scheduler.release(t.ref.task_id, jobs)
+            except (OSError, HPCServerlessError) as exc:  # gc takes them with the session
+                log.info("%s: cannot remove the files of job %s: %s", self.site.name, job_id, exc)
 
     def _fail_dependents(self, t: BatchTask) -> None:
         """`t` failed or was stopped: fail every task waiting on it, directly or not, and
@@ -377,7 +434,7 @@ class BatchBackend:
         if st.state in ("CANCELLED", "REVOKED"):
             return TaskCancelledError(f"task {t.name}: {detail}")
         return WorkerDiedError(f"task {t.name}: {detail}, without storing a result. Its log: "
-                               f"{self.provider.log_path_hint(t.job_id or '')}")
+                               f"{self.provider.log_path_hint(t.job_id or '', t.ref.task_id)}")
 
     def _note(self, task_id: str) -> str | None:
         """What the worker left for us about its job (a failed requeue), if anything."""

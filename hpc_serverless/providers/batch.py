@@ -6,7 +6,6 @@ return the RemoteProvider that reaches the same provider through its agent."""
 
 from __future__ import annotations
 
-import secrets
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from hpc_serverless.adapters.schedulers.base import Scheduler
@@ -14,8 +13,9 @@ from hpc_serverless.config.site import Site
 from hpc_serverless.core.calls import find_task_refs, pack_arguments
 from hpc_serverless.core.errors import ConfigError, HPCServerlessError
 from hpc_serverless.core.fs import LOCAL
-from hpc_serverless.core.refs import TaskRef, register_store
-from hpc_serverless.core.store import ObjectStore
+from hpc_serverless.core.refs import ObjectRef, TaskRef, register_store
+from hpc_serverless.core.sessions import Session, session_of, session_prefix, session_task_id
+from hpc_serverless.core.store import ObjectStore, new_object_id
 from hpc_serverless.core.target import Target
 from hpc_serverless.engines.batch import BatchBackend, BatchTask
 from hpc_serverless.providers.base import Provider
@@ -74,10 +74,57 @@ class BatchProvider(Provider):
         self._store = ObjectStore(site.storage_path / "store")
         register_store(self._store)
         self.backend = BatchBackend(self)
+        #: this process's session on the site; an agent also holds its clients' sessions
+        self.session = Session(str(self._store.root), client=f"provider {name}")
+        self._sessions: dict[str, Session] = {self.session.id: self.session}
 
     @property
     def store(self) -> ObjectStore:
         return self._store
+
+    def session_for(self, session_id: str | None) -> Session | None:
+        """An open session by id: this process's, or a remote client's seen through the agent
+        (opened on its first call; the agent beats it while the client does)."""
+        if session_id is None:
+            return None
+        s = self._sessions.get(session_id)
+        if s is None:
+            s = self._sessions.setdefault(session_id, Session(str(self._store.root), session_id,
+                                                              client="remote client"))
+        s.open(beating=s is self.session)
+        return s
+
+    def record_jobs(self, task_id: str, job_ids: list[str]) -> None:
+        s = self.session_for(session_of(task_id))
+        if s is not None:
+            s.record_jobs(job_ids)
+
+    def put(self, obj: Any) -> ObjectRef:
+        """Store `obj` in this process's session (the ref carries its key, so it resolves
+        from any session until the session is collected)."""
+        self.session.open()
+        key = f"{session_prefix(self.session.id)}/objects/{(oid := new_object_id())[:2]}/{oid}"
+        self.store.put(obj, key, what=f"the object given to put() ({type(obj).__name__})")
+        return ObjectRef(key, str(self.store.root), self.name)
+
+    def gc(self, older_than: float = 7 * 86400, *, dry_run: bool = False, programs: bool = False) -> Any:
+        """Remove finished, unused sessions (and with `programs`, finished Programs);
+        see engines/housekeeping.py. Returns the report."""
+        from hpc_serverless.engines.housekeeping import collect
+
+        return collect(self, older_than, dry_run=dry_run, programs=programs)
+
+    def du(self) -> Any:
+        """Sizes and file counts of the site's storage, by session and kind, and its quota."""
+        from hpc_serverless.engines.housekeeping import usage
+
+        return usage(self)
+
+    def remove_program(self, job_id: str) -> Any:
+        """Remove one finished Program's directory (`hpc-serverless rm JOB_ID`)."""
+        from hpc_serverless.engines.housekeeping import remove_program
+
+        return remove_program(self, job_id)
 
     def effective_target(self, target: Target) -> Target:
         return target.merged_over(self.site.defaults)
@@ -100,7 +147,8 @@ class BatchProvider(Provider):
                     f"{d!r} belongs to provider '{d.provider}'; a task on '{self.name}' can only "
                     "depend on tasks of the same provider (pass get(ref) instead)")
         blob = pack_arguments(fn.function, args, kwargs)
-        return self.submit_packed(secrets.token_hex(12), fn.name, fn.key, fn.function_bytes, blob,
+        self.session.open()
+        return self.submit_packed(session_task_id(self.session.id), fn.name, fn.key, fn.function_bytes, blob,
                                   [(d.task_id, d.function, d._job_id) for d in deps], target)
 
     def submit_packed(self, task_id: str, name: str, fn_key: str, fn_bytes: bytes | None, blob: bytes,
@@ -115,8 +163,8 @@ class BatchProvider(Provider):
                 return known.ref
             for dep_id, dep_fn, dep_job in deps:
                 self.backend._task(TaskRef(dep_id, self.backend.key, self.name, dep_fn, job_id=dep_job))
-        if fn_bytes is not None:
-            self.backend.ensure_function(fn_key, fn_bytes)
+        fn_key = self.backend.ensure_function(fn_key, fn_bytes)
+        self.session_for(session_of(task_id))
         spec = {"task_id": task_id, "name": name, "fn_key": fn_key, "args": blob,
                 "deps": [(d[0], d[1]) for d in deps], "env": dict(target.env) or None,
                 "mpi": target.mpi, "requeue": target.requeue, "versions": versions(),
@@ -133,8 +181,9 @@ class BatchProvider(Provider):
             return {}
         return {"launcher": self.site.mpi.argv(target.mpi), "launcher_env": dict(self.site.mpi.env)}
 
-    def log_path_hint(self, job_id: str) -> str:
-        return str(self.site.storage_path / "jobs" / f"{job_id}_0_log.out")
+    def log_path_hint(self, job_id: str, task_id: str = "") -> str:
+        """Where a task's job log is: in its session's jobs/ (older tasks: the site's jobs/)."""
+        return str(self.scheduler.folder_for(task_id).parent / f"{job_id}_0_log.out")
 
     def render_program(self, program: Program, arguments: Mapping[str, Any] | None = None) -> str:
         """The batch script run_program would submit (for `hpc-serverless run --dry-run`)."""

@@ -31,8 +31,9 @@ from hpc_serverless.core.errors import (
     TaskCancelledError,
 )
 from hpc_serverless.core.jobs import Job, Program
-from hpc_serverless.core.refs import TaskRef, TaskStatus, register_backend, register_store
+from hpc_serverless.core.refs import ObjectRef, TaskRef, TaskStatus, register_backend, register_store
 from hpc_serverless.core.serialization import loads, unpack_exception
+from hpc_serverless.core.sessions import HEARTBEAT_S, new_session_id, session_prefix, session_task_id
 from hpc_serverless.core.store import ObjectStore
 from hpc_serverless.core.target import Target
 from hpc_serverless.engines.batch import MAX_LINGER_S
@@ -319,6 +320,42 @@ class RemoteProvider(Provider):
         self._backend: RemoteBackend | None = None
         self._checked: dict[Target, BaseException | None] = {}
         self._start_lock = threading.Lock()
+        #: this client's session on the site; the agent writes its heartbeat when we beat
+        self.session_id = new_session_id()
+        self._beating: threading.Event | None = None
+
+    def _session(self) -> str:
+        """Start beating this client's session (at its first task or put)."""
+        if self._beating is None:
+            with self._start_lock:
+                if self._beating is None:
+                    self._beating = threading.Event()
+                    self.agent.call("session_beat", self.session_id)
+                    threading.Thread(target=self._beat, args=(self._beating,), daemon=True,
+                                     name=f"hpc-serverless-session-{self.session_id}").start()
+        return self.session_id
+
+    def _beat(self, stop: threading.Event) -> None:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                self.agent.call("session_beat", self.session_id)
+            except HPCServerlessError as exc:  # a dropped connection: the next beat retries
+                log.info("%s: session heartbeat failed: %s", self.name, exc)
+
+    def put(self, obj: Any) -> ObjectRef:
+        key = f"{session_prefix(self._session())}/objects/{(oid := secrets.token_hex(16))[:2]}/{oid}"
+        self.store.put(obj, key, what=f"the object given to put() ({type(obj).__name__})")
+        return ObjectRef(key, str(self.store.root), self.name)
+
+    def gc(self, older_than: float = 7 * 86400, *, dry_run: bool = False, programs: bool = False) -> Any:
+        """gc on the site, run by its agent (see BatchProvider.gc)."""
+        return self.agent.call("gc", older_than, dry_run, programs)
+
+    def du(self) -> Any:
+        return self.agent.call("du")
+
+    def remove_program(self, job_id: str) -> Any:
+        return self.agent.call("remove_program", job_id)
 
     def _started(self) -> tuple[RemoteStore, RemoteBackend]:
         with self._start_lock:
@@ -358,7 +395,7 @@ class RemoteProvider(Provider):
                     f"{d!r} belongs to provider '{d.provider}'; a task on '{self.name}' can only "
                     "depend on tasks of the same provider (pass get(ref) instead)")
         blob = pack_arguments(fn.function, args, kwargs)
-        task_id = secrets.token_hex(12)
+        task_id = session_task_id(self._session())
         ref = TaskRef(task_id, backend.key, self.name, fn.name, backend=backend)
         backend.enqueue(ref, {"task_id": task_id, "name": fn.name, "fn_key": fn.key,
                               "fn_bytes": fn.function_bytes, "args": blob, "target": target,
@@ -399,6 +436,12 @@ class RemoteProvider(Provider):
         return dict(self.agent.call("stats"))
 
     def close(self) -> None:
+        if self._beating is not None:
+            self._beating.set()
+            try:
+                self.agent.call("session_close", self.session_id)
+            except HPCServerlessError as exc:  # gc then waits for the heartbeat to go stale
+                log.info("%s: could not close session %s: %s", self.name, self.session_id, exc)
         self.agent.close()
         self.transport.close()
 

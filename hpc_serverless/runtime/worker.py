@@ -26,23 +26,34 @@ from hpc_serverless.core.calls import execute
 from hpc_serverless.core.errors import SerializationError, WorkerDiedError, upstream_failed
 from hpc_serverless.core.launch import module_argv
 from hpc_serverless.core.serialization import loads, pack_exception, unpack_exception
+from hpc_serverless.core.sessions import session_of, session_prefix
 from hpc_serverless.core.store import ObjectStore
 
 RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID", "MV2_COMM_WORLD_RANK")
 
 
+def _keyed(kind: str, task_id: str) -> str:
+    """A task's object of one kind: in its session's directory when its id names one (so a
+    session goes as one), else where tasks lived before sessions (their results stay readable)."""
+    sid = session_of(task_id)
+    if sid is None:
+        return f"{kind}/{task_id[:2]}/{task_id}"
+    rest = task_id[len(sid) + 1:]
+    return f"{session_prefix(sid)}/{kind}/{rest[:2]}/{rest}"
+
+
 def task_key(task_id: str) -> str:
-    return f"tasks/{task_id[:2]}/{task_id}"
+    return _keyed("tasks", task_id)
 
 
 def result_key(task_id: str) -> str:
-    return f"results/{task_id[:2]}/{task_id}"
+    return _keyed("results", task_id)
 
 
 def note_key(task_id: str) -> str:
     """Where the worker leaves a line for the client about a job that may end without a
     result (a failed requeue), so the error at get() can say it."""
-    return f"notes/{task_id[:2]}/{task_id}"
+    return _keyed("notes", task_id)
 
 
 def function_key(fn_key: str) -> str:

@@ -236,3 +236,20 @@ def test_program_killed_at_its_time_limit_reads_timeout(serverless, tmp_path, sc
         assert "time limit" in info["reason"], info
     with pytest.raises(JobFailedError, match="TIMEOUT" if scheduler == "slurm" else "FAILED"):
         job.result(timeout=5)
+
+
+def test_gc_keeps_programs_and_rm_removes_a_finished_one(serverless, config, tmp_path):
+    """Programs stay through gc until `hpc-serverless rm JOB_ID`, which refuses a running one."""
+    wd = _src(tmp_path, "import time\nfrom hpc_serverless import save_result\ntime.sleep(20)\nsave_result(1)\n")
+    job = serverless.run_program(Program("keep me", "main.py", working_dir=str(wd)))
+    job_dir = os.path.join(str(serverless.default_provider.site.storage_path), "programs", job.job_id)
+    cli = [sys.executable, "-m", "hpc_serverless.cli", "--config", str(config)]
+    gc = subprocess.run([*cli, "gc", "--older-than", "0"], capture_output=True, text=True, timeout=300)
+    assert gc.returncode == 0, gc.stderr
+    assert os.path.isdir(job_dir)
+    early = subprocess.run([*cli, "rm", job.job_id], capture_output=True, text=True, timeout=300)
+    assert early.returncode == 1 and "stop it first" in early.stderr and os.path.isdir(job_dir)
+    assert job.result(timeout=180) == 1
+    rm = subprocess.run([*cli, "rm", job.job_id], capture_output=True, text=True, timeout=300)
+    assert rm.returncode == 0, rm.stderr
+    assert not os.path.exists(job_dir) and f"removed {job.job_id}" in rm.stdout

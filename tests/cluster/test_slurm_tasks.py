@@ -204,7 +204,7 @@ def test_job_logs_land_in_storage(on_slurm):
     ref = where()
     job_id, cpus = get(ref, timeout=120)
     assert job_id == ref.job_id.split("_")[0] or job_id
-    logs = list(Path(on_slurm.site.storage_path / "jobs").glob(f"{ref.job_id}_0_log.out"))
+    logs = list(Path(on_slurm.session.jobs_dir).glob(f"{ref.job_id}_0_log.out"))
     assert logs and "[hpc-serverless] task where#" in logs[0].read_text()
 
 
@@ -321,7 +321,7 @@ def test_failed_requeue_is_reported_and_the_task_runs_on(on_slurm, tmp_path):
     ref = marks_then_sleeps(str(marker), 6)
     _signal_when_started(ref, marker)
     assert get(ref, timeout=120) == "finished"
-    log = "".join(p.read_text() for p in Path(on_slurm.site.storage_path / "jobs").glob(f"{ref.job_id}_0_log.*"))
+    log = "".join(p.read_text() for p in Path(on_slurm.session.jobs_dir).glob(f"{ref.job_id}_0_log.*"))
     assert "could not requeue the job: `scontrol requeue" in log and "disabled" in log, log
 
 

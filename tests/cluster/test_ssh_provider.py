@@ -57,6 +57,27 @@ def energy(scale, table, divide=False):
     return scale * sum(table["h"])
 
 
+def test_du_and_gc_through_the_agent(remote_config):
+    """A laptop's session lives on the site, beaten by the agent while the client beats;
+    du and gc run there, and gc removes the session once the client closed it."""
+    s = QuantumServerless.load_configuration(remote_config)
+    provider = s.provider("remote")
+    with s.context("remote"):
+        assert get([energy(i, {"h": [1.0]}) for i in range(3)], timeout=180) == [0.0, 1.0, 2.0]
+    sid = provider.session_id
+    usage = s.du("remote")
+    mine = [x for x in usage["sessions"] if x["id"] == sid]
+    assert mine and mine[0]["live"] and mine[0]["files_by_kind"]["results"] == 3
+    report = s.gc(0, provider="remote")
+    assert sid in {k["id"] for k in report["kept"]}  # live: the client still beats it
+    provider.close()
+    provider = QuantumServerless.load_configuration(remote_config).provider("remote")
+    report = provider.gc(0, dry_run=False)
+    assert sid in {r["id"] for r in report["removed"]}
+    assert not provider.transport.run(["test", "-e", f"{provider.store.root}/sessions/{sid}"]).ok
+    provider.close()
+
+
 def test_tasks_and_objects_over_ssh(remote_config):
     s = QuantumServerless.load_configuration(remote_config)
     provider = s.provider("remote")

@@ -7,7 +7,10 @@ the Slurm and PBS runners (slurm_runner.py, pbs_runner.py) without importing pro
 from __future__ import annotations
 
 import abc
+from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
+
+from hpc_serverless.core.sessions import session_of, session_prefix
 
 if TYPE_CHECKING:
     from hpc_serverless.adapters.schedulers.common import JobState
@@ -29,6 +32,24 @@ class Scheduler(abc.ABC):
     """What the backend needs from a scheduler: submit, poll, cancel (all batched)."""
 
     name: str
+    #: where job files go for tasks of no session ("<storage>/jobs/%j")
+    folder: Path
+    store_root: str
+
+    def folder_for(self, task_id: str) -> Path:
+        """Where a task's job files (submitit's pickles and script, the log) go: in its
+        session's directory, so they leave with the session."""
+        sid = session_of(task_id)
+        if sid is None:
+            return self.folder
+        return Path(self.store_root) / session_prefix(sid) / "jobs" / "%j"
+
+    def release(self, task_id: str, job_ids: Sequence[str]) -> int:
+        """Remove what submission left for these finished jobs (of `task_id`'s session),
+        all but their logs; the number of files removed. Called once results are stored."""
+        from hpc_serverless.adapters.submitit_executors import remove_job_files
+
+        return remove_job_files(self.folder_for(task_id).parent, job_ids)
 
     @abc.abstractmethod
     def submit(self, tasks: Sequence[QueuedTask], target: Target, after: Sequence[str]) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from hpc_serverless.adapters.jobscript import job_preamble, render_program
@@ -60,14 +61,15 @@ class SlurmScheduler(Scheduler):
         S.check_fits(target, self.partitions(), self.site.name)
 
     # -- submission -------------------------------------------------------------------------------
-    def executor(self, target: Target, name: str, after: Sequence[str], *, array: bool = False) -> Any:
+    def executor(self, target: Target, name: str, after: Sequence[str], *, array: bool = False,
+                 folder: Path | None = None) -> Any:
         """A submitit executor for one submission (`array`: of several calls)."""
         # submitit is an optional dependency, imported when a task is first submitted
         from hpc_serverless.adapters.submitit_executors import TransportSlurmExecutor
 
         # exec: python replaces the batch shell, so the time-limit signal (B:, to the batch
         # shell) reaches our worker, which requeues tasks that ask for it
-        ex = TransportSlurmExecutor(self.folder, "exec " + shlex.quote(self.site.python), self.transport)
+        ex = TransportSlurmExecutor(folder or self.folder, "exec " + shlex.quote(self.site.python), self.transport)
         params = S.submitit_parameters(target, directives=self.site.directives)
         extra = dict(params.pop("additional_parameters", {}))
         if after:
@@ -86,7 +88,7 @@ class SlurmScheduler(Scheduler):
         from hpc_serverless.adapters.submitit_executors import submit_calls
 
         name = tasks[0].name if len({t.name for t in tasks}) == 1 else "tasks"
-        ex = self.executor(target, name, after, array=len(tasks) > 1)
+        ex = self.executor(target, name, after, array=len(tasks) > 1, folder=self.folder_for(tasks[0].ref.task_id))
         return submit_calls(ex, [t.ref.task_id for t in tasks], self.store_root)
 
     # -- programs ----------------------------------------------------------------------------------
