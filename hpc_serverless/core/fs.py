@@ -114,21 +114,24 @@ class LocalFS:
         finally:
             os.close(fd)
 
-    def write_atomic(self, path: str, data: bytes, mode: int = 0o600) -> None:
+    def write_atomic(self, path: str, data: bytes, mode: int = 0o600, *, durable: bool = True) -> None:
         """Small files (job records, exit records, markers): written aside, fsynced, then
         renamed over, and the rename made durable: a reader sees the old file or the whole
-        new one, also after a crash of the node."""
+        new one, also after a crash of the node. `durable=False` skips the fsyncs, for
+        files rewritten often whose loss in a crash costs nothing (a heartbeat)."""
         folder = os.path.dirname(path) or "."
         tmp = f"{folder}/.{os.path.basename(path)}.{secrets.token_hex(4)}.tmp"
         try:
             with self.open_new(tmp, mode) as f:
                 f.write(data)
-                self.sync(f)
+                if durable:
+                    self.sync(f)
             self.replace(tmp, path)
         except BaseException:
             self.unlink(tmp)
             raise
-        self.sync_dir(folder)
+        if durable:
+            self.sync_dir(folder)
 
 
 LOCAL = LocalFS()

@@ -131,7 +131,7 @@ class Session:
         """Say this session is still in use (the thread calls it; the agent calls it for a
         remote client's session each time the client beats)."""
         try:
-            LOCAL.write_atomic(str(self.dir / "heartbeat"), repr(time.time()).encode())
+            LOCAL.write_atomic(str(self.dir / "heartbeat"), repr(time.time()).encode(), durable=False)
         except OSError:  # gone (removed by hand) or the filesystem hiccups: the next beat retries
             pass
 
@@ -147,7 +147,11 @@ class Session:
             if not new:
                 return
             self._job_ids.extend(new)
-            LOCAL.write_atomic(str(self.dir / "job-ids"), ("\n".join(self._job_ids) + "\n").encode())
+            # not fsynced: it is written on the engine's submit path (under its lock). A crash
+            # of this node can lose the last ids; gc's age cutoff (a week by default) is then
+            # the margin that keeps their files while such jobs could still run
+            LOCAL.write_atomic(str(self.dir / "job-ids"), ("\n".join(self._job_ids) + "\n").encode(),
+                               durable=False)
 
     def close(self) -> None:
         """Stop beating and mark the session closed: gc may take it once it is old enough."""
