@@ -8,7 +8,8 @@
 2. put+get of a float64 array of `--gib` GiB vs numpy.save + numpy.load of the same
    array in the same directory, and vs shutil.copyfile of a file of the same size there
    (GiB/s counted as 2 x size for each: written once, read once). Aim: numpy time / our
-   time >= 0.8.
+   time >= 0.95, checksums verified on every get. The ratio is the median of 5
+   interleaved pairs (ours, numpy, ours, numpy, ...): this machine is shared and noisy.
 Prints the figures and the ratios; `--json` writes them too.
 """
 
@@ -20,10 +21,14 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+#: put+get and numpy.save+load pairs, run alternately; the figures are their medians
+RUNS = 5
 
 
 def noop(x: int) -> int:
@@ -97,14 +102,17 @@ def bench_store(gib: float, directory: Path) -> dict[str, float]:
     ours()  # warm the page cache and allocator the same way for both
     numpy_baseline()
     copy_baseline()
-    o = min(ours() for _ in range(3))
-    b = min(numpy_baseline() for _ in range(3))
+    # interleaved (ours, numpy, ours, numpy, ...): a neighbour's burst on this shared
+    # machine then hits both sides alike, and the median of the pairs' ratios ignores it
+    pairs = [(ours(), numpy_baseline()) for _ in range(RUNS)]
+    o = statistics.median(p[0] for p in pairs)
+    b = statistics.median(p[1] for p in pairs)
     c = min(copy_baseline() for _ in range(3))
     (directory / "copy_src.bin").unlink()
-    return {"gib": gib, "put_get_s": o, "numpy_save_load_s": b, "put_get_gib_per_s": 2 * gib / o,
-            "numpy_gib_per_s": 2 * gib / b, "speed_ratio": b / o,
+    return {"gib": gib, "runs": RUNS, "put_get_s": o, "numpy_save_load_s": b, "put_get_gib_per_s": 2 * gib / o,
+            "numpy_gib_per_s": 2 * gib / b, "speed_ratio": statistics.median(nb / us for us, nb in pairs),
+            "speed_ratios": [nb / us for us, nb in pairs],
             "copyfile_s": c, "copyfile_gib_per_s": 2 * gib / c, "copy_speed_ratio": c / o}
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,7 +136,8 @@ def main() -> None:
             shutil.rmtree(d, ignore_errors=True)
     print(f"put+get of {store['gib']} GiB: {store['put_get_s']:.3f} s ({store['put_get_gib_per_s']:.2f} GiB/s); "
           f"numpy.save+load {store['numpy_save_load_s']:.3f} s ({store['numpy_gib_per_s']:.2f} GiB/s); "
-          f"speed ratio {store['speed_ratio']:.2f} (aim >= 0.8); shutil.copyfile {store['copyfile_s']:.3f} s, "
+          f"speed ratio {store['speed_ratio']:.2f} (aim >= 0.95; median of {store['runs']} interleaved runs: "
+          f"{', '.join(f'{r:.2f}' for r in store['speed_ratios'])}); shutil.copyfile {store['copyfile_s']:.3f} s, "
           f"copy time / ours {store['copy_speed_ratio']:.2f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"tasks": tasks, "store": store}, indent=1))

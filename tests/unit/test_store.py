@@ -1,19 +1,27 @@
+import errno
+import json
 import os
 import pickle
+import shutil
 import stat
+import struct
 import threading
+import zlib
 from pathlib import Path
 
 import pytest
 
 from hpc_serverless.core.errors import (
     CorruptObjectError,
+    HPCServerlessError,
     ObjectNotFoundError,
     SerializationError,
     StoreError,
     UnsafeStoreError,
 )
-from hpc_serverless.core.store import ObjectStore
+from hpc_serverless.core.store import FORMAT, ObjectStore
+
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 @pytest.fixture
@@ -146,3 +154,124 @@ def test_unloadable_pickle_says_versions(store):
     store.write_parts("x/bad", [memoryview(data)])
     with pytest.raises(SerializationError, match="written by Python .* read by Python"):
         store.get("x/bad")
+
+
+def _flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01  # one bit of one byte
+    path.write_bytes(bytes(data))
+
+
+def _large(store, key):
+    """A 40 MiB array: above the size where the checksum runs on its own thread."""
+    np = pytest.importorskip("numpy")
+    a = np.arange(5 * 1024 * 1024, dtype=np.float64)
+    store.put(a, key)
+    return a, Path(store.path_of(key))
+
+
+@pytest.mark.parametrize("where", ["buffer start", "buffer middle", "buffer end", "header", "checksum"])
+def test_a_flipped_byte_in_a_large_object_is_detected(store, where):
+    a, path = _large(store, "x/big")
+    assert path.read_bytes()[:8] == FORMAT.magic
+    size = path.stat().st_size
+    (hlen,) = struct.unpack("<Q", path.read_bytes()[8:16])
+    header = path.read_bytes()[16:16 + hlen]
+    offset = {
+        "buffer start": size - FORMAT.trailer.size - a.nbytes,
+        "buffer middle": size - FORMAT.trailer.size - a.nbytes // 2,
+        "buffer end": size - FORMAT.trailer.size - 1,
+        # a digit of the write time: the header still parses, only the checksum sees it
+        "header": 16 + header.index(b'"written":') + len(b'"written":') + 1,
+        "checksum": size - FORMAT.trailer.size,
+    }[where]
+    _flip(path, offset)
+    with pytest.raises(CorruptObjectError, match="fails its checksum"):
+        store.get("x/big")
+
+
+def test_a_large_object_reads_back_whole(store):
+    np = pytest.importorskip("numpy")
+    a, _ = _large(store, "x/big")
+    assert np.array_equal(store.get("x/big"), a)
+
+
+def _format1_object(path, parts, meta=None):
+    """An object as format 1 wrote it (CRC-32), built here from docs/on-disk.md."""
+    header = json.dumps({"sizes": [len(p) for p in parts], "python": "3.x", "type": "t", "written": 0.0,
+                         "host": "h", "meta": meta or {}}).encode()
+    body = b"HPCSOBJ1" + struct.pack("<Q", len(header)) + header + b"".join(parts)
+    os.makedirs(path.parent, mode=0o700, exist_ok=True)
+    path.write_bytes(body + struct.pack("<I", zlib.crc32(body)) + b"HPCSEND1")
+    os.chmod(path, 0o600)
+
+
+def test_format1_objects_still_read(store):
+    """An object written by the previous release (tests/data, made by its store.py) loads."""
+    path = Path(store.path_of("x/old"))
+    os.makedirs(path.parent, mode=0o700)
+    shutil.copyfile(DATA / "store_object_format1.bin", path)
+    assert path.read_bytes()[:8] == b"HPCSOBJ1"
+    assert store.header("x/old")["meta"] == {"ok": True}
+    value = store.get("x/old")
+    assert value["list"] == list(range(10)) and value["text"] == "format 1"
+    assert bytes(value["buffer"]) == b"hpc-serverless " * 100
+
+
+@pytest.mark.parametrize("where", ["header", "buffer", "checksum"])
+def test_format1_objects_are_still_verified(store, where):
+    np = pytest.importorskip("numpy")
+    a = np.arange(5 * 1024 * 1024, dtype=np.float64)  # 40 MiB: the threaded CRC-32 path
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(a, protocol=5, buffer_callback=buffers.append)
+    parts = [data] + [bytes(b.raw()) for b in buffers]
+    path = Path(store.path_of("x/old"))
+    _format1_object(path, parts)
+    assert np.array_equal(store.get("x/old"), a)
+    size = path.stat().st_size
+    offset = {"header": 16 + path.read_bytes()[16:].index(b'"python"') + 2,
+              "buffer": size - 12 - a.nbytes // 3, "checksum": size - 12}[where]
+    _flip(path, offset)
+    with pytest.raises(CorruptObjectError, match="fails its checksum"):
+        store.get("x/old")
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+@pytest.mark.parametrize("when", ["open", "write", "sync"])
+def test_a_full_disk_or_quota_is_told_and_leaves_nothing(store, monkeypatch, code, when):
+    """The disk-full (or over-quota) condition is simulated: the failing call raises the
+    OSError the kernel would give; no disk is filled."""
+    import hpc_serverless.core.store as store_mod
+
+    full = OSError(code, os.strerror(code))
+    store.put(0, "x/first")  # the directory exists; only the new object's files are counted
+    if when == "open":
+        def open_new(path, mode=0o600):
+            raise full
+        monkeypatch.setattr(store.fs, "open_new", open_new)
+    elif when == "write":
+        calls = {"n": 0}
+        real = store_mod._write_all
+
+        def write_all(f, view):
+            calls["n"] += 1
+            if calls["n"] == 3:  # after the head and a first chunk
+                raise full
+            real(f, view)
+        monkeypatch.setattr(store_mod, "_write_all", write_all)
+        monkeypatch.setattr(store_mod, "_CHUNK", 1000)
+    else:  # NFS reports a full server when the data is flushed
+        def sync(f):
+            raise full
+        monkeypatch.setattr(store.fs, "sync", sync)
+    payload = b"x" * 100_000
+    with pytest.raises(StoreError) as info:
+        store.put(payload, "x/big")
+    assert isinstance(info.value, HPCServerlessError) and info.value.__cause__ is full
+    message = str(info.value)
+    assert str(store.root) in message
+    size = int(message.split(" bytes)")[0].rsplit("(", 1)[1])
+    assert size > len(payload)
+    assert ("over quota" if code == errno.EDQUOT else "no space left") in message
+    assert "`hpc-serverless du`" in message and "`hpc-serverless gc`" in message
+    assert sorted(p.name for p in Path(store.path_of("x/big")).parent.iterdir()) == ["first"]
