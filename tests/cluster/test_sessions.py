@@ -77,7 +77,7 @@ def test_loop_of_tasks_then_du_and_gc_leave_nothing_but_running_jobs(site_path, 
     print(f"files in the session: {loop['at_get']} right after get, {_files(session_dir)} after release")
 
     running = _client(site_path, """
-        ref = nap(90)
+        ref = nap(45)  # outlasts du, the dry run and gc below (a few CLI calls)
         while ref.status() != "RUNNING":
             time.sleep(0.5)
         print(json.dumps({"dir": str(provider.session.dir), "id": provider.session.id}))
