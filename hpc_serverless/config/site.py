@@ -241,9 +241,8 @@ def _control_character(value: Any, where: tuple[Any, ...] = ()) -> tuple[tuple[A
     for key, item in items:
         if not where and key in _PROSE_KEYS:
             continue
-        if isinstance(key, str) and _CONTROL.search(key):
-            return (*where, key), _CONTROL.search(key).group(0)  # type: ignore[union-attr]
-        found = _control_character(item, (*where, key))
+        found = _control_character(key, (*where, key)) if isinstance(key, str) else None
+        found = found or _control_character(item, (*where, key))
         if found:
             return found
     return None
