@@ -20,7 +20,11 @@ File layout (see docs/on-disk.md)::
     (format 1, read only: b"HPCSOBJ1" ... | u32 crc32 | b"HPCSEND1")
 
 Large contiguous buffers (numpy arrays) are pickled out of band (protocol 5) and written
-and read straight to and from their memory, so big arrays move at close to disk speed.
+straight from their memory. A big object on a local disk is read by mapping its file
+copy-on-write: the checksum reads the page cache in place and the first buffer (aligned
+to 64 bytes by spaces that end the header) becomes the array's memory, with no copy and
+no fresh allocation; on network filesystems (where a mapped file removed from another
+host faults when its pages are dropped) it is read into new memory instead.
 The checksum runs at memory speed (XXH3 with SIMD, ~14 GiB/s here against zlib's CRC-32
 at 2.6 GiB/s), beside the I/O on a second thread for big objects.
 """
@@ -175,8 +179,9 @@ class ObjectStore:
     def write_parts(self, key: str, parts: list[memoryview], *, overwrite: bool = False,
                     type_name: str = "", meta: dict[str, Any] | None = None,
                     durable: bool | None = None, ready: Callable[[int, int], None] | None = None) -> int:
-        """Write an object from raw parts. `durable` (default: objects under FSYNC_BELOW)
-        fsyncs before the rename, so it survives a crash of the writing node. `ready(i, end)`,
+        """Write an object from raw parts. `durable` fsyncs the file before the rename and
+        the directory after it, so the object survives a crash of the writing node (by
+        default only the file of an object under FSYNC_BELOW is fsynced). `ready(i, end)`,
         if given, returns once part i holds its bytes up to `end` (parts still arriving: the
         agent writes a put while it streams in); what it raises abandons the write."""
         path = self.path_of(key)
@@ -189,6 +194,8 @@ class ObjectStore:
             "host": os.uname().nodename if hasattr(os, "uname") else "",
             "meta": meta or {},
         }, separators=(",", ":")).encode()
+        if len(parts) > 1:  # spaces end the JSON so the first buffer starts 64-aligned (_read_mapped)
+            header += b" " * (-(16 + len(header) + parts[0].nbytes) % _ALIGN)
         head = FORMAT.magic + struct.pack("<Q", len(header)) + header
         total = len(head) + sum(p.nbytes for p in parts) + FORMAT.trailer.size
         tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
@@ -212,7 +219,8 @@ class ObjectStore:
                 finally:
                     value = digest.result()
                 _write_all(f, memoryview(FORMAT.trailer.pack(value, FORMAT.end)))
-                if durable if durable is not None else total < FSYNC_BELOW:
+                sync = durable if durable is not None else total < FSYNC_BELOW
+                if sync:
                     self.fs.sync(f)
             if overwrite:
                 self.fs.replace(tmp, str(path))
@@ -222,6 +230,8 @@ class ObjectStore:
                     self.fs.link_noreplace(tmp, str(path))
                 except FileExistsError:
                     raise StoreError(f"object {key} already exists (objects are immutable)") from None
+            if durable:  # asked for (results, checkpoints): the rename too, so the object
+                self.fs.sync_dir(str(path.parent))  # outlives a crash of the node that wrote it
         except OSError as exc:
             self.fs.unlink(tmp)
             if exc.errno in _NO_SPACE:
@@ -305,6 +315,10 @@ class ObjectStore:
             if size != expected:
                 raise CorruptObjectError(
                     f"{path} is {size} bytes but its header says {expected}: truncated or damaged")
+            start = 16 + hlen
+            mapped = self._read_mapped(f, path, fmt, size, start, sizes) if size >= _MAP_ABOVE else None
+            if mapped is not None:
+                return mapped[0], mapped[1:], header
             digest = _Checksum(fmt, size)
             digest.add(memoryview(head))
             digest.add(memoryview(header_raw))
@@ -331,8 +345,77 @@ class ObjectStore:
                 raise CorruptObjectError(f"{path} fails its checksum: the object is damaged")
         return parts[0], parts[1:], header
 
+    def _read_mapped(self, f: IO[bytes], path: PurePosixPath, fmt: _Format, size: int, start: int,
+                     sizes: list[int]) -> list[Any] | None:
+        """The parts of a big object on a local disk, checked, without reading it into new
+        memory: the file is mapped copy-on-write, hashed in place, and aligned buffers are
+        handed out as views of the map (numpy arrays then live in the page cache, writable,
+        private to this process). None where mapping is not safe: on network filesystems a
+        file removed from another host would fault (SIGBUS) when its pages are dropped."""
+        if not _maps_safely(f.fileno()):
+            return None
+        try:
+            m = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError):
+            return None
+        if hasattr(mmap, "MADV_WILLNEED"):  # read ahead what is not cached yet
+            m.madvise(mmap.MADV_WILLNEED)
+        view = memoryview(m)
+        digest = fmt.checksum()
+        end = size - fmt.trailer.size
+        for off in range(0, end, _CHUNK):
+            digest.update(view[off:min(off + _CHUNK, end)])
+        stored, magic = fmt.trailer.unpack(view[end:])
+        if magic != fmt.end or stored != digest.intdigest():
+            raise CorruptObjectError(f"{path} fails its checksum: the object is damaged")
+        parts: list[Any] = []
+        off = start
+        for i, n in enumerate(sizes):
+            piece = view[off:off + n]
+            if i == 0:
+                parts.append(bytes(piece))  # the pickle stream: small, and read once
+            elif off % _ALIGN == 0:
+                parts.append(piece)  # zero copy: arrays need their dtype's alignment
+            else:
+                buf = _buffer(n)
+                memoryview(buf)[:] = piece
+                parts.append(buf)
+            off += n
+        return parts
+
     def delete(self, key: str) -> None:
         self.fs.unlink(str(self.path_of(key)))
+
+
+#: objects from this size on are mapped rather than read where the disk is local
+_MAP_ABOVE = 8 * 1024 * 1024
+#: where an object's first out-of-band buffer starts in the file (cache line; any dtype)
+_ALIGN = 64
+#: filesystems whose files stay readable while mapped, even when removed meanwhile
+_LOCAL_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "zfs", "f2fs", "overlay", "ramfs"})
+_fs_types: dict[int, str] = {}
+
+
+def _maps_safely(fd: int) -> bool:
+    """Whether the file under `fd` is on a local filesystem (by /proc/self/mountinfo)."""
+    dev = os.fstat(fd).st_dev
+    if dev not in _fs_types:
+        _fs_types[dev] = _fs_type(dev)
+    return _fs_types[dev] in _LOCAL_FS
+
+
+def _fs_type(dev: int) -> str:
+    """The filesystem type of device `dev` ("" where /proc does not say: not mapped)."""
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == want and " - " in line:
+                    return line.split(" - ", 1)[1].split()[0]
+    except OSError:
+        pass
+    return ""
 
 
 def _buffer(n: int) -> Any:

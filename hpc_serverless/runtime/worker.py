@@ -92,8 +92,9 @@ class TaskFailed(Exception):
 def _write_result(store: ObjectStore, task_id: str, ok: bool, payload: bytes, started: float) -> None:
     info = {"host": platform.node(), "started": started, "ended": time.time(),
             "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID") or ""}
+    # durable at any size: a result must outlive a crash of the node that computed it
     store.put((ok, payload, info), result_key(task_id), what="the task's result", overwrite=True,
-              meta={"ok": ok})
+              meta={"ok": ok}, durable=True)
 
 
 def _load_call(store: ObjectStore, spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

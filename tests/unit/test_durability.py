@@ -41,7 +41,7 @@ def test_a_large_checkpoint_is_fsynced_before_it_replaces_the_last(tmp_path, mon
     syncs.clear()
     big = np.ones(3 * 1024 * 1024)  # 24 MiB: above the store's fsync-by-default size
     assert checkpoint.save_checkpoint({"step": 2, "x": big})
-    assert "file" in syncs
+    assert syncs == ["file", "dir"]  # the new file, then its rename over the last one
     state = checkpoint.load_checkpoint()
     assert state["step"] == 2 and state["x"].nbytes == 24 * 1024 * 1024
 
@@ -75,3 +75,18 @@ def test_a_torn_job_record_is_a_clear_error(tmp_path, content):
     Path(dirs.path("j1", "record.json")).write_bytes(content)
     with pytest.raises(CorruptRecordError, match=r"record\.json of job 'j1'"):
         dirs.record("j1")
+
+
+def test_a_task_result_is_durable_at_any_size(tmp_path, syncs):
+    """The worker's result: file fsynced before the rename, directory after it, even above
+    the size where plain puts skip the fsync."""
+    from hpc_serverless.core.store import FSYNC_BELOW, ObjectStore
+    from hpc_serverless.runtime.worker import _write_result, result_key
+
+    store = ObjectStore(tmp_path / "store")
+    _write_result(store, "s1.00ff", True, b"x" * (FSYNC_BELOW + 1), 0.0)
+    assert syncs == ["file", "dir"]
+    assert store.header(result_key("s1.00ff"))["meta"] == {"ok": True}
+    syncs.clear()
+    store.put(b"y" * (FSYNC_BELOW + 1), "x/plain")  # a big plain put: checksummed, not fsynced
+    assert syncs == []

@@ -1,5 +1,6 @@
 import errno
 import json
+import mmap
 import os
 import pickle
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from hpc_serverless.core import store as store_module
 from hpc_serverless.core.errors import (
     CorruptObjectError,
     HPCServerlessError,
@@ -170,8 +172,24 @@ def _large(store, key):
     return a, Path(store.path_of(key))
 
 
+@pytest.fixture(params=["mapped", "read"])
+def read_path(request, monkeypatch, tmp_path):
+    """Big objects are mapped where the disk is local, read where it is not (NFS, Lustre):
+    both ways must verify the same."""
+    if request.param == "read":
+        monkeypatch.setattr(store_module, "_maps_safely", lambda fd: False)
+    else:
+        fd = os.open(str(tmp_path), os.O_RDONLY)
+        try:
+            if not store_module._maps_safely(fd):
+                pytest.skip(f"{tmp_path} is not on a local filesystem that maps safely")
+        finally:
+            os.close(fd)
+    return request.param
+
+
 @pytest.mark.parametrize("where", ["buffer start", "buffer middle", "buffer end", "header", "checksum"])
-def test_a_flipped_byte_in_a_large_object_is_detected(store, where):
+def test_a_flipped_byte_in_a_large_object_is_detected(store, where, read_path):
     a, path = _large(store, "x/big")
     assert path.read_bytes()[:8] == FORMAT.magic
     size = path.stat().st_size
@@ -190,10 +208,44 @@ def test_a_flipped_byte_in_a_large_object_is_detected(store, where):
         store.get("x/big")
 
 
-def test_a_large_object_reads_back_whole(store):
+def test_a_large_object_reads_back_whole(store, read_path):
     np = pytest.importorskip("numpy")
     a, _ = _large(store, "x/big")
+    back = store.get("x/big")
+    assert np.array_equal(back, a)
+    owner = back
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    assert isinstance(getattr(owner, "obj", None), mmap.mmap) == (read_path == "mapped")
+    # an array handed out as a view of the mapped file is aligned, writable, and private
+    assert back.flags.aligned and back.flags.writeable
+    back[:] = -1.0
     assert np.array_equal(store.get("x/big"), a)
+
+
+def test_several_big_buffers_read_back_whole(store, read_path):
+    """Only the first buffer is aligned in the file; the others are copied where a view
+    would be misaligned (numpy arrays need their dtype's alignment)."""
+    np = pytest.importorskip("numpy")
+    value = {"a": np.arange(3 * 1024 * 1024, dtype=np.float64), "b": np.arange(1_000_003, dtype=np.uint8),
+             "c": np.arange(2 * 1024 * 1024, dtype=np.int32)}
+    store.put(value, "x/many")
+    back = store.get("x/many")
+    for k, v in value.items():
+        assert np.array_equal(back[k], v) and back[k].flags.aligned and back[k].flags.writeable
+
+
+def test_mapping_is_refused_on_network_filesystems(monkeypatch):
+    """A mapped file removed from another host faults (SIGBUS) on NFS: only local types map."""
+    monkeypatch.setattr(store_module, "_fs_types", {})
+    for fstype, maps in (("ext4", True), ("xfs", True), ("nfs4", False), ("lustre", False), ("", False)):
+        monkeypatch.setattr(store_module, "_fs_type", lambda dev, t=fstype: t)
+        store_module._fs_types.clear()
+        fd = os.open("/", os.O_RDONLY)
+        try:
+            assert store_module._maps_safely(fd) is maps, fstype
+        finally:
+            os.close(fd)
 
 
 def _format1_object(path, parts, meta=None):
