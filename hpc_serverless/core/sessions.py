@@ -49,7 +49,7 @@ SESSIONS = "sessions"
 _ID_RE = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
 #: what each first-level directory of a session holds, as `du` names it
 KINDS = {"objects": "objects", "tasks": "calls", "results": "results", "notes": "results",
-         "jobs": "job files"}
+         "jobs": "job files", "checkpoints": "checkpoints", "args": "arguments"}
 
 
 def new_session_id(now: float | None = None) -> str:

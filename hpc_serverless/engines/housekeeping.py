@@ -37,7 +37,8 @@ __all__ = ["collect", "remove_program", "usage"]
 #: what `du` counts outside sessions: (kind, path under <storage>)
 SHARED = (("functions", "store/functions"), ("objects (no session)", "store/objects"),
           ("calls (no session)", "store/tasks"), ("results (no session)", "store/results"),
-          ("results (no session)", "store/notes"), ("checkpoints", "store/checkpoints"),
+          ("results (no session)", "store/notes"), ("checkpoints (no session)", "store/checkpoints"),
+          ("arguments (no session)", "store/args"),
           ("job files (no session)", "jobs"), ("programs", "programs"))
 
 

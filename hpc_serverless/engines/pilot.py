@@ -112,7 +112,7 @@ from hpc_serverless.core.target import Target
 from hpc_serverless.engines.pilot_cluster import WorkerShape, pilot_cluster_kwargs, worker_shape
 from hpc_serverless.engines.pilot_jobs import PilotJobs
 from hpc_serverless.runtime.pilot_worker import STARTED_TOPIC, run_calls
-from hpc_serverless.runtime.worker import result_key
+from hpc_serverless.runtime.worker import args_key, result_key
 
 if TYPE_CHECKING:
     from hpc_serverless.adapters.schedulers.base import Scheduler
@@ -447,7 +447,7 @@ class PilotBackend:
 
     def _wire(self, c: _Call, limit: int) -> tuple[Any, ...]:
         if isinstance(c.args, bytes) and len(c.args) > limit:
-            key = f"args/{c.ref.task_id[:2]}/{c.ref.task_id}"
+            key = args_key(c.ref.task_id)
             self.store.write_parts(key, [memoryview(c.args)], type_name="arguments")
             c.args = key
         return (c.ref.task_id, c.name, c.fn_key, c.fn_bytes, c.args, c.env, c.wire_deps)

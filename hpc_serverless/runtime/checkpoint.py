@@ -13,7 +13,8 @@ again from the top, so it should save its progress now and then and pick it up::
                 save_checkpoint(state)
         return state["theta"]
 
-Checkpoints live in the site's store under ``checkpoints/<task id>`` and are written
+Checkpoints live in the site's store, in the task's session (``sessions/<id>/checkpoints/``;
+they go with it at ``hpc-serverless gc``), and are written
 atomically and durably: written aside, fsynced, then renamed over the previous one, so a
 crash mid-save (of the task or of the node) leaves the previous one.
 """
@@ -32,8 +33,9 @@ def _where() -> tuple[Any, str] | None:
     if not task_id or not root:
         return None
     from hpc_serverless.core.store import ObjectStore
+    from hpc_serverless.runtime.worker import checkpoint_key
 
-    return ObjectStore(root), f"checkpoints/{task_id[:2]}/{task_id}"
+    return ObjectStore(root), checkpoint_key(task_id)
 
 
 def save_checkpoint(state: Any) -> bool:
@@ -53,4 +55,8 @@ def load_checkpoint(default: Any = None) -> Any:
     if where is None:
         return default
     store, key = where
-    return store.get(key) if store.exists(key) else default
+    if store.exists(key):
+        return store.get(key)
+    task_id = os.environ[TASK_ENV]
+    before = f"checkpoints/{task_id[:2]}/{task_id}"  # where versions before sessions kept it
+    return store.get(before) if before != key and store.exists(before) else default

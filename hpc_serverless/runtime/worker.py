@@ -56,6 +56,16 @@ def note_key(task_id: str) -> str:
     return _keyed("notes", task_id)
 
 
+def checkpoint_key(task_id: str) -> str:
+    """A requeued task's saved progress: in its session, so it goes when the session does."""
+    return _keyed("checkpoints", task_id)
+
+
+def args_key(task_id: str) -> str:
+    """Arguments too big to send inline to a pilot worker."""
+    return _keyed("args", task_id)
+
+
 def function_key(fn_key: str) -> str:
     return f"functions/{fn_key.replace(':', '_')}"
 

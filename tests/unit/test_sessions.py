@@ -12,7 +12,7 @@ from hpc_serverless import distribute_task, get
 from hpc_serverless.adapters.quota import parse_quota
 from hpc_serverless.adapters.submitit_executors import remove_job_files
 from hpc_serverless.core.sessions import Session, parse_duration, read_session, session_of
-from hpc_serverless.runtime.worker import result_key, task_key
+from hpc_serverless.runtime.worker import args_key, checkpoint_key, result_key, task_key
 
 from .test_batch_engine import fake  # noqa: F401 - the fixture, shared
 
@@ -31,6 +31,23 @@ def test_old_task_ids_keep_their_keys_and_new_ones_name_their_session():
     new = "20260101-120000-abcdef.0123456789abcdef"
     assert session_of(new) == "20260101-120000-abcdef"
     assert result_key(new) == "sessions/20260101-120000-abcdef/results/01/0123456789abcdef"
+    # checkpoints and a pilot call's big arguments go with their session too
+    assert checkpoint_key(new) == "sessions/20260101-120000-abcdef/checkpoints/01/0123456789abcdef"
+    assert args_key(new) == "sessions/20260101-120000-abcdef/args/01/0123456789abcdef"
+
+
+def test_checkpoint_lives_in_the_session_and_one_saved_before_sessions_still_loads(tmp_path, monkeypatch):
+    from hpc_serverless.core.store import ObjectStore
+    from hpc_serverless.runtime import checkpoint
+
+    task_id = "20260101-120000-abcdef.0123456789abcdef"
+    monkeypatch.setenv(checkpoint.TASK_ENV, task_id)
+    monkeypatch.setenv(checkpoint.STORE_ENV, str(tmp_path / "store"))
+    ObjectStore(tmp_path / "store").put({"step": 7}, f"checkpoints/20/{task_id}")  # as 0.x kept it
+    assert checkpoint.load_checkpoint() == {"step": 7}
+    assert checkpoint.save_checkpoint({"step": 8})
+    assert (tmp_path / "store" / checkpoint_key(task_id)).is_file()
+    assert checkpoint.load_checkpoint() == {"step": 8}
 
 
 def test_session_holds_objects_calls_results_and_job_ids(fake):  # noqa: F811
