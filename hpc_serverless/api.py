@@ -159,8 +159,8 @@ class QuantumServerless:
     def _site(self, provider: str | None, what: str) -> Any:
         p = self.provider(provider) if provider else self._current()
         if not hasattr(p, what):
-            raise HPCServerlessError(f"provider '{p.name}' keeps no sessions on a site; "
-                                     f"{what} applies to Slurm and PBS providers")
+            raise HPCServerlessError(f"provider '{p.name}' keeps no sessions; "
+                                     f"{what} applies to local, Slurm and PBS providers")
         return p
 
     def gc(self, older_than: str | float = "7d", *, dry_run: bool = False, programs: bool = False,

@@ -1,4 +1,8 @@
-"""`gc` and `du` of a batch site: what its storage holds, and removing what no one uses.
+"""`gc` and `du` of a provider's storage: what it holds, and removing what no one uses.
+
+Batch sites (Slurm, PBS) and the local provider alike: each describes its storage as a
+:class:`Storage` (where its sessions, programs and older files are, how to ask whether a
+session's jobs still run, the quota), and the same code collects and counts.
 
 A session (core/sessions.py) goes when all of these hold:
 
@@ -8,9 +12,10 @@ A session (core/sessions.py) goes when all of these hold:
   of every candidate, and this process's own unsettled tasks count too. If the
   scheduler cannot answer, sessions with jobs are kept.
 
-Programs (`<storage>/programs/<job id>/`) are kept until `rm JOB_ID` or `gc --programs`,
-which takes finished ones last touched before the cutoff. Files of versions before
-sessions (`store/tasks`, `store/results`, `jobs/`) are counted by `du`, never removed.
+Programs (`<storage>/programs/<job id>/`; the local provider's `~/.hpc_serverless/jobs/`)
+are kept until `rm JOB_ID` or `gc --programs`, which takes finished ones last touched
+before the cutoff. Files of versions before sessions (`store/tasks`, `store/results`,
+`jobs/`) are counted by `du`, never removed.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from hpc_serverless.adapters.quota import site_quota
 from hpc_serverless.adapters.schedulers.base import Scheduler
@@ -32,9 +38,9 @@ if TYPE_CHECKING:
     from hpc_serverless.core.store import ObjectStore
     from hpc_serverless.engines.batch import BatchBackend
 
-__all__ = ["collect", "remove_program", "usage"]
+__all__ = ["Storage", "batch_storage", "collect", "remove_program", "usage"]
 
-#: what `du` counts outside sessions: (kind, path under <storage>)
+#: what `du` counts outside sessions on a batch site: (kind, path under <storage>)
 SHARED = (("functions", "store/functions"), ("objects (no session)", "store/objects"),
           ("calls (no session)", "store/tasks"), ("results (no session)", "store/results"),
           ("results (no session)", "store/notes"), ("checkpoints (no session)", "store/checkpoints"),
@@ -55,6 +61,30 @@ class HousekeepingSite(Protocol):
     def store(self) -> ObjectStore: ...
 
     def get_job_by_id(self, job_id: str) -> Job: ...
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A provider's storage as gc and du see it."""
+
+    name: str                 # the provider or site, for reports
+    root: str                 # what `du` reports as the storage
+    store_root: str           # the object store (sessions live in its sessions/)
+    programs_dir: str         # one directory per Program's job id
+    shared: tuple[tuple[str, str], ...]    # (kind, absolute path) counted outside sessions
+    busy: Callable[[list[SessionInfo]], dict[str, str]]  # sessions whose jobs still run, and why
+    program_status: Callable[[str], str]   # a Program's status by job id
+    quota: Callable[[], Any]  # a sentence, or the quotas (adapters/quota.py)
+
+
+def batch_storage(provider: HousekeepingSite) -> Storage:
+    """The storage of a Slurm or PBS site: sessions' jobs are asked of its scheduler."""
+    storage = str(provider.site.storage_path)
+    return Storage(provider.site.name, storage, str(provider.store.root), os.path.join(storage, "programs"),
+                   tuple((kind, os.path.join(storage, rel)) for kind, rel in SHARED),
+                   lambda candidates: _busy_sessions(provider, candidates),
+                   lambda job_id: provider.get_job_by_id(job_id).status(),
+                   lambda: site_quota(provider.transport, storage))
 
 
 def _busy_sessions(provider: HousekeepingSite, candidates: list[SessionInfo]) -> dict[str, str]:
@@ -83,14 +113,13 @@ def _busy_sessions(provider: HousekeepingSite, candidates: list[SessionInfo]) ->
     return busy
 
 
-def collect(provider: HousekeepingSite, older_than: float, *, dry_run: bool = False,
+def collect(storage: Storage, older_than: float, *, dry_run: bool = False,
             programs: bool = False) -> dict[str, Any]:
     """Remove (or with `dry_run`, list) finished sessions older than `older_than` seconds;
     with `programs`, finished Programs too. A report: what went or would go, what stayed
     and why, bytes and files."""
     now = time.time()
-    root = str(provider.store.root)
-    sessions = list(scan_sessions(root))
+    sessions = list(scan_sessions(storage.store_root))
     kept: list[dict[str, Any]] = []
     candidates = []
     for s in sessions:
@@ -100,7 +129,7 @@ def collect(provider: HousekeepingSite, older_than: float, *, dry_run: bool = Fa
             kept.append({**s.as_dict(), "why": f"used {_ago(now - s.last_used)} ago"})
         else:
             candidates.append(s)
-    busy = _busy_sessions(provider, candidates)
+    busy = storage.busy(candidates)
     removed: list[dict[str, Any]] = []
     for s in candidates:
         if s.id in busy:
@@ -110,19 +139,19 @@ def collect(provider: HousekeepingSite, older_than: float, *, dry_run: bool = Fa
             remove_tree(s.path)
         removed.append(s.as_dict())
     if programs:
-        removed += _collect_programs(provider, now, older_than, dry_run, kept)
-    return {"site": provider.site.name, "dry_run": dry_run, "removed": removed, "kept": kept,
+        removed += _collect_programs(storage, now, older_than, dry_run, kept)
+    return {"site": storage.name, "dry_run": dry_run, "removed": removed, "kept": kept,
             "bytes": sum(r["bytes"] for r in removed), "files": sum(r["files"] for r in removed)}
 
 
-def _collect_programs(provider: HousekeepingSite, now: float, older_than: float, dry_run: bool,
+def _collect_programs(storage: Storage, now: float, older_than: float, dry_run: bool,
                       kept: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    root = os.path.join(str(provider.site.storage_path), "programs")
+    root = storage.programs_dir
     out = []
     for job_id in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         path = os.path.join(root, job_id)
         try:
-            status = provider.get_job_by_id(job_id).status()
+            status = storage.program_status(job_id)
         except HPCServerlessError as exc:
             kept.append({"id": job_id, "path": path, "why": f"status unknown: {exc}"})
             continue
@@ -148,13 +177,12 @@ def _program_ended(path: str) -> float | None:
         return None
 
 
-def remove_program(provider: HousekeepingSite, job_id: str) -> dict[str, Any]:
+def remove_program(storage: Storage, job_id: str) -> dict[str, Any]:
     """Remove one Program's directory, once it has finished (`hpc-serverless rm`)."""
-    job = provider.get_job_by_id(job_id)  # JobNotFoundError names where it looked
-    status = job.status()
+    status = storage.program_status(job_id)  # JobNotFoundError names where it looked
     if status not in ("SUCCEEDED", "FAILED", "STOPPED"):
         raise HPCServerlessError(f"job {job_id} is {status}; stop it first (hpc-serverless stop {job_id})")
-    path = os.path.join(str(provider.site.storage_path), "programs", job_id)
+    path = os.path.join(storage.programs_dir, job_id)
     if not os.path.isdir(path):
         raise JobNotFoundError(f"no job directory {path}", job_id=job_id, where=path)
     size, files = tree_usage(path)
@@ -162,23 +190,22 @@ def remove_program(provider: HousekeepingSite, job_id: str) -> dict[str, Any]:
     return {"id": job_id, "path": path, "bytes": size, "files": files}
 
 
-def usage(provider: HousekeepingSite) -> dict[str, Any]:
+def usage(storage: Storage) -> dict[str, Any]:
     """Bytes and files per session and per kind, and the quota where the site says it."""
     now = time.time()
-    storage = str(provider.site.storage_path)
-    sessions = [{**info.as_dict(), "live": info.live(now)} for info in scan_sessions(str(provider.store.root))]
+    sessions = [{**info.as_dict(), "live": info.live(now)} for info in scan_sessions(storage.store_root)]
     kinds: dict[str, list[int]] = {}
     for s in sessions:
         for kind, n in s["bytes_by_kind"].items():
             kinds.setdefault(kind, [0, 0])[0] += n
             kinds[kind][1] += s["files_by_kind"][kind]
-    for kind, rel in SHARED:
-        size, files = tree_usage(os.path.join(storage, rel))
+    for kind, path in storage.shared:
+        size, files = tree_usage(path)
         if files:
             kinds.setdefault(kind, [0, 0])[0] += size
             kinds[kind][1] += files
-    quota = site_quota(provider.transport, storage)
-    return {"site": provider.site.name, "storage": storage, "sessions": sessions,
+    quota = storage.quota()
+    return {"site": storage.name, "storage": storage.root, "sessions": sessions,
             "kinds": {k: {"bytes": v[0], "files": v[1]} for k, v in sorted(kinds.items())},
             "bytes": sum(v[0] for v in kinds.values()), "files": sum(v[1] for v in kinds.values()),
             "quota": quota if isinstance(quota, str) else [q.describe() for q in quota]}

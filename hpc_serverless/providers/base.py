@@ -11,6 +11,7 @@ import abc
 from typing import TYPE_CHECKING, Any, Mapping
 
 from hpc_serverless.core.refs import ObjectRef, TaskRef
+from hpc_serverless.core.sessions import Session, session_prefix
 from hpc_serverless.core.store import ObjectStore, new_object_id
 from hpc_serverless.core.target import Target
 
@@ -23,6 +24,9 @@ class Provider(abc.ABC):
     """A place where tasks run and objects live."""
 
     name: str
+    #: this process's session where the provider keeps one: its objects, calls and results
+    #: live in the session's directory and go with it at `gc` (core/sessions.py)
+    session: Session | None = None
 
     @property
     @abc.abstractmethod
@@ -30,8 +34,13 @@ class Provider(abc.ABC):
         """The object store this provider's tasks can read."""
 
     def put(self, obj: Any) -> ObjectRef:
-        """Store `obj` once; the ref can be passed to any number of tasks."""
-        key = f"objects/{(oid := new_object_id())[:2]}/{oid}"
+        """Store `obj` once; the ref can be passed to any number of tasks (and resolves from
+        any process until its session is collected)."""
+        prefix = "objects"
+        if self.session is not None:
+            self.session.open()  # a process that never puts leaves no session behind
+            prefix = f"{session_prefix(self.session.id)}/objects"
+        key = f"{prefix}/{(oid := new_object_id())[:2]}/{oid}"
         self.store.put(obj, key, what=f"the object given to put() ({type(obj).__name__})")
         return ObjectRef(key, str(self.store.root), self.name)
 

@@ -13,9 +13,9 @@ from hpc_serverless.config.site import Site
 from hpc_serverless.core.calls import find_task_refs, pack_arguments
 from hpc_serverless.core.errors import ConfigError, HPCServerlessError
 from hpc_serverless.core.fs import LOCAL
-from hpc_serverless.core.refs import ObjectRef, TaskRef, register_store
-from hpc_serverless.core.sessions import Session, session_of, session_prefix, session_task_id
-from hpc_serverless.core.store import ObjectStore, new_object_id
+from hpc_serverless.core.refs import TaskRef, register_store
+from hpc_serverless.core.sessions import Session, session_of, session_task_id
+from hpc_serverless.core.store import ObjectStore
 from hpc_serverless.core.target import Target
 from hpc_serverless.engines.batch import BatchBackend, BatchTask
 from hpc_serverless.providers.base import Provider
@@ -35,6 +35,7 @@ class BatchProvider(Provider):
     site: Site
     transport: Transport
     scheduler: Scheduler
+    session: Session
 
     @staticmethod
     def resolve_site(scheduler: str, name: str, site: Any, overrides: Mapping[str, Any]) -> Site:
@@ -99,32 +100,24 @@ class BatchProvider(Provider):
         if s is not None:
             s.record_jobs(job_ids)
 
-    def put(self, obj: Any) -> ObjectRef:
-        """Store `obj` in this process's session (the ref carries its key, so it resolves
-        from any session until the session is collected)."""
-        self.session.open()
-        key = f"{session_prefix(self.session.id)}/objects/{(oid := new_object_id())[:2]}/{oid}"
-        self.store.put(obj, key, what=f"the object given to put() ({type(obj).__name__})")
-        return ObjectRef(key, str(self.store.root), self.name)
-
     def gc(self, older_than: float = 7 * 86400, *, dry_run: bool = False, programs: bool = False) -> Any:
         """Remove finished, unused sessions (and with `programs`, finished Programs);
         see engines/housekeeping.py. Returns the report."""
-        from hpc_serverless.engines.housekeeping import collect
+        from hpc_serverless.engines.housekeeping import batch_storage, collect
 
-        return collect(self, older_than, dry_run=dry_run, programs=programs)
+        return collect(batch_storage(self), older_than, dry_run=dry_run, programs=programs)
 
     def du(self) -> Any:
         """Sizes and file counts of the site's storage, by session and kind, and its quota."""
-        from hpc_serverless.engines.housekeeping import usage
+        from hpc_serverless.engines.housekeeping import batch_storage, usage
 
-        return usage(self)
+        return usage(batch_storage(self))
 
     def remove_program(self, job_id: str) -> Any:
         """Remove one finished Program's directory (`hpc-serverless rm JOB_ID`)."""
-        from hpc_serverless.engines.housekeeping import remove_program
+        from hpc_serverless.engines.housekeeping import batch_storage, remove_program
 
-        return remove_program(self, job_id)
+        return remove_program(batch_storage(self), job_id)
 
     def effective_target(self, target: Target) -> Target:
         return target.merged_over(self.site.defaults)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from hpc_serverless.core.calls import find_task_refs, pack_arguments
 from hpc_serverless.core.errors import HPCServerlessError, ResourceError
 from hpc_serverless.core.refs import TaskRef, register_store
+from hpc_serverless.core.sessions import Session
 from hpc_serverless.core.store import ObjectStore
 from hpc_serverless.core.target import Target, capacity_problems
 from hpc_serverless.engines.local_pool import LocalPool, TaskSpec
@@ -19,6 +20,7 @@ from hpc_serverless.runtime.pool_client import current_client
 if TYPE_CHECKING:
     from hpc_serverless.core.calls import TaskFunction
     from hpc_serverless.core.jobs import Job, Program
+    from hpc_serverless.engines.housekeeping import Storage
     from hpc_serverless.engines.local_programs import LocalJobs
 
 __all__ = ["LocalProvider", "local_resources", "default_home"]
@@ -83,6 +85,8 @@ class LocalProvider(Provider):
     job its allocation). `store` is the object store directory.
     """
 
+    session: Session
+
     def __init__(self, name: str = "local", *, store: str | os.PathLike[str] | None = None,
                  cpus: int | None = None, mem: float | None = None) -> None:
         self.name = name
@@ -91,10 +95,46 @@ class LocalProvider(Provider):
         register_store(self._store)
         self._cpus = cpus
         self._mem_mib = int(mem * 1024) if mem else None
+        #: this process's objects, removable as one by `gc` once the process has ended
+        self.session = Session(str(self._store.root), client=f"provider {name}")
 
     @property
     def store(self) -> ObjectStore:
         return self._store
+
+    # -- storage -----------------------------------------------------------------------------
+    def _storage(self) -> Storage:
+        """This machine's storage as gc and du see it: no scheduler; a session is in use
+        while its process beats its heartbeat."""
+        from hpc_serverless.adapters.quota import site_quota
+        from hpc_serverless.adapters.transport.local import LocalTransport
+        from hpc_serverless.engines.housekeeping import Storage
+
+        root = str(self.store.root)
+        programs = str(default_home() / "jobs")
+        return Storage(self.name, root, root, programs,
+                       (("objects (no session)", os.path.join(root, "objects")), ("programs", programs)),
+                       lambda candidates: {}, lambda job_id: self.get_job_by_id(job_id).status(),
+                       lambda: site_quota(LocalTransport(), root))
+
+    def gc(self, older_than: float = 7 * 86400, *, dry_run: bool = False, programs: bool = False) -> Any:
+        """Remove sessions of ended processes unused for `older_than` seconds (and with
+        `programs`, finished Programs); see engines/housekeeping.py."""
+        from hpc_serverless.engines.housekeeping import collect
+
+        return collect(self._storage(), older_than, dry_run=dry_run, programs=programs)
+
+    def du(self) -> Any:
+        """Sizes and file counts of the local store, by session and kind, and the quota."""
+        from hpc_serverless.engines.housekeeping import usage
+
+        return usage(self._storage())
+
+    def remove_program(self, job_id: str) -> Any:
+        """Remove one finished Program's directory (`hpc-serverless rm JOB_ID`)."""
+        from hpc_serverless.engines.housekeeping import remove_program
+
+        return remove_program(self._storage(), job_id)
 
     @property
     def pool(self) -> LocalPool:

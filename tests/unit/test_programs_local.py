@@ -165,3 +165,32 @@ def test_launch_guard_keeps_the_package_and_the_cwd_modules(tmp_path, shadow):
         assert not path.startswith(str(tmp_path)) and args.strip() == "['a b']"
     plain = subprocess.run([sys.executable, "-m", "probe"], cwd=tmp_path, capture_output=True, text=True)
     assert plain.returncode != 0 or plain.stdout.startswith(str(tmp_path))  # what the guard prevents
+
+
+def test_local_programs_are_kept_until_rm_or_gc_programs(tmp_path):
+    """`gc` leaves Programs; `remove_job` refuses a running one and removes an ended one;
+    `gc(programs=True)` takes ended ones and keeps running ones."""
+    import time
+
+    from hpc_serverless.core.errors import HPCServerlessError
+    from hpc_serverless.providers.local import default_home
+
+    s = QuantumServerless()
+    done = s.run_program(_program(tmp_path, "print('done')\n"))
+    done.result(timeout=60)
+    other = s.run_program(_program(tmp_path, "print('done too')\n", name="two.py"))
+    other.result(timeout=60)
+    running = s.run_program(_program(tmp_path, "import time\ntime.sleep(60)\n", name="slow.py"))
+    try:
+        jobs = default_home() / "jobs"
+        assert s.gc(0)["removed"] == [] and (jobs / done.job_id).is_dir()
+        with pytest.raises(HPCServerlessError, match="RUNNING; stop it first"):
+            s.remove_job(running.job_id)
+        assert s.remove_job(done.job_id)["files"] > 0 and not (jobs / done.job_id).exists()
+        time.sleep(0.05)
+        report = s.gc(0, programs=True)
+        assert other.job_id in [r.get("id") for r in report["removed"]]
+        assert not (jobs / other.job_id).exists() and (jobs / running.job_id).is_dir()
+        assert any(k.get("id") == running.job_id and "RUNNING" in k["why"] for k in report["kept"])
+    finally:
+        running.stop()

@@ -150,3 +150,35 @@ def test_job_files_go_but_logs_stay(tmp_path):
     assert remove_job_files(jobs, ["7_1", "7"]) == 4
     assert sorted(p.name for p in jobs.iterdir()) == ["7_0_0_log.out", "7_1_0_log.out"]
     assert json.dumps(remove_job_files(jobs, ["7"])) == "0"
+
+
+def test_local_provider_keeps_puts_in_a_session_that_gc_removes_once_its_process_ended(tmp_path, monkeypatch):
+    """On a laptop too: a process's objects are one session; `du` lists it, `gc` keeps it
+    while the process lives and removes it (and nothing else) once it has ended."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("HPC_SERVERLESS_STORE", str(tmp_path / "store"))
+    child = ("import hpc_serverless as hs, numpy as np\n"
+             "refs = [hs.put(np.arange(1000)) for _ in range(3)]\n"
+             "print(refs[0].key)\n")
+    key = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True,
+                         env={**os.environ}).stdout.strip()
+    sid = key.split("/")[1]
+    assert key.startswith(f"sessions/{sid}/objects/")
+
+    from hpc_serverless.providers.local import LocalProvider
+
+    here = LocalProvider(store=tmp_path / "store")
+    mine = here.put({"still": "used"})  # this process's session: live, kept
+    cli = [sys.executable, "-m", "hpc_serverless.cli"]
+    du = json.loads(subprocess.run([*cli, "du", "--json"], capture_output=True, text=True, check=True).stdout)
+    by_id = {s["id"]: s for s in du["sessions"]}
+    assert by_id[sid]["files_by_kind"]["objects"] == 3 and not by_id[sid]["live"]
+    assert by_id[here.session.id]["live"]
+    report = json.loads(subprocess.run([*cli, "gc", "--older-than", "0", "--json"], capture_output=True,
+                                       text=True, check=True).stdout)
+    assert [r["id"] for r in report["removed"]] == [sid]
+    assert {k["id"]: k["why"] for k in report["kept"]}[here.session.id].startswith("in use")
+    assert not (tmp_path / "store" / "sessions" / sid).exists()
+    assert mine.get() == {"still": "used"}
