@@ -25,11 +25,11 @@ def _files(path: str) -> int:
     return sum(len(names) for _root, _dirs, names in os.walk(path))
 
 
-def _client(site_path: str, body: str) -> dict:
+def _client(site_path: str, body: str, provider_class: str = "SlurmProvider") -> dict:
     """Run a client process on the login node; it prints one JSON line last."""
     code = textwrap.dedent(f"""
         import json, os, time
-        from hpc_serverless import QuantumServerless, SlurmProvider, distribute_task, get
+        from hpc_serverless import QuantumServerless, {provider_class} as Provider, distribute_task, get
 
         @distribute_task(target={{"cpu": 1, "time": 5}})
         def square(x):
@@ -40,7 +40,7 @@ def _client(site_path: str, body: str) -> dict:
             time.sleep(seconds)
             return seconds
 
-        provider = SlurmProvider("cluster", site={site_path!r})
+        provider = Provider("cluster", site={site_path!r})
         s = QuantumServerless().add_provider(provider)
         def count(path):
             return sum(len(n) for _r, _d, n in os.walk(path))
@@ -108,3 +108,29 @@ def test_loop_of_tasks_then_du_and_gc_leave_nothing_but_running_jobs(site_path, 
         time.sleep(5)
         _cli(config, "gc", "--older-than", "0")
     assert not Path(running["dir"]).exists()
+
+
+def test_gc_on_pbs_takes_ended_sessions_and_keeps_one_whose_job_runs(tmp_path):
+    """The same on the PBS (Torque wrapper) site, with few jobs: a finished session goes,
+    one whose job is still queued or running stays, named with its job's state."""
+    from .test_pbs import PBS_SITE
+
+    done = _client(PBS_SITE, """
+        assert get([square(i) for i in range(4)], timeout=300) == [0, 1, 4, 9]
+        print(json.dumps({"dir": str(provider.session.dir), "id": provider.session.id}))
+    """, "PBSProvider")
+    running = _client(PBS_SITE, """
+        ref = nap(40)
+        while not ref.info()["job_id"]:   # submitted: its session records the job
+            time.sleep(0.2)
+        print(json.dumps({"dir": str(provider.session.dir), "id": provider.session.id}))
+    """, "PBSProvider")
+    config = tmp_path / "serverless.yaml"
+    config.write_text(f"providers:\n  - name: pbs\n    site: {PBS_SITE}\ndefault: pbs\n")
+    gc = _cli(config, "gc", "--older-than", "0", "--json")
+    assert gc.returncode == 0, gc.stderr
+    report = json.loads(gc.stdout)
+    assert done["id"] in {r["id"] for r in report["removed"]} and not Path(done["dir"]).exists()
+    kept = {k["id"]: k["why"] for k in report["kept"]}
+    assert running["id"] in kept and "job" in kept[running["id"]], report
+    assert Path(running["dir"]).exists()
