@@ -406,6 +406,8 @@ def _maps_safely(fd: int) -> bool:
 
 def _fs_type(dev: int) -> str:
     """The filesystem type of device `dev` ("" where /proc does not say: not mapped)."""
+    if not hasattr(os, "major") or not hasattr(mmap, "MAP_PRIVATE"):
+        return ""
     want = f"{os.major(dev)}:{os.minor(dev)}"
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
