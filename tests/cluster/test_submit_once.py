@@ -1,0 +1,110 @@
+"""A submission that times out after the scheduler took the job leaves exactly one job.
+
+Fake here: the timeout. `sbatch` (and `qsub`) first in PATH is a wrapper that runs the real
+command, which makes the job, and then reports the error a busy controller gives, exit 1;
+no real controller can be made to time out on cue. Everything else is the real Slurm of
+the test cluster (and its PBS wrappers), driven as the unprivileged client.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from hpc_serverless import Program, QuantumServerless, SlurmProvider, distribute_task, get
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.cluster
+
+MESSAGES = {"sbatch": "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation",
+            "qsub": "qsub: Request timed out"}
+
+
+@distribute_task(target={"cpu": 1})
+def cube(x):
+    return x ** 3
+
+
+def _fake(command: str, tmp_path: Path, monkeypatch) -> Path:
+    """Put a timing-out `command` first in PATH; the file where it logs what the real one said."""
+    real = shutil.which(command)
+    if real is None:
+        pytest.skip(f"no {command} here (tests/cluster/up.sh installs it)")
+    bin_dir, log = tmp_path / "bin", tmp_path / f"{command}.log"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / command
+    fake.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        # the real {command}, which makes the job; then a timeout, as if its reply were lost
+        out=$({real} "$@") || {{ echo "$out"; exit 1; }}
+        echo "$out" >> {log}
+        echo "{MESSAGES[command]}" >&2
+        exit 1
+    """))
+    fake.chmod(0o700)
+    log.touch()
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return log
+
+
+def _made(log: Path) -> list[str]:
+    """Job ids the real command printed (one line per job made)."""
+    return [line.strip().split(";")[0] for line in log.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def slurm_site(site_path, tmp_path, monkeypatch):
+    log = _fake("sbatch", tmp_path, monkeypatch)
+    provider = SlurmProvider("cluster", site=site_path)
+    yield provider, log
+    provider.backend.close()
+
+
+def test_a_timed_out_task_and_array_leave_one_job_each(slurm_site):
+    provider, log = slurm_site
+    with QuantumServerless().add_provider(provider).context("cluster"):
+        one = cube(2)
+        assert get(one, timeout=180) == 8
+        assert _made(log) == [one.job_id]
+        many = [cube(i) for i in range(3)]
+        assert get(many, timeout=180) == [0, 1, 8]
+    made = _made(log)
+    assert len(made) == 2, made  # one job, one array
+    assert [r.job_id for r in many] == [f"{made[1]}_{i}" for i in range(3)]
+    assert provider.transport.counts["sbatch"] == 2
+
+
+def _program(tmp_path: Path) -> Program:
+    wd = tmp_path / "src"
+    wd.mkdir()
+    (wd / "main.py").write_text("from hpc_serverless import save_result\nsave_result(6 * 7)\n")
+    return Program(title="once", entrypoint="main.py", working_dir=str(wd))
+
+
+def test_a_timed_out_program_leaves_one_job(site_path, tmp_path, monkeypatch):
+    log = _fake("sbatch", tmp_path, monkeypatch)
+    s = QuantumServerless({"providers": [{"name": "local"}, {"name": "cluster", "site": site_path}]})
+    job = s.set_provider("cluster").run_program(_program(tmp_path))
+    assert job.result(timeout=180) == 42
+    assert _made(log) == [job.info()["scheduler_job_id"]]
+
+
+@pytest.mark.parametrize("what", ["task", "program"])
+def test_pbs_a_timed_out_qsub_leaves_one_job(tmp_path, monkeypatch, what):
+    log = _fake("qsub", tmp_path, monkeypatch)
+    s = QuantumServerless({"providers": [{"name": "local"},
+                                         {"name": "pbs", "site": str(ROOT / "site_configs/localhost-pbs.yaml")}]})
+    if what == "task":
+        with s.context("pbs"):
+            ref = cube(3)
+            assert get(ref, timeout=180) == 27
+            assert _made(log) == [ref.job_id]
+    else:
+        job = s.set_provider("pbs").run_program(_program(tmp_path))
+        assert job.result(timeout=180) == 42
+        assert _made(log) == [job.info()["scheduler_job_id"]]
