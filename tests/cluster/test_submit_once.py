@@ -108,3 +108,36 @@ def test_pbs_a_timed_out_qsub_leaves_one_job(tmp_path, monkeypatch, what):
         job = s.set_provider("pbs").run_program(_program(tmp_path))
         assert job.result(timeout=180) == 42
         assert _made(log) == [job.info()["scheduler_job_id"]]
+
+
+@pytest.mark.ssh
+def test_ssh_never_runs_a_started_command_again(tmp_path):
+    """The SSH transport's claim (ssh.py, ssh_channels.py): a command whose connection drops
+    after it started is reported (TransportError, transient), not run again after the
+    reconnect. Real sshd on loopback; only this test's own connection is dropped."""
+    import threading
+    import time
+
+    from hpc_serverless.adapters.transport.ssh import SSHTransport
+    from hpc_serverless.core.errors import TransportError
+
+    from ..testcluster import KEY, KNOWN_HOSTS, drop_ssh, need_sshd
+
+    need_sshd()
+    marker = f"hpcs-once-{os.getpid()}-{tmp_path.name}"
+    with SSHTransport("127.0.0.1", port=2222, username="hpcsl", key_filename=KEY,
+                      known_hosts=KNOWN_HOSTS) as t:
+        t.open()
+        port = t.client_port()
+        assert port is not None
+        dropper = threading.Timer(1.5, lambda: drop_ssh(2222, client_port=port))
+        dropper.start()
+        start = time.monotonic()
+        try:
+            with pytest.raises(TransportError) as info:
+                t.run(["sh", "-c", f'echo ran >> "$HOME/{marker}"; sleep 20'], timeout=60)
+        finally:
+            dropper.join()
+        assert info.value.transient and time.monotonic() - start < 20
+        out = t.run(["sh", "-c", f'cat "$HOME/{marker}"; rm -f "$HOME/{marker}"'])
+        assert out.stdout.splitlines() == ["ran"], out

@@ -197,3 +197,28 @@ def test_token_data():
     assert S.parse_token_lookup(out, "bb") == "13" and S.parse_token_lookup(out, "cc") is None
     assert P.token_job_name("a very long name!", "0123456789ab") == "ha_ver-01234567"
     assert P.parse_token_lookup(TORQUE_QSTAT.format(id="9.srv", name="hx-1"), "torque", "hx-1") == "9"
+
+
+def test_the_agent_runs_a_resent_request_once(tmp_path):
+    """Over SSH a submit request is sent again (same id) when its channel drops
+    (agent_client.call); the agent answers it from the first run, which submitted."""
+    from hpc_serverless.agent_daemon import Agent
+
+    tmp_path.chmod(0o700)
+    agent = Agent(site_from_mapping({"scheduler": "slurm", "storage": str(tmp_path / "site"),
+                                     "python": "/opt/py"}, name="s"))
+    runs: list[tuple[str, tuple]] = []
+
+    def handle(op, args):
+        runs.append((op, args))
+        return f"job-{len(runs)}"
+
+    agent.handle = handle  # type: ignore[method-assign]  # counts the runs of the real _submit
+    try:
+        first = agent._submit({"id": "client-1", "op": "submit", "args": ([],)})
+        again = agent._submit({"id": "client-1", "op": "submit", "args": ([],)})
+        other = agent._submit({"id": "client-2", "op": "submit", "args": ([],)})
+        assert first.result(10) == again.result(10) == "job-1" and other.result(10) == "job-2"
+        assert len(runs) == 2
+    finally:
+        agent.provider.backend.close()
