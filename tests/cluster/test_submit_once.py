@@ -9,6 +9,7 @@ the test cluster (and its PBS wrappers), driven as the unprivileged client.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -54,7 +55,8 @@ def _fake(command: str, tmp_path: Path, monkeypatch) -> Path:
 
 def _made(log: Path) -> list[str]:
     """Job ids the real command printed (one line per job made)."""
-    return [line.strip().split(";")[0] for line in log.read_text().splitlines() if line.strip()]
+    # ('123', '123;cluster' from --parsable, 'Submitted batch job 123', '123.server' from qsub)
+    return [re.search(r"\d+", line).group(0) for line in log.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture
@@ -141,3 +143,21 @@ def test_ssh_never_runs_a_started_command_again(tmp_path):
         assert info.value.transient and time.monotonic() - start < 20
         out = t.run(["sh", "-c", f'cat "$HOME/{marker}"; rm -f "$HOME/{marker}"'])
         assert out.stdout.splitlines() == ["ran"], out
+
+
+def test_pilot_jobs_that_time_out_are_not_submitted_again(tmp_path, monkeypatch):
+    """Pilot jobs go through dask-jobqueue, whose sbatch runs through the scheduler adapter:
+    one pilot job made per worker asked for, though every sbatch "timed out"."""
+    from hpc_serverless.config.site import load_site
+    from hpc_serverless.providers.factory import provider_for_site
+
+    log = _fake("sbatch", tmp_path, monkeypatch)
+    site = load_site(ROOT / "site_configs/localhost-slurm-pilot.yaml")
+    site = site.model_copy(update={"pilot": site.pilot.model_copy(update={"workers": 1})})
+    provider = provider_for_site(site, "pilot-once")
+    try:
+        with QuantumServerless().add_provider(provider).context("pilot-once"):
+            assert get(cube(4), timeout=180) == 64
+        assert _made(log) == provider.pilot_jobs() and len(_made(log)) == 1
+    finally:
+        provider.close()

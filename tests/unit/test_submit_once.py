@@ -159,6 +159,16 @@ def test_a_program_found_by_its_token(tmp_path):
     assert c.jobs["100"][1].startswith("site-note,hpcs:") and len(c.jobs) == 1
 
 
+def test_a_pilot_job_command_is_submitted_once(tmp_path):
+    """dask-jobqueue's `sbatch SCRIPT` of a pilot job, through the adapter (dask_jobqueue.py)."""
+    c = Controller(["timeout"])
+    sched = _slurm(tmp_path, c)
+    script = tmp_path / "pilot.sh"
+    script.write_text("#!/bin/bash\n#SBATCH --job-name=hpcs-pilot-s\ndask-worker\n")
+    assert sched.submit_command(["sbatch", str(script)], "hpcs-pilot-s") == "100"
+    assert len(c.jobs) == 1 and c.jobs["100"][1].startswith("hpcs:")
+
+
 # -- PBS -------------------------------------------------------------------------------------------
 TORQUE_QSTAT = """Job Id:\t{id}
 \tJob_Name = {name}

@@ -77,6 +77,20 @@ class PBSScheduler(Scheduler):
                              flavor=self.flavor, qsub=self.site.command("qsub"))
         return submit_calls(ex, [t.ref.task_id for t in tasks], self.store_root)
 
+    def submit_command(self, argv: Sequence[str], job_name: str) -> str:
+        token = new_token()[:8]
+        name = P.token_job_name(job_name, token)
+        tagged = [argv[0], "-N", name, *argv[1:]]  # (the command line's name wins over the script's)
+
+        def once() -> str:
+            result = self.transport.run(tagged)
+            if not result.ok:
+                raise SchedulerError(f"PBS refused the job: {result.describe()}",
+                                     transient=P.is_transient(result.stderr))
+            return P.short_id(P.parse_qsub(result.stdout)).replace("[]", "")
+
+        return self._once(once, name, token)
+
     def _once(self, submit: Callable[[], str], job_name: str, token: str) -> str:
         """`submit` (a qsub of a job named `job_name`, which carries `token`), with one lookup
         of the name before it may be retried (submit_once.py)."""

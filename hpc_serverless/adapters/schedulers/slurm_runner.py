@@ -135,6 +135,19 @@ class SlurmScheduler(Scheduler):
 
         return self._once(once, name, token)
 
+    def submit_command(self, argv: Sequence[str], job_name: str) -> str:
+        token = new_token()
+        tagged = [argv[0], f"--comment={S.tagged_comment(None, token)}", *argv[1:]]
+
+        def once() -> str:
+            result = self.transport.run(tagged)
+            if not result.ok:
+                raise SchedulerError(f"Slurm refused the job: {result.describe()}",
+                                     transient=S.is_transient(result.stderr))
+            return S.parse_sbatch(result.stdout)
+
+        return self._once(once, job_name, token)
+
     # -- status -------------------------------------------------------------------------------------
     def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
         # array elements are asked for by their array's id: one entry covers all of them
