@@ -81,15 +81,13 @@ class PBSScheduler(Scheduler):
         token = new_token()[:8]
         name = P.token_job_name(job_name, token)
         tagged = [argv[0], "-N", name, *argv[1:]]  # (the command line's name wins over the script's)
+        return self._once(lambda: self._qsub(tagged), name, token)
 
-        def once() -> str:
-            result = self.transport.run(tagged)
-            if not result.ok:
-                raise SchedulerError(f"PBS refused the job: {result.describe()}",
-                                     transient=P.is_transient(result.stderr))
-            return P.short_id(P.parse_qsub(result.stdout)).replace("[]", "")
-
-        return self._once(once, name, token)
+    def _qsub(self, argv: list[str]) -> str:
+        result = self._run(argv)
+        if not result.ok:
+            raise SchedulerError(f"PBS refused the job: {result.describe()}", transient=P.is_transient(result.stderr))
+        return P.short_id(P.parse_qsub(result.stdout)).replace("[]", "")
 
     def _once(self, submit: Callable[[], str], job_name: str, token: str) -> str:
         """`submit` (a qsub of a job named `job_name`, which carries `token`), with one lookup
@@ -134,12 +132,4 @@ class PBSScheduler(Scheduler):
         token = new_token()[:8]
         name = P.token_job_name(job_name, token)
         opts = P.qsub_options(target, self.flavor, directives=self.site.directives, job_name=name)
-
-        def once() -> str:
-            result = self._run(["qsub", *opts, "-o", "/dev/null", "-j", "oe", path])
-            if not result.ok:
-                raise SchedulerError(f"PBS refused the job: {result.describe()}",
-                                     transient=P.is_transient(result.stderr))
-            return P.short_id(P.parse_qsub(result.stdout))
-
-        return self._once(once, name, token)
+        return self._once(lambda: self._qsub(["qsub", *opts, "-o", "/dev/null", "-j", "oe", path]), name, token)

@@ -125,28 +125,19 @@ class SlurmScheduler(Scheduler):
         comment = S.sbatch_options(target, directives=self.site.directives).get("comment")
         # (on the command line, which wins over the script's own --comment line)
         argv = ["sbatch", "--parsable", f"--comment={S.tagged_comment(comment, token)}", path]
-
-        def once() -> str:
-            result = self.transport.run(argv)
-            if not result.ok:
-                raise SchedulerError(f"Slurm refused the job: {result.describe()}",
-                                     transient=S.is_transient(result.stderr))
-            return S.parse_sbatch(result.stdout)
-
-        return self._once(once, name, token)
+        return self._once(lambda: self._sbatch(argv), name, token)
 
     def submit_command(self, argv: Sequence[str], job_name: str) -> str:
         token = new_token()
         tagged = [argv[0], f"--comment={S.tagged_comment(None, token)}", *argv[1:]]
+        return self._once(lambda: self._sbatch(tagged), job_name, token)
 
-        def once() -> str:
-            result = self.transport.run(tagged)
-            if not result.ok:
-                raise SchedulerError(f"Slurm refused the job: {result.describe()}",
-                                     transient=S.is_transient(result.stderr))
-            return S.parse_sbatch(result.stdout)
-
-        return self._once(once, job_name, token)
+    def _sbatch(self, argv: Sequence[str]) -> str:
+        result = self.transport.run(argv)
+        if not result.ok:
+            raise SchedulerError(f"Slurm refused the job: {result.describe()}",
+                                 transient=S.is_transient(result.stderr))
+        return S.parse_sbatch(result.stdout)
 
     # -- status -------------------------------------------------------------------------------------
     def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
