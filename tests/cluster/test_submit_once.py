@@ -161,3 +161,35 @@ def test_pilot_jobs_that_time_out_are_not_submitted_again(tmp_path, monkeypatch)
         assert _made(log) == provider.pilot_jobs() and len(_made(log)) == 1
     finally:
         provider.close()
+
+
+def test_pbspro_a_timed_out_array_is_one_array(tmp_path):
+    """The fake PBS Pro server of the test cluster (tests/cluster/pbspro, arrays with -J):
+    its commands from a copy of the site's `commands_dir` whose qsub times out after
+    submitting; the array is found by its job name and keeps its element ids."""
+    import yaml
+
+    fake_pbs = ROOT / "tests/cluster/pbspro"
+    bin_dir, log = tmp_path / "pbsbin", tmp_path / "qsub.log"
+    bin_dir.mkdir()
+    for name in ("qstat", "qdel", "qrerun"):
+        (bin_dir / name).symlink_to(fake_pbs / name)
+    (bin_dir / "qsub").write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        out=$({fake_pbs}/qsub "$@") || {{ echo "$out"; exit 1; }}
+        echo "$out" >> {log}
+        echo "{MESSAGES['qsub']}" >&2
+        exit 1
+    """))
+    (bin_dir / "qsub").chmod(0o700)
+    log.touch()
+    site = yaml.safe_load((ROOT / "site_configs/localhost-pbspro.yaml").read_text())
+    site["commands_dir"] = str(bin_dir)
+    site_file = tmp_path / "pbspro.yaml"
+    site_file.write_text(yaml.safe_dump(site))
+    s = QuantumServerless({"providers": [{"name": "local"}, {"name": "pbspro", "site": str(site_file)}]})
+    with s.context("pbspro"):
+        refs = [cube(i) for i in range(3)]
+        assert get(refs, timeout=180) == [0, 1, 8]
+    made = _made(log)
+    assert len(made) == 1 and [r.job_id for r in refs] == [f"{made[0]}_{i}" for i in range(3)]
