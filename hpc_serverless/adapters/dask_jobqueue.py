@@ -35,6 +35,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 if TYPE_CHECKING:
+    from hpc_serverless.adapters.schedulers.base import Scheduler
     from hpc_serverless.adapters.transport.base import Transport
     from hpc_serverless.core.fs import LocalFS
 
@@ -88,6 +89,7 @@ class JobHooks(Protocol):
     script_dir: str
     fs: LocalFS
     transport: Transport
+    scheduler: Scheduler
 
     def job_started(self, job_id: str) -> None: ...
 
@@ -105,9 +107,12 @@ def job_class(base: type, hooks: JobHooks) -> type:
             path = f"{hooks.script_dir}/{self.name}-{secrets.token_hex(4)}.sh"
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, lambda: hooks.fs.write_atomic(path, text.encode(), 0o700))
+            argv = [*shlex.split(self.submit_command), path]
             try:
-                out: str = await self._call([*shlex.split(self.submit_command), path])
-            except RuntimeError as exc:
+                # submitted once: with a token, looked up before any retry (submit_once.py);
+                # the job id is what dask-jobqueue's job_id_regexp then finds
+                out: str = await loop.run_in_executor(None, hooks.scheduler.submit_command, argv, self.job_name)
+            except (RuntimeError, OSError) as exc:
                 hooks.submit_failed(exc)
                 raise
             finally:  # the scheduler keeps its own copy

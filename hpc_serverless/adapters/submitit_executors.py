@@ -144,6 +144,10 @@ def remove_job_files(jobs_dir: Path, job_ids: Sequence[str]) -> int:
     return removed
 
 
+def _plain(submit: Callable[[], str]) -> str:
+    return submit()
+
+
 # -- Slurm ----------------------------------------------------------------------------------------
 class TransportSlurmExecutor(SlurmExecutor):
     """submitit's SlurmExecutor (its sbatch script, its parameters) whose sbatch runs through
@@ -151,6 +155,9 @@ class TransportSlurmExecutor(SlurmExecutor):
 
     def __init__(self, folder: Path, python: str, transport: Transport) -> None:
         self._transport = transport
+        #: runs the sbatch step: the scheduler adapter's submit_once (a lookup of the
+        #: submission's token before any retry); plain by default
+        self.guard: Callable[[Callable[[], str]], str] = _plain
         super().__init__(folder, python=python)
 
     @classmethod
@@ -173,11 +180,14 @@ class TransportSlurmExecutor(SlurmExecutor):
         return _submit_through(self, command, self._sbatch)
 
     def _sbatch(self, script: Path) -> str:
-        result = self._transport.run(["sbatch", "--parsable", str(script)])
-        if not result.ok:
-            raise SchedulerError(f"Slurm refused the job: {result.describe()}",
-                                 transient=S.is_transient(result.stderr))
-        return S.parse_sbatch(result.stdout)
+        def once() -> str:
+            result = self._transport.run(["sbatch", "--parsable", str(script)])
+            if not result.ok:
+                raise SchedulerError(f"Slurm refused the job: {result.describe()}",
+                                     transient=S.is_transient(result.stderr))
+            return S.parse_sbatch(result.stdout)
+
+        return self.guard(once)
 
     def _internal_process_submissions(self, delayed: list[utils.DelayedSubmission]) -> list[core.Job[Any]]:
         if len(delayed) == 1:
@@ -249,6 +259,8 @@ class PBSExecutor(core.PicklingExecutor):
         super().__init__(folder)
         self.python = python
         self._transport = transport
+        #: runs the qsub step (the scheduler adapter's submit_once; see TransportSlurmExecutor)
+        self.guard: Callable[[Callable[[], str]], str] = _plain
         self.parameters: dict[str, Any] = {"options": [], "setup": [], "flavor": "pbspro", "qsub": "qsub"}
 
     @classmethod
@@ -287,11 +299,16 @@ class PBSExecutor(core.PicklingExecutor):
         array = [] if not count else ["-J" if self.parameters["flavor"] == "pbspro" else "-t", f"0-{count - 1}"]
         argv = [self.parameters["qsub"], *self.parameters["options"], *array, "-o", "/dev/null", "-j", "oe",
                 str(script)]
-        result = self._transport.run(argv)
-        if not result.ok:
-            raise SchedulerError(f"PBS refused the job: {result.describe()}",
-                                 transient=P.is_transient(result.stderr))
-        return re.sub(r"\[\]", "", P.short_id(P.parse_qsub(result.stdout)))
+        transport = self._transport
+
+        def once() -> str:
+            result = transport.run(argv)
+            if not result.ok:
+                raise SchedulerError(f"PBS refused the job: {result.describe()}",
+                                     transient=P.is_transient(result.stderr))
+            return re.sub(r"\[\]", "", P.short_id(P.parse_qsub(result.stdout)))
+
+        return self.guard(once)
 
     def _internal_process_submissions(self, delayed: list[utils.DelayedSubmission]) -> list[core.Job[Any]]:
         if len(delayed) == 1:

@@ -246,6 +246,8 @@ class BatchBackend:
                                              f"{type(exc).__name__}: {exc}")
                     wrapped.__cause__ = exc
                     exc = wrapped
+                # (safe: a transient error from the scheduler adapter means it asked for the
+                # submission's token and no job had it; see adapters/schedulers/submit_once.py)
                 if exc.transient and attempt < 5:
                     log.warning("%s: scheduler busy or down (%s); retrying in %.0f s",
                                 self.site.name, exc, delay)

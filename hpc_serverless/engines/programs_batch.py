@@ -8,6 +8,7 @@ with the job id alone.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import time
 from typing import TYPE_CHECKING, Any, Mapping, Protocol
@@ -43,6 +44,10 @@ class ProgramSite(Protocol):
 
     def check_target(self, target: Target) -> None: ...
 
+
+#: submissions of one program: the first and up to three retries (after 1, 2, 4 s)
+SUBMIT_ATTEMPTS = 4
+log = logging.getLogger("hpc_serverless")
 
 #: scheduler states that say why a job's program was killed better than "signal 15" does
 _SCHEDULER_KNOWS_BETTER = frozenset({"TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "DEADLINE",
@@ -100,14 +105,29 @@ class BatchJobs:
         script_path = posixpath.join(job_dir, "job.sh")
         self.fs.write_atomic(script_path, script.encode(), mode=0o700)
         try:
-            record["scheduler_job_id"] = self.provider.scheduler.submit_script(
-                script_path, self.provider.effective_target(program.resources), program.title)
+            record["scheduler_job_id"] = self._submit(script_path, program)
         except SchedulerError as exc:
             record["refused"] = str(exc)
             self.dirs.write_record(job_id, record)
             raise
         self.dirs.write_record(job_id, record)
         return Job(job_id, self, self.provider.name)
+
+    def _submit(self, script_path: str, program: Program) -> str:
+        """Submit the staged script; its scheduler job id. A transient failure is retried
+        (with backoff) only when the scheduler said no job carries the submission's token
+        (the scheduler adapter asks it: submit_once.py), so a program never runs twice."""
+        target = self.provider.effective_target(program.resources)
+        for attempt in range(SUBMIT_ATTEMPTS):
+            try:
+                return self.provider.scheduler.submit_script(script_path, target, program.title)
+            except SchedulerError as exc:
+                if not exc.transient or attempt == SUBMIT_ATTEMPTS - 1:
+                    raise
+                log.warning("%s: submitting program %s failed (%s); retrying in %.0f s",
+                            self.provider.name, program.title, exc, 2.0 ** attempt)
+                time.sleep(2.0 ** attempt)
+        raise AssertionError("unreachable")
 
     def get(self, job_id: str) -> Job:
         self.dirs.record(job_id)

@@ -77,3 +77,8 @@ class Scheduler(abc.ABC):
     def submit_script(self, path: str, target: Target, job_name: str) -> str:
         """Submit a script already on the site's filesystem; its job id. (The target and
         name again, for schedulers whose options must also be on the command line.)"""
+
+    def submit_command(self, argv: Sequence[str], job_name: str) -> str:
+        """Run a submission command someone else built (dask-jobqueue's `sbatch SCRIPT` of a
+        pilot job, whose script names the job `job_name`), submitted once; its job id."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run submission commands")

@@ -20,6 +20,7 @@ import re
 import shlex
 from typing import Iterable, Mapping
 
+from hpc_serverless.adapters.schedulers import common
 from hpc_serverless.adapters.schedulers.common import JobState
 from hpc_serverless.core.errors import ResourceError, TargetError
 from hpc_serverless.core.target import PBS_REQUEUE_UNSUPPORTED, Target, format_hms
@@ -196,6 +197,36 @@ def qstat_argv(job_ids: Iterable[str], flavor: str) -> list[str]:
 
 def qdel_argv(job_ids: Iterable[str]) -> list[str]:
     return ["qdel", *job_ids]
+
+
+def token_job_name(name: str, token: str) -> str:
+    """A job name carrying a submission's token, within the 15 characters older servers
+    take: 'h', 6 of the name, '-', 8 of the token ('hsquare-1a2b3c4d')."""
+    return f"{common.job_name(name, prefix='h', width=6)}-{token[:8]}"
+
+
+def token_lookup_argv(flavor: str) -> list[str]:
+    """One qstat of the server's jobs with their names (qselect is missing from some
+    installations, Slurm's PBS wrappers among them)."""
+    return ["qstat", "-f", "-F", "json"] if flavor == "pbspro" else ["qstat", "-f"]
+
+
+def parse_token_lookup(text: str, flavor: str, job_name: str) -> str | None:
+    """The short id (an array's own id, without '[]') of the job named `job_name`, or None."""
+    if flavor == "pbspro":
+        try:
+            jobs = json.loads(text or "{}").get("Jobs") or {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"qstat printed something that is not JSON: {exc}") from None
+        names = {k: str(v.get("Job_Name", "")) for k, v in jobs.items()}
+    else:
+        names = {}
+        for block in re.split(r"^Job Id:\s*", text, flags=re.M)[1:]:
+            m = re.search(r"^\s+Job_Name = (.*)$", block, re.M)
+            names[block.splitlines()[0].strip()] = m.group(1).strip() if m else ""
+    found = sorted({short_id(k).replace("[]", "") for k, v in names.items() if v == job_name and
+                    not re.search(r"\[\d+\]", k)}, key=lambda j: (len(j), j))
+    return found[0] if found else None
 
 
 def parse_qsub(text: str) -> str:

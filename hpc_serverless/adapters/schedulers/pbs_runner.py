@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 import shlex
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from hpc_serverless.adapters.jobscript import job_preamble, render_program
 from hpc_serverless.adapters.schedulers import common
 from hpc_serverless.adapters.schedulers import pbs as P
 from hpc_serverless.adapters.schedulers.base import QueuedTask, Scheduler
 from hpc_serverless.adapters.schedulers.common import JobState
+from hpc_serverless.adapters.schedulers.submit_once import new_token, submit_once
 from hpc_serverless.core.errors import SchedulerError
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ class PBSScheduler(Scheduler):
         self.flavor = site.pbs_flavor
         self.name = "PBS Pro" if self.flavor == "pbspro" else "Torque"
         self.folder = site.storage_path / "jobs" / "%j"
+        #: seconds between a submission that may have created its job and the lookup
+        self.settle_s = 1.0
 
     def max_array_size(self) -> int:
         return self.site.max_array_size or 1000
@@ -47,8 +50,9 @@ class PBSScheduler(Scheduler):
     def _run(self, argv: list[str]) -> CommandResult:
         return self.transport.run([self.site.command(argv[0]), *argv[1:]])
 
-    def options(self, target: Target, name: str, after: Sequence[str] = ()) -> list[str]:
-        opts = P.qsub_options(target, self.flavor, directives=self.site.directives, job_name=_job_name(name))
+    def options(self, target: Target, name: str, after: Sequence[str] = (), *, job_name: str = "") -> list[str]:
+        opts = P.qsub_options(target, self.flavor, directives=self.site.directives,
+                              job_name=job_name or _job_name(name))
         if after:
             opts += ["-W", "depend=afterok:" + ":".join(self._native_ids(after))]
         return opts
@@ -65,10 +69,38 @@ class PBSScheduler(Scheduler):
 
         name = tasks[0].name if len({t.name for t in tasks}) == 1 else "tasks"
         ex = PBSExecutor(self.folder_for(tasks[0].ref.task_id), shlex.quote(self.site.python), self.transport)
-        ex.update_parameters(options=self.options(target, name, after),
+        token = new_token()[:8]
+        job_name = P.token_job_name(name, token)
+        ex.guard = lambda submit: self._once(submit, job_name, token)
+        ex.update_parameters(options=self.options(target, name, after, job_name=job_name),
                              setup=job_preamble(self.site, self.store_root),
                              flavor=self.flavor, qsub=self.site.command("qsub"))
         return submit_calls(ex, [t.ref.task_id for t in tasks], self.store_root)
+
+    def submit_command(self, argv: Sequence[str], job_name: str) -> str:
+        token = new_token()[:8]
+        name = P.token_job_name(job_name, token)
+        tagged = [argv[0], "-N", name, *argv[1:]]  # (the command line's name wins over the script's)
+        return self._once(lambda: self._qsub(tagged), name, token)
+
+    def _qsub(self, argv: list[str]) -> str:
+        result = self._run(argv)
+        if not result.ok:
+            raise SchedulerError(f"PBS refused the job: {result.describe()}", transient=P.is_transient(result.stderr))
+        return P.short_id(P.parse_qsub(result.stdout)).replace("[]", "")
+
+    def _once(self, submit: Callable[[], str], job_name: str, token: str) -> str:
+        """`submit` (a qsub of a job named `job_name`, which carries `token`), with one lookup
+        of the name before it may be retried (submit_once.py)."""
+        return submit_once(f"{self.site.name}: job {job_name}", token, submit,
+                           lambda: self.find_submitted(job_name), settle_s=self.settle_s)
+
+    def find_submitted(self, job_name: str) -> str | None:
+        """The id of the server's job named `job_name` (an array's own id), or None; one qstat."""
+        result = self._run(P.token_lookup_argv(self.flavor))
+        if not result.ok and not result.stdout.strip():
+            raise SchedulerError(f"cannot list jobs: {result.describe()}", transient=P.is_transient(result.stderr))
+        return P.parse_token_lookup(result.stdout, self.flavor, job_name)
 
     def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
         native = self._native_ids(job_ids)
@@ -97,9 +129,7 @@ class PBSScheduler(Scheduler):
 
     def submit_script(self, path: str, target: Target, job_name: str) -> str:
         # the options again on the command line: Slurm's qsub wrapper ignores #PBS lines
-        opts = P.qsub_options(target, self.flavor, directives=self.site.directives, job_name=_job_name(job_name))
-        result = self._run(["qsub", *opts, "-o", "/dev/null", "-j", "oe", path])
-        if not result.ok:
-            raise SchedulerError(f"PBS refused the job: {result.describe()}",
-                                 transient=P.is_transient(result.stderr))
-        return P.short_id(P.parse_qsub(result.stdout))
+        token = new_token()[:8]
+        name = P.token_job_name(job_name, token)
+        opts = P.qsub_options(target, self.flavor, directives=self.site.directives, job_name=name)
+        return self._once(lambda: self._qsub(["qsub", *opts, "-o", "/dev/null", "-j", "oe", path]), name, token)

@@ -144,6 +144,27 @@ def scancel_argv(job_ids: Iterable[str]) -> list[str]:
     return ["scancel", *job_ids]
 
 
+def tagged_comment(comment: str | None, token: str) -> str:
+    """A job's `--comment` carrying a submission's token (after the site's own comment, if any)."""
+    return f"{comment},hpcs:{token}" if comment else f"hpcs:{token}"
+
+
+def token_lookup_argv(job_name: str) -> list[str]:
+    """One squeue for this user's jobs of that name, with their comments (the controller
+    knows a job the moment it is created; sacct may lag behind)."""
+    return ["squeue", "--me", "-h", "-t", "all", "--name", job_name, "-o", "%F|%k"]
+
+
+def parse_token_lookup(text: str, token: str) -> str | None:
+    """The job id (an array's own id) of the job whose comment carries `token`, from
+    `token_lookup_argv`'s output ('123|hpcs:ab12...'; an array's elements share its id)."""
+    tag = f"hpcs:{token}"
+    found = {line.split("|", 1)[0].strip() for line in text.splitlines()
+             if "|" in line and tag in re.split(r"[\s,]+", line.split("|", 1)[1])}
+    # (one at most: a token goes with one sbatch; were there several, the first made is it)
+    return min(found, key=lambda j: (len(j), j)) if found else None
+
+
 SINFO_ARGV = ["sinfo", "-h", "-o", "%P|%c|%m|%G|%D|%l|%a"]
 MAX_ARRAY_ARGV = ["scontrol", "show", "config"]
 

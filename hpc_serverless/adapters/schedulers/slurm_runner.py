@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from hpc_serverless.adapters.jobscript import job_preamble, render_program
 from hpc_serverless.adapters.schedulers import common
 from hpc_serverless.adapters.schedulers import slurm as S
 from hpc_serverless.adapters.schedulers.base import QueuedTask, Scheduler
 from hpc_serverless.adapters.schedulers.common import JobState
+from hpc_serverless.adapters.schedulers.submit_once import new_token, submit_once
 from hpc_serverless.core.errors import SchedulerError
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ class SlurmScheduler(Scheduler):
         self._sacct_retry_in = 0
         self._partitions: dict[str, S.Partition] | None = None
         self._max_array: int | None = site.max_array_size
+        #: seconds between a submission that may have created its job and the lookup
+        self.settle_s = 1.0
 
     # -- facts about the site, asked once ---------------------------------------------------
     def partitions(self) -> dict[str, S.Partition]:
@@ -80,9 +83,26 @@ class SlurmScheduler(Scheduler):
         params["signal_delay_s"] = delay
         extra["signal"] = f"B:USR2@{delay}"
         extra["output"] = ex.log_file(array)
-        ex.update_parameters(job_name=common.job_name(name), setup=job_preamble(self.site, self.store_root),
+        job_name, token = common.job_name(name), new_token()
+        extra["comment"] = S.tagged_comment(extra.get("comment"), token)
+        ex.guard = lambda submit: self._once(submit, job_name, token)
+        ex.update_parameters(job_name=job_name, setup=job_preamble(self.site, self.store_root),
                              additional_parameters=extra, **params)
         return ex
+
+    def _once(self, submit: Callable[[], str], job_name: str, token: str) -> str:
+        """`submit` (an sbatch of a job named `job_name` whose comment carries `token`), with
+        one lookup of the token before it may be retried (submit_once.py)."""
+        return submit_once(f"{self.site.name}: job {job_name}", token, submit,
+                           lambda: self.find_submitted(job_name, token), settle_s=self.settle_s)
+
+    def find_submitted(self, job_name: str, token: str) -> str | None:
+        """The id of this user's job named `job_name` whose comment carries `token` (an
+        array's own id), or None; one squeue."""
+        result = self.transport.run(S.token_lookup_argv(job_name))
+        if not result.ok:
+            raise SchedulerError(f"cannot list jobs: {result.describe()}", transient=S.is_transient(result.stderr))
+        return S.parse_token_lookup(result.stdout, token)
 
     def submit(self, tasks: Sequence[QueuedTask], target: Target, after: Sequence[str]) -> list[str]:
         from hpc_serverless.adapters.submitit_executors import submit_calls
@@ -101,7 +121,19 @@ class SlurmScheduler(Scheduler):
                               command=command)
 
     def submit_script(self, path: str, target: Target, job_name: str) -> str:
-        result = self.transport.run(["sbatch", "--parsable", path])
+        name, token = common.job_name(job_name), new_token()
+        comment = S.sbatch_options(target, directives=self.site.directives).get("comment")
+        # (on the command line, which wins over the script's own --comment line)
+        argv = ["sbatch", "--parsable", f"--comment={S.tagged_comment(comment, token)}", path]
+        return self._once(lambda: self._sbatch(argv), name, token)
+
+    def submit_command(self, argv: Sequence[str], job_name: str) -> str:
+        token = new_token()
+        tagged = [argv[0], f"--comment={S.tagged_comment(None, token)}", *argv[1:]]
+        return self._once(lambda: self._sbatch(tagged), job_name, token)
+
+    def _sbatch(self, argv: Sequence[str]) -> str:
+        result = self.transport.run(argv)
         if not result.ok:
             raise SchedulerError(f"Slurm refused the job: {result.describe()}",
                                  transient=S.is_transient(result.stderr))
