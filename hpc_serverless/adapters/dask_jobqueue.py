@@ -121,7 +121,8 @@ def job_class(base: type, hooks: JobHooks) -> type:
         @classmethod
         async def _call(cls, cmd: list[str], **kwargs: Any) -> str:
             loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(None, lambda: hooks.transport.run(cmd))
+            # a Slurm job takes its umask from sbatch's SLURM_UMASK: worker logs and files private
+            result = await loop.run_in_executor(None, lambda: hooks.transport.run(cmd, env={"SLURM_UMASK": "0077"}))
             if not result.ok:
                 raise RuntimeError(result.describe())
             return result.stdout

@@ -69,7 +69,8 @@ class SlurmScheduler(Scheduler):
 
         # exec: python replaces the batch shell, so the time-limit signal (B:, to the batch
         # shell) reaches our worker, which requeues tasks that ask for it
-        ex = TransportSlurmExecutor(folder or self.folder, "exec " + shlex.quote(self.site.python), self.transport)
+        ex = TransportSlurmExecutor(folder or self.folder, "exec " + shlex.quote(self.site.python), self.transport,
+                                    root=self.site.storage_path)
         params = S.submitit_parameters(target, directives=self.site.directives)
         extra = dict(params.pop("additional_parameters", {}))
         if after:
@@ -101,7 +102,8 @@ class SlurmScheduler(Scheduler):
                               command=command)
 
     def submit_script(self, path: str, target: Target, job_name: str) -> str:
-        result = self.transport.run(["sbatch", "--parsable", path])
+        # the job's umask (its output.log, what the program writes): private, as the job dir
+        result = self.transport.run(["sbatch", "--parsable", path], env={"SLURM_UMASK": "0077"})
         if not result.ok:
             raise SchedulerError(f"Slurm refused the job: {result.describe()}",
                                  transient=S.is_transient(result.stderr))
