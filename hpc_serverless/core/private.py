@@ -9,9 +9,10 @@ from or submitted out of a directory, the chain from the storage's root down to 
 checked, symlink-safe: each level opened with O_NOFOLLOW | O_DIRECTORY relative to the
 one above (openat), then fstat'ed: ours, and not writable by group or others.
 
-The root itself may be a symlink (``$SCRATCH`` often is) only when the link is ours and
-sits in a directory nobody else can write (or one with the sticky bit): a root swapped
-for a symlink inside a group-writable directory is refused.
+The way to the root is walked too, from /: a symlink on it (``$SCRATCH`` often is one) is
+followed only when it sits in a directory only we or root can change (or one with the
+sticky bit), and a directory there that is not ours only in such a directory: a root
+swapped for a symlink inside a group-writable project directory is refused.
 
 Checks are cheap (one openat and one fstat per level) but not free on NFS, so callers may
 keep a result for :data:`CHECK_TTL_S` (:class:`CheckedDirs`), never longer: a
@@ -56,27 +57,61 @@ def _judge(path: str, st: os.stat_result, what: str) -> None:
             f"Fix with: chmod go-w {path}")
 
 
+def _safe_parent(st: os.stat_result) -> bool:
+    """Only we (or root) can add, remove or rename entries in this directory."""
+    return st.st_uid in (0, _me()) and (not st.st_mode & _OTHERS_WRITE or bool(st.st_mode & stat.S_ISVTX))
+
+
+def _check_above(root: str) -> None:
+    """Walk the path to `root` from /, following links as the kernel would: a link, or a
+    directory not ours, inside a directory someone else can change, could have been put
+    there by them (a root swapped for a link in a group's project directory): refused."""
+    here, parent = "/", os.lstat("/")
+    todo = [n for n in root.split("/") if n]
+    hops = 0
+    while todo:
+        name = todo.pop(0)
+        if name == ".":
+            continue
+        if name == "..":
+            here = os.path.dirname(here)
+            parent = os.lstat(here)
+            continue
+        path = f"{here.rstrip('/')}/{name}"
+        st = os.lstat(path)
+        safe = _safe_parent(parent)
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(path)
+            if not safe or st.st_uid not in (0, _me()):
+                raise UnsafeStoreError(
+                    f"{path} (on the way to {root}) is a symbolic link (to {target!r}, owned by uid {st.st_uid}) "
+                    f"in {here}, which other users can write (mode {stat.filemode(parent.st_mode)}): anyone "
+                    f"there could have put it in place; refusing it. Fix: point the site's storage at the "
+                    f"real directory")
+            hops += 1
+            if hops > 40:
+                raise StoreError(f"too many symbolic links on the way to {root}")
+            if target.startswith("/"):
+                here, parent = "/", os.lstat("/")
+            todo = [n for n in target.split("/") if n] + todo
+            continue
+        if not safe and st.st_uid not in (0, _me()):
+            raise UnsafeStoreError(
+                f"{path} (on the way to {root}) belongs to uid {st.st_uid}, not to you, and sits in {here}, "
+                f"which other users can write (mode {stat.filemode(parent.st_mode)}); refusing it. Fix: "
+                f"use a storage directory of your own")
+        here, parent = path, st
+
+
 def _open_root(root: str) -> int:
-    """An fd of the root directory. A symlinked root is followed only when the link is ours
-    in a directory nobody else can swap it in."""
+    """An fd of the root directory, once the way to it is found safe."""
+    _check_above(root)
     try:
-        return os.open(root, _DIR_FLAGS)
+        return os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
     except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or not os.path.islink(root):
-            if exc.errno == errno.ENOENT:
-                raise
-            raise StoreError(f"cannot open directory {root}: {exc}") from exc
-    link = os.lstat(root)
-    parent = os.path.dirname(root.rstrip("/")) or "/"
-    pst = os.stat(parent)
-    me = _me()
-    swappable = pst.st_mode & _OTHERS_WRITE and not pst.st_mode & stat.S_ISVTX
-    if (me is not None and link.st_uid != me) or swappable:
-        raise UnsafeStoreError(
-            f"storage root {root} is a symbolic link (to {os.readlink(root)!r}, owned by uid {link.st_uid}) in "
-            f"{parent}, which other users can write (mode {stat.filemode(pst.st_mode)}): anyone there could "
-            f"have put it in place; refusing it. Fix: point the site's storage at the real directory")
-    return os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
+        raise StoreError(f"cannot open directory {root}: {exc}") from exc
 
 
 def check_chain(root: str | os.PathLike[str], leaf: str | os.PathLike[str] | None = None) -> None:

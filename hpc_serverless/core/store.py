@@ -52,7 +52,7 @@ from hpc_serverless.core.errors import (
     StoreError,
 )
 from hpc_serverless.core.fs import LOCAL
-from hpc_serverless.core.private import CheckedDirs, make_private
+from hpc_serverless.core.private import CheckedDirs, check_chain, make_private, open_private
 from hpc_serverless.core.serialization import dumps_oob, loads
 
 __all__ = ["ObjectStore", "new_object_id"]
@@ -138,6 +138,14 @@ class ObjectStore:
         we do not own. Re-checked after CHECK_TTL_S, so a long-lived process sees a root
         swapped for a symlink, or a directory opened to the group, within that time."""
         self._checked.check(self.root, directory)
+
+    def check_object(self, key: str) -> None:
+        """Refuse the object under `key` before it is loaded to be run (a task's call, its
+        function): its chain checked now, not from the cache, and the file itself a regular
+        file of ours that others cannot write, opened without following a link."""
+        path = self.path_of(key)
+        check_chain(self.root, path.parent)
+        open_private(str(path)).close()
 
     def recheck(self) -> None:
         """Trust no earlier check: the next load or write checks its chain again."""

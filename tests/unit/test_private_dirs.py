@@ -110,14 +110,14 @@ def test_the_store_sees_a_root_swapped_for_a_symlink_after_it_checked_it(group_d
     root, in a group-writable directory, is swapped for a link to a copy holding another
     object under the same key. Before: the first check was cached for ever, the swapped
     object loaded."""
-    root = group_dir / "storage"
-    store = ObjectStore(root)
+    storage = group_dir / "storage"
+    store = ObjectStore(storage / "store")
     store.put("ours", "objects/ab/x")
     assert store.get("objects/ab/x") == "ours"
     evil = tmp_path / "evil"
-    ObjectStore(evil).put("theirs", "objects/ab/x")
-    os.rename(root, group_dir / "old")
-    root.symlink_to(evil)
+    ObjectStore(evil / "store").put("theirs", "objects/ab/x")
+    os.rename(storage, group_dir / "old")
+    storage.symlink_to(evil)  # the storage root, above the store's own root
     time.sleep(CHECK_TTL_S + 0.1)
     with pytest.raises(UnsafeStoreError, match="symbolic link"):
         store.get("objects/ab/x")
@@ -163,3 +163,47 @@ def test_job_folders_and_pickles_are_private_under_setgid_and_umask_002(group_di
             want = 0o700 if p.is_dir() else 0o600
             assert _mode(p) == want, f"{p}: {oct(_mode(p))}"
     assert {"41_submitted.pkl", "42_1_submitted.pkl", "41_submission.sh"} <= set(seen)
+
+
+def _task(store: ObjectStore, task_id: str, fn) -> None:
+    from hpc_serverless.core.serialization import dumps, function_bytes
+    from hpc_serverless.runtime import worker
+
+    store.put(function_bytes(fn), worker.function_key("f:" + task_id))
+    store.put({"task_id": task_id, "name": "f", "fn_key": "f:" + task_id, "args": dumps(((), {})),
+               "deps": [], "versions": worker.versions()}, worker.task_key(task_id))
+
+
+def _refusal(store: ObjectStore, task_id: str) -> BaseException:
+    from hpc_serverless.core.serialization import unpack_exception
+    from hpc_serverless.runtime import worker
+
+    with pytest.raises(worker.TaskFailed):
+        worker.run(str(store.root), task_id)
+    ok, payload, _ = store.get(worker.result_key(task_id))
+    assert not ok
+    return unpack_exception(payload)
+
+
+def test_the_worker_refuses_a_call_swapped_for_a_symlink_and_says_so_in_the_result(tmp_path: Path):
+    """Before: the worker loaded the object the link pointed to and ran it."""
+    from hpc_serverless.runtime import worker
+
+    store = ObjectStore(tmp_path / "storage" / "store")
+    _task(store, "aa11", lambda: "ours")
+    _task(store, "bb22", lambda: "theirs")
+    mine = store.path_of(worker.task_key("aa11"))
+    os.unlink(mine)
+    os.symlink(store.path_of(worker.task_key("bb22")), mine)
+    err = _refusal(store, "aa11")
+    assert isinstance(err, UnsafeStoreError) and "symbolic link" in str(err) and str(mine) in str(err)
+
+
+def test_the_worker_refuses_a_function_others_can_write(tmp_path: Path):
+    from hpc_serverless.runtime import worker
+
+    store = ObjectStore(tmp_path / "storage" / "store")
+    _task(store, "cc33", lambda: 1)
+    os.chmod(store.path_of(worker.function_key("f:cc33")), 0o660)
+    err = _refusal(store, "cc33")
+    assert isinstance(err, UnsafeStoreError) and "writable by other users" in str(err)
