@@ -62,11 +62,21 @@ def _safe_parent(st: os.stat_result) -> bool:
     return st.st_uid in (0, _me()) and (not st.st_mode & _OTHERS_WRITE or bool(st.st_mode & stat.S_ISVTX))
 
 
+def _lstat(path: str) -> os.stat_result:
+    """lstat, a failure told in the store's terms (a missing level stays FileNotFoundError)."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise StoreError(f"cannot look at {path}: {exc}") from exc
+
+
 def _check_above(root: str) -> None:
     """Walk the path to `root` from /, following links as the kernel would: a link, or a
     directory not ours, inside a directory someone else can change, could have been put
     there by them (a root swapped for a link in a group's project directory): refused."""
-    here, parent = "/", os.lstat("/")
+    here, parent = "/", _lstat("/")
     todo = [n for n in root.split("/") if n]
     hops = 0
     while todo:
@@ -75,13 +85,13 @@ def _check_above(root: str) -> None:
             continue
         if name == "..":
             here = os.path.dirname(here)
-            parent = os.lstat(here)
+            parent = _lstat(here)
             continue
         path = f"{here.rstrip('/')}/{name}"
-        st = os.lstat(path)
+        st = _lstat(path)
         safe = _safe_parent(parent)
         if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(path)
+            target = os.readlink(path)  # a link we just lstat'ed: readable
             if not safe or st.st_uid not in (0, _me()):
                 raise UnsafeStoreError(
                     f"{path} (on the way to {root}) is a symbolic link (to {target!r}, owned by uid {st.st_uid}) "
@@ -92,7 +102,7 @@ def _check_above(root: str) -> None:
             if hops > 40:
                 raise StoreError(f"too many symbolic links on the way to {root}")
             if target.startswith("/"):
-                here, parent = "/", os.lstat("/")
+                here, parent = "/", _lstat("/")
             todo = [n for n in target.split("/") if n] + todo
             continue
         if not safe and st.st_uid not in (0, _me()):
