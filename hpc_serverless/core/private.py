@@ -128,7 +128,7 @@ def check_chain(root: str | os.PathLike[str], leaf: str | os.PathLike[str] | Non
     """Check `root` and every directory from it down to `leaf` (inside it): real directories,
     not symlinks, ours, not writable by others. Raises UnsafeStoreError naming the first
     bad one, its mode and the fix; FileNotFoundError if a level is missing."""
-    root_s = os.path.normpath(os.fspath(root))
+    root_s = os.path.abspath(os.fspath(root))
     parts = _below(root_s, leaf)
     fd = _open_root(root_s)
     here = root_s
@@ -157,7 +157,7 @@ def _below(root: str, leaf: str | os.PathLike[str] | None) -> tuple[str, ...]:
     """The names from `root` down to `leaf`; an error if `leaf` is not inside `root`."""
     if leaf is None:
         return ()
-    leaf_s = os.path.normpath(os.fspath(leaf))
+    leaf_s = os.path.abspath(os.fspath(leaf))
     if leaf_s == root:
         return ()
     base = root.rstrip("/") + "/"
