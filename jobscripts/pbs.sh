@@ -3,6 +3,8 @@
 #
 # hpc-serverless program job @JOB_ID@ (its record: @JOB_DIR@/record.json)
 
+# what the job creates (its log, the program's files) is private, whatever the umask
+umask 0077
 # output goes live to the shared filesystem (PBS copies -o files back only at the end)
 exec >> @JOB_DIR@/output.log 2>&1
 

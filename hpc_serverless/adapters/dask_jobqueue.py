@@ -34,6 +34,8 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
+from hpc_serverless.core.private import check_chain, open_private
+
 if TYPE_CHECKING:
     from hpc_serverless.adapters.schedulers.base import Scheduler
     from hpc_serverless.adapters.transport.base import Transport
@@ -96,6 +98,14 @@ class JobHooks(Protocol):
     def submit_failed(self, exc: BaseException) -> None: ...
 
 
+def _write_script(fs: LocalFS, folder: str, path: str, text: str) -> None:
+    """The pilot job's script, 0700 in its private folder, checked before the scheduler
+    runs it by path: the folder's chain and the file itself ours, not writable by others."""
+    fs.write_atomic(path, text.encode(), 0o700)
+    check_chain(folder)
+    open_private(path).close()
+
+
 def job_class(base: type, hooks: JobHooks) -> type:
     """dask-jobqueue's Job for the site's scheduler, its commands run through our transport
     (counted like every other scheduler command, and over SSH if the site has a host)."""
@@ -106,7 +116,7 @@ def job_class(base: type, hooks: JobHooks) -> type:
                 text = f.read()
             path = f"{hooks.script_dir}/{self.name}-{secrets.token_hex(4)}.sh"
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, lambda: hooks.fs.write_atomic(path, text.encode(), 0o700))
+            await loop.run_in_executor(None, lambda: _write_script(hooks.fs, hooks.script_dir, path, text))
             argv = [*shlex.split(self.submit_command), path]
             try:
                 # submitted once: with a token, looked up before any retry (submit_once.py);

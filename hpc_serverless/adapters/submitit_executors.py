@@ -12,9 +12,11 @@ still exist; pyproject.toml pins `submitit<1.6` naming them):
 
 - `_submit_command(command)`: overridden by both executors: the script is written where
   submitit would write it, then sbatch/qsub runs through our transport;
-- `_internal_process_submissions(delayed)`: overridden by both for arrays: submitit's own
-  Slurm array path submits through a plain `SlurmExecutor` copy of itself (a local
-  subprocess), and the base class has no arrays at all;
+- `_internal_process_submissions(delayed)`: overridden by both, for single jobs and arrays:
+  submitit's own Slurm array path submits through a plain `SlurmExecutor` copy of itself (a
+  local subprocess), the base class has no arrays at all, and both write the pickles and
+  job folders with the umask's modes, where ours are private (0600 in 0700 folders, from
+  the site's storage down: submitit's runner unpickles them on the compute node);
 - `_make_submission_file_text(command, uid)`: called for the script's text; the PBS
   executor implements it (abstract in submitit);
 - `_num_tasks()`: called for the task list of the Job we hand back; the PBS executor
@@ -45,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from hpc_serverless.core.errors import ConfigError
 
 try:
+    import cloudpickle
     from submitit.core import core, job_environment, utils
     from submitit.slurm.slurm import SlurmExecutor
 except ImportError:  # an optional dependency: say which extra brings it
@@ -54,6 +57,7 @@ from hpc_serverless.adapters.schedulers import pbs as P
 from hpc_serverless.adapters.schedulers import slurm as S
 from hpc_serverless.core.errors import SchedulerError
 from hpc_serverless.core.launch import module_command
+from hpc_serverless.core.private import make_private, write_private
 
 if TYPE_CHECKING:
     from hpc_serverless.adapters.transport.base import Transport
@@ -65,43 +69,65 @@ def _runner_command(python: str, folder: Path) -> str:
     return module_command(python, "submitit.core._submit", str(folder), unbuffered=True)
 
 
+def _private(ex: core.PicklingExecutor, folder: Path) -> None:
+    """Create `folder` and the levels above it, down from the executor's checked root, 0700,
+    and check the chain: submitit's runner unpickles what is in it on the compute node, where
+    we cannot check the file, so nobody else may be able to swap it (core/private.py)."""
+    root = getattr(ex, "private_root", None) or utils.JobPaths.get_first_id_independent_folder(ex.folder)
+    make_private(root, folder)
+
+
 def _submit_through(ex: core.PicklingExecutor, command: str, submit: Callable[[Path], str]) -> core.Job[Any]:
     """What submitit's `_submit_command` does, with `submit(script) -> job id` in place of its
-    local subprocess: the script where submitit would write it, the Job it expects back."""
+    local subprocess: the script where submitit would write it (0600, in a private folder),
+    the Job it expects back."""
     uid = uuid.uuid4().hex
     folder = utils.JobPaths.get_first_id_independent_folder(ex.folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    _private(ex, folder)
     script = folder / f".submission_file_{uid}.sh"
-    script.write_text(ex._make_submission_file_text(command, uid))
+    write_private(script, ex._make_submission_file_text(command, uid).encode())
     try:
         job_id = submit(script)
     except BaseException:
         script.unlink(missing_ok=True)
         raise
     job: core.Job[Any] = ex.job_class(folder=ex.folder, job_id=job_id, tasks=list(range(ex._num_tasks())))
+    _private(ex, job.paths.folder)
     job.paths.move_temporary_file(script, "submission_file", keep_as_symlink=True)
     return job
 
 
-def _submit_array(ex: core.PicklingExecutor, delayed: Sequence[utils.DelayedSubmission],
-                  timeout_min: int) -> list[core.Job[Any]]:
-    """One array job for several pickled calls. The executor's `map_count` parameter tells
-    its script renderer to ask for an array of that size."""
+def _submit_pickled(ex: core.PicklingExecutor, delayed: Sequence[utils.DelayedSubmission],
+                    timeout_min: int) -> list[core.Job[Any]]:
+    """One job for one pickled call, one array job for several (the executor's `map_count`
+    parameter tells its script renderer to ask for an array of that size). Ours, not
+    submitit's, for single jobs too: the pickles are written 0600 and moved into job folders
+    created 0700, where submitit's would take the umask's modes."""
     folder = utils.JobPaths.get_first_id_independent_folder(ex.folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    _private(ex, folder)
     pickles = []
     for d in delayed:
         path = folder / f"{uuid.uuid4().hex}.pkl"
         d.set_timeout(timeout_min, ex.max_num_timeout)
-        d.dump(path)
+        write_private(path, cloudpickle.dumps(d, protocol=cloudpickle.DEFAULT_PROTOCOL))
         pickles.append(path)
-    ex.parameters["map_count"] = len(delayed)
     try:
-        first = ex._submit_command(ex._submitit_command_str)
-    finally:
-        ex.parameters.pop("map_count", None)
-    jobs = [ex.job_class(folder=ex.folder, job_id=f"{first.job_id}_{i}", tasks=[0]) for i in range(len(delayed))]
+        if len(delayed) == 1:
+            jobs = [ex._submit_command(ex._submitit_command_str)]
+        else:
+            ex.parameters["map_count"] = len(delayed)
+            try:
+                first = ex._submit_command(ex._submitit_command_str)
+            finally:
+                ex.parameters.pop("map_count", None)
+            jobs = [ex.job_class(folder=ex.folder, job_id=f"{first.job_id}_{i}", tasks=[0])
+                    for i in range(len(delayed))]
+    except BaseException:
+        for path in pickles:
+            path.unlink(missing_ok=True)
+        raise
     for job, path in zip(jobs, pickles, strict=True):
+        _private(ex, job.paths.folder)
         job.paths.move_temporary_file(path, "submitted_pickle")
     return jobs
 
@@ -153,11 +179,13 @@ class TransportSlurmExecutor(SlurmExecutor):
     """submitit's SlurmExecutor (its sbatch script, its parameters) whose sbatch runs through
     our transport."""
 
-    def __init__(self, folder: Path, python: str, transport: Transport) -> None:
+    def __init__(self, folder: Path, python: str, transport: Transport, root: Path | None = None) -> None:
         self._transport = transport
         #: runs the sbatch step: the scheduler adapter's submit_once (a lookup of the
         #: submission's token before any retry); plain by default
         self.guard: Callable[[Callable[[], str]], str] = _plain
+        #: the checked root the job folders' chain starts from (the site's storage)
+        self.private_root = root
         super().__init__(folder, python=python)
 
     @classmethod
@@ -181,7 +209,7 @@ class TransportSlurmExecutor(SlurmExecutor):
 
     def _sbatch(self, script: Path) -> str:
         def once() -> str:
-            result = self._transport.run(["sbatch", "--parsable", str(script)])
+            result = self._transport.run(["sbatch", "--parsable", str(script)], env=S.JOB_UMASK_ENV)
             if not result.ok:
                 raise SchedulerError(f"Slurm refused the job: {result.describe()}",
                                      transient=S.is_transient(result.stderr))
@@ -190,10 +218,8 @@ class TransportSlurmExecutor(SlurmExecutor):
         return self.guard(once)
 
     def _internal_process_submissions(self, delayed: list[utils.DelayedSubmission]) -> list[core.Job[Any]]:
-        if len(delayed) == 1:
-            return super()._internal_process_submissions(delayed)
-        # an array: one pickle per element, one sbatch --array for all of them
-        return _submit_array(self, delayed, self.parameters.get("time", 5))
+        # one pickle per call; several: one sbatch --array for all of them
+        return _submit_pickled(self, delayed, self.parameters.get("time", 5))
 
 
 # -- PBS --------------------------------------------------------------------------------------------
@@ -255,12 +281,14 @@ class PBSExecutor(core.PicklingExecutor):
 
     job_class = PBSJob
 
-    def __init__(self, folder: str | Path, python: str = "python3", transport: Transport | None = None) -> None:
+    def __init__(self, folder: str | Path, python: str = "python3", transport: Transport | None = None,
+                 root: Path | None = None) -> None:
         super().__init__(folder)
         self.python = python
         self._transport = transport
         #: runs the qsub step (the scheduler adapter's submit_once; see TransportSlurmExecutor)
         self.guard: Callable[[Callable[[], str]], str] = _plain
+        self.private_root = root
         self.parameters: dict[str, Any] = {"options": [], "setup": [], "flavor": "pbspro", "qsub": "qsub"}
 
     @classmethod
@@ -281,6 +309,8 @@ class PBSExecutor(core.PicklingExecutor):
         logs = str(self.folder).replace("/%j", "")
         opts = list(self.parameters["options"])
         lines = ["#!/bin/bash", *P.directive_lines(opts), "",
+                 "# what the job creates (its log, the result pickle) is private, whatever the umask",
+                 f"umask {S.JOB_UMASK}",
                  "# the job's output, live on the shared filesystem (PBS copies -o files only at the end)",
                  'JOBID="${PBS_JOBID:-$SLURM_JOB_ID}"; JOBID="${JOBID%%.*}"; JOBID="${JOBID%%[*}"',
                  'IDX="${PBS_ARRAY_INDEX:-${PBS_ARRAYID:-$SLURM_ARRAY_TASK_ID}}"',
@@ -311,9 +341,7 @@ class PBSExecutor(core.PicklingExecutor):
         return self.guard(once)
 
     def _internal_process_submissions(self, delayed: list[utils.DelayedSubmission]) -> list[core.Job[Any]]:
-        if len(delayed) == 1:
-            return super()._internal_process_submissions(delayed)
-        return _submit_array(self, delayed, 60)
+        return _submit_pickled(self, delayed, 60)
 
     def _num_tasks(self) -> int:
         return 1

@@ -13,7 +13,7 @@ builtin fits, the error also subclasses it, so generic handlers keep working::
     ├── StoreError(OSError)              object store problems
     │   ├── ObjectNotFoundError(KeyError)
     │   ├── CorruptObjectError           size or checksum mismatch: damaged object
-    │   └── UnsafeStoreError(PermissionError)  store writable by others (pickles are code)
+    │   └── UnsafeStoreError(PermissionError)  store or job files others can write or swap
     ├── TaskError(RuntimeError)          a task could not produce a value
     │   ├── DependencyError              an upstream TaskRef failed
     │   ├── TaskCancelledError(concurrent.futures.CancelledError)
@@ -101,7 +101,8 @@ class CorruptObjectError(StoreError):
 
 
 class UnsafeStoreError(StoreError, PermissionError):
-    """A store directory that other users can write: loading pickles from it is unsafe."""
+    """A store or job directory (or a file in it) that other users can write or swap (a
+    symlink, not ours): loading pickles or running scripts from it is unsafe."""
 
 
 class TaskError(HPCServerlessError, RuntimeError):

@@ -26,7 +26,9 @@ class LocalFS:
         return os.fdopen(fd, "wb", buffering=0)
 
     def open_read(self, path: str) -> IO[bytes]:
-        return open(path, "rb", buffering=0)
+        # never through a link: what we read here (objects, records) we wrote ourselves
+        return os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC), "rb",
+                         buffering=0)
 
     def stat(self, path: str) -> StatResult:
         st = os.stat(path)

@@ -37,6 +37,7 @@ from pathlib import PurePosixPath
 from typing import Any, Iterator
 
 from hpc_serverless.core.fs import LOCAL
+from hpc_serverless.core.private import make_private
 
 __all__ = ["HEARTBEAT_S", "KINDS", "STALE_AFTER", "Session", "SessionInfo", "new_session_id", "parse_duration",
            "read_session", "remove_tree", "scan_sessions", "session_of", "session_prefix", "session_task_id",
@@ -91,7 +92,8 @@ class Session:
         self.id = session_id or new_session_id()
         if not _ID_RE.match(self.id):
             raise ValueError(f"not a session id: {self.id!r}")
-        self.dir = PurePosixPath(str(store_root)) / SESSIONS / self.id
+        self.store_root = str(store_root)
+        self.dir = PurePosixPath(self.store_root) / SESSIONS / self.id
         self.interval = interval
         self.client = client
         self._job_ids: list[str] = []
@@ -114,7 +116,7 @@ class Session:
         with self._lock:
             if self._opened:
                 return
-            LOCAL.makedirs(str(self.jobs_dir), 0o700)
+            make_private(self.store_root, self.jobs_dir)  # job files go here: 0700 from the store root
             info = {"id": self.id, "host": os.uname().nodename, "pid": os.getpid(),
                     "user": os.environ.get("USER", ""), "created": time.time(),
                     "interval": self.interval, "client": self.client}

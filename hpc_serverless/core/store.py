@@ -10,8 +10,9 @@ Designed for NFS and Lustre as much as for a laptop disk:
   reported as :class:`CorruptObjectError`, never loaded as a wrong value;
 * a write that runs out of space or quota says so, with the store and the size, and
   leaves nothing behind;
-* directories are 0700 and files 0600, and a store whose directories others can write
-  is refused (:class:`UnsafeStoreError`): pickles are code.
+* directories are 0700 and files 0600, and a store whose directories others can write,
+  or that holds a symlink where a directory belongs, is refused
+  (:class:`UnsafeStoreError`; core/private.py): pickles are code.
 
 File layout (see docs/on-disk.md)::
 
@@ -38,7 +39,6 @@ import os
 import queue
 import re
 import secrets
-import stat
 import struct
 import sys
 import threading
@@ -54,9 +54,9 @@ from hpc_serverless.core.errors import (
     ObjectNotFoundError,
     SerializationError,
     StoreError,
-    UnsafeStoreError,
 )
 from hpc_serverless.core.fs import LOCAL
+from hpc_serverless.core.private import CheckedDirs, check_chain, make_private, open_private
 from hpc_serverless.core.serialization import dumps_oob, loads
 
 __all__ = ["ObjectStore", "new_object_id"]
@@ -112,7 +112,7 @@ class ObjectStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.fs = LOCAL
         self.root = PurePosixPath(os.path.abspath(os.path.expandvars(os.path.expanduser(str(root)))))
-        self._checked_dirs: set[PurePosixPath] = set()
+        self._checked = CheckedDirs()
 
     def __repr__(self) -> str:
         return f"ObjectStore({str(self.root)!r})"
@@ -124,45 +124,36 @@ class ObjectStore:
         return self.root / key
 
     def _ensure_dir(self, directory: PurePosixPath) -> None:
-        if directory in self._checked_dirs:
-            return
+        """Create `directory` private (each new level 0700, whatever the umask or a setgid
+        parent says) and check the chain from the root down to it (core/private.py)."""
         try:
-            self.fs.makedirs(str(directory), 0o700)  # each level 0700, not the umask's choice
-        except OSError as exc:
+            self._checked.check(self.root, directory)
+            return
+        except FileNotFoundError:
+            pass
+        try:
+            make_private(self.root, directory)
+        except FileNotFoundError as exc:  # removed while we created it (a gc): say so
             raise StoreError(f"cannot create store directory {directory}: {exc}") from exc
-        self._check_dir(directory)
+        self._checked.check(self.root, directory)
 
     def _check_dir(self, directory: PurePosixPath) -> None:
-        """Refuse directories (from the root down) that others can write or that we do not own."""
-        if directory in self._checked_dirs:
-            return
-        d = directory
-        chain = []
-        while True:
-            chain.append(d)
-            if d == self.root or d.parent == d:
-                break
-            d = d.parent
-        for d in chain:
-            if d in self._checked_dirs:
-                continue
-            try:
-                st = self.fs.stat(str(d))
-            except FileNotFoundError:
-                raise
-            except OSError as exc:
-                raise StoreError(f"cannot read store directory {d}: {exc}") from exc
-            if st.mode & (stat.S_IWGRP | stat.S_IWOTH):
-                raise UnsafeStoreError(
-                    f"store directory {d} is writable by other users (mode "
-                    f"{stat.filemode(st.mode)}); refusing to load pickled objects from it. "
-                    f"Fix with: chmod go-w {d}")
-            owner = self.fs.owner_uid()
-            if owner is not None and st.uid != owner:
-                raise UnsafeStoreError(
-                    f"store directory {d} belongs to uid {st.uid}, not to you "
-                    f"(uid {owner}); refusing to load pickled objects from it")
-            self._checked_dirs.add(d)
+        """Refuse a directory whose chain from the root (symlink-safe) others can write or
+        we do not own. Re-checked after CHECK_TTL_S, so a long-lived process sees a root
+        swapped for a symlink, or a directory opened to the group, within that time."""
+        self._checked.check(self.root, directory)
+
+    def check_object(self, key: str) -> None:
+        """Refuse the object under `key` before it is loaded to be run (a task's call, its
+        function): its chain checked now, not from the cache, and the file itself a regular
+        file of ours that others cannot write, opened without following a link."""
+        path = self.path_of(key)
+        check_chain(self.root, path.parent)
+        open_private(str(path)).close()
+
+    def recheck(self) -> None:
+        """Trust no earlier check: the next load or write checks its chain again."""
+        self._checked.forget()
 
     # -- write ------------------------------------------------------------------------
     def put(self, obj: Any, key: str, *, what: str = "object", overwrite: bool = False,

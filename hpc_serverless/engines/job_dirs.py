@@ -6,13 +6,16 @@ program engines differ in how they start and judge a job, not in these files."""
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import shutil
+import stat
 from typing import Any, Mapping
 
 from hpc_serverless.core.errors import CorruptRecordError, HPCServerlessError, JobNotFoundError
 from hpc_serverless.core.fs import LOCAL, LocalFS
 from hpc_serverless.core.jobs import ARGUMENTS_KEY, RESULT_KEY, Program
+from hpc_serverless.core.private import make_private
 from hpc_serverless.core.store import ObjectStore
 
 __all__ = ["JobDirs", "exit_info", "new_record"]
@@ -21,9 +24,12 @@ __all__ = ["JobDirs", "exit_info", "new_record"]
 class JobDirs:
     """The job directories under `root` (one per job id) of provider `provider`."""
 
-    def __init__(self, root: str, provider: str, fs: LocalFS = LOCAL, where: str | None = None) -> None:
+    def __init__(self, root: str, provider: str, fs: LocalFS = LOCAL, where: str | None = None,
+                 private_root: str | None = None) -> None:
         self.root, self.provider, self.fs = root, provider, fs
         self.where = where or root  # as a user would look for them (host:path for a remote site)
+        #: the checked root job directories are private from (a site's storage; else `root`)
+        self.private_root = private_root or root
 
     def path(self, job_id: str, *name: str) -> str:
         """A job's directory (or a file in it); refuses ids that are not one plain name."""
@@ -65,10 +71,12 @@ class JobDirs:
         """Create the job's directory (private) with its record, arguments and a copy of the
         working dir; its path."""
         job_dir = self.path(job_id)
-        self.fs.makedirs(job_dir, 0o700)
+        make_private(self.private_root, job_dir)  # the job runs what is in it: 0700 from the root down
         self.write_record(job_id, record)
         ObjectStore(job_dir).put(dict(arguments or {}), ARGUMENTS_KEY, what="the program's arguments")
-        shutil.copytree(workdir, posixpath.join(job_dir, "workdir"), symlinks=True, dirs_exist_ok=True)
+        copy = posixpath.join(job_dir, "workdir")
+        shutil.copytree(workdir, copy, symlinks=True, dirs_exist_ok=True)
+        _no_group_write(copy)
         return job_dir
 
     def ids(self) -> list[str]:
@@ -94,6 +102,17 @@ class JobDirs:
 
     def stop_requested(self, job_id: str) -> bool:
         return self.fs.exists(self.path(job_id, "stop-requested"))
+
+
+def _no_group_write(top: str) -> None:
+    """Take group and world write off a copied tree (copytree keeps the source's modes,
+    0664/0775 under a group's umask): the job runs the code in it."""
+    for here, _dirs, files in os.walk(top):  # each directory is a `here` in its turn
+        for name in (*files, ""):
+            p = posixpath.join(here, name) if name else here
+            st = os.lstat(p)
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022:
+                os.chmod(p, stat.S_IMODE(st.st_mode) & ~0o022)
 
 
 def new_record(job_id: str, program: Program, provider: str, created: float, **more: Any) -> dict[str, Any]:

@@ -106,6 +106,7 @@ from hpc_serverless.core.errors import (
     WorkerDiedError,
     upstream_failed,
 )
+from hpc_serverless.core.private import make_private
 from hpc_serverless.core.refs import TaskRef, TaskStatus, register_backend
 from hpc_serverless.core.serialization import loads, unpack_exception
 from hpc_serverless.core.target import Target
@@ -220,8 +221,9 @@ class PilotBackend:
 
         jobqueue = import_jobqueue()
         Cluster = jobqueue.SLURMCluster if self.site.scheduler == "slurm" else jobqueue.PBSCluster
-        self.fs.makedirs(self.script_dir, 0o700)
-        self.fs.makedirs(str(self.site.storage_path / "pilot" / "logs"), 0o700)
+        # worker scripts and logs: 0700 from the site's storage down (the scripts are run by path)
+        make_private(self.site.storage_path, self.script_dir)
+        make_private(self.site.storage_path, self.site.storage_path / "pilot" / "logs")
         kw = pilot_cluster_kwargs(self.site, str(self.store.root), self.shape)
         if self.site.pilot.tls:
             if importlib.util.find_spec("cryptography") is None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Protocol
 from hpc_serverless.core.errors import ProgramError, SchedulerError
 from hpc_serverless.core.jobs import JOB_DIR_ENV, Job, Program, new_job_id
 from hpc_serverless.core.launch import module_argv
+from hpc_serverless.core.private import check_chain, open_private
 from hpc_serverless.core.refs import TaskStatus
 from hpc_serverless.core.store import ObjectStore
 from hpc_serverless.engines.job_dirs import JobDirs, exit_info, new_record
@@ -70,7 +71,8 @@ class BatchJobs:
         self.fs = provider.fs
         self.root = posixpath.join(str(provider.site.storage_path), "programs")
         host = provider.site.host
-        self.dirs = JobDirs(self.root, provider.name, self.fs, where=f"{host}:{self.root}" if host else self.root)
+        self.dirs = JobDirs(self.root, provider.name, self.fs, where=f"{host}:{self.root}" if host else self.root,
+                            private_root=str(provider.site.storage_path))
 
     def where(self) -> str:
         """Where the job records are, as a user would look for them."""
@@ -104,6 +106,10 @@ class BatchJobs:
         job_dir = self.dirs.stage(job_id, record, arguments, str(wd))
         script_path = posixpath.join(job_dir, "job.sh")
         self.fs.write_atomic(script_path, script.encode(), mode=0o700)
+        # the scheduler runs job.sh by path: its folder chain private, the file ours and not
+        # writable by others, or nothing is submitted
+        check_chain(self.dirs.private_root, job_dir)
+        open_private(script_path).close()
         try:
             record["scheduler_job_id"] = self._submit(script_path, program)
         except SchedulerError as exc:

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from hpc_serverless.core.calls import execute
-from hpc_serverless.core.errors import SerializationError, WorkerDiedError, upstream_failed
+from hpc_serverless.core.errors import SerializationError, UnsafeStoreError, WorkerDiedError, upstream_failed
 from hpc_serverless.core.launch import module_argv
 from hpc_serverless.core.serialization import loads, pack_exception, unpack_exception
 from hpc_serverless.core.sessions import session_of, session_prefix
@@ -109,21 +109,43 @@ def _write_result(store: ObjectStore, task_id: str, ok: bool, payload: bytes, st
 
 def _load_call(store: ObjectStore, spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The function and the values of the task's dependencies (DependencyError if one failed)."""
-    fn = loads(store.get(function_key(spec["fn_key"])))
+    fn = loads(_checked_get(store, function_key(spec["fn_key"])))
     deps: dict[str, Any] = {}
     for dep_id, dep_name in spec.get("deps", []):
-        ok, payload, _info = store.get(result_key(dep_id))
+        ok, payload, _info = _checked_get(store, result_key(dep_id))
         if not ok:
             raise upstream_failed(f"{dep_name}#{dep_id}", unpack_exception(payload))
         deps[dep_id] = loads(payload)
     return fn, deps
 
 
+def _checked_get(store: ObjectStore, key: str) -> Any:
+    """An object this worker runs (its call, function, upstream values): checked now, not
+    from a cache (a long-lived process too), symlink-safe, then loaded."""
+    store.check_object(key)
+    return store.get(key)
+
+
+def _load_spec(store: ObjectStore, task_id: str, started: float) -> dict[str, Any]:
+    """The task's call; refused (UnsafeStoreError) if someone else could have swapped it,
+    and the refusal stored as the task's result, so that the caller's get() says why."""
+    try:
+        spec: dict[str, Any] = _checked_get(store, task_key(task_id))
+    except UnsafeStoreError as exc:
+        print(f"[hpc-serverless] task {task_id} refused: {exc}", file=sys.stderr, flush=True)
+        _write_result(store, task_id, False, pack_exception(exc), started)
+        raise
+    return spec
+
+
 def run(store_root: str, task_id: str) -> bool:
     """Run one stored task and store its result; raises TaskFailed if the task failed."""
     started = time.time()
     store = ObjectStore(store_root)
-    spec = store.get(task_key(task_id))
+    try:
+        spec = _load_spec(store, task_id, started)
+    except UnsafeStoreError as exc:
+        raise TaskFailed(str(exc)) from exc
     name = spec.get("name", "task")
     print(f"[hpc-serverless] task {name}#{task_id} on {platform.node()} "
           f"(job {os.environ.get('SLURM_JOB_ID') or os.environ.get('PBS_JOBID') or '-'})", flush=True)
@@ -265,7 +287,7 @@ def rank_main(store_root: str, task_id: str) -> int:
     rank = next((int(os.environ[v]) for v in RANK_VARS if os.environ.get(v, "").isdigit()), 0)
     started = time.time()
     store = ObjectStore(store_root)
-    spec = store.get(task_key(task_id))
+    spec = _checked_get(store, task_key(task_id))
     try:
         fn, deps = _load_call(store, spec)
     except BaseException as exc:  # noqa: BLE001

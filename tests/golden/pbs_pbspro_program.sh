@@ -6,6 +6,8 @@
 #
 # hpc-serverless program job 20260101-000000-abcdef (its record: /lus/eagle/projects/qc/hpcs/programs/20260101-000000-abcdef/record.json)
 
+# what the job creates (its log, the program's files) is private, whatever the umask
+umask 0077
 # output goes live to the shared filesystem (PBS copies -o files back only at the end)
 exec >> /lus/eagle/projects/qc/hpcs/programs/20260101-000000-abcdef/output.log 2>&1
 

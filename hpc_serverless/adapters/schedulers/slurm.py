@@ -53,6 +53,11 @@ NO_ACCOUNTING = ("accounting storage is disabled", "slurmdbd", "Problem talking 
 def accounting_missing(stderr: str) -> bool:
     return any(t.lower() in stderr.lower() for t in NO_ACCOUNTING)
 
+#: the umask of a submitted job: Slurm takes it from sbatch's SLURM_UMASK, so what the job
+#: creates (submitit's result pickle, its log) is private even under a group's umask 002
+JOB_UMASK = "0077"
+JOB_UMASK_ENV = {"SLURM_UMASK": JOB_UMASK}
+
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "Reason", "NodeList")
 
 

@@ -72,7 +72,8 @@ class SlurmScheduler(Scheduler):
 
         # exec: python replaces the batch shell, so the time-limit signal (B:, to the batch
         # shell) reaches our worker, which requeues tasks that ask for it
-        ex = TransportSlurmExecutor(folder or self.folder, "exec " + shlex.quote(self.site.python), self.transport)
+        ex = TransportSlurmExecutor(folder or self.folder, "exec " + shlex.quote(self.site.python), self.transport,
+                                    root=self.site.storage_path)
         params = S.submitit_parameters(target, directives=self.site.directives)
         extra = dict(params.pop("additional_parameters", {}))
         if after:
@@ -133,7 +134,8 @@ class SlurmScheduler(Scheduler):
         return self._once(lambda: self._sbatch(tagged), job_name, token)
 
     def _sbatch(self, argv: Sequence[str]) -> str:
-        result = self.transport.run(argv)
+        # the job's umask (its logs, what it writes): private, as its folder
+        result = self.transport.run(argv, env=S.JOB_UMASK_ENV)
         if not result.ok:
             raise SchedulerError(f"Slurm refused the job: {result.describe()}",
                                  transient=S.is_transient(result.stderr))
