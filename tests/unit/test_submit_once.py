@@ -70,7 +70,7 @@ def _tasks(n: int) -> list[SimpleNamespace]:
 
 def _slurm(tmp_path: Path, controller: Controller, **site: object) -> SlurmScheduler:
     conf = {"scheduler": "slurm", "storage": str(tmp_path / "site"), "python": "/opt/py", **site}
-    sched = SlurmScheduler(site_from_mapping(conf, name="s"), MockTransport(controller), str(tmp_path / "store"))
+    sched = SlurmScheduler(site_from_mapping(conf, name="s"), MockTransport(controller), str(tmp_path / "site" / "store"))
     sched.settle_s = 0
     return sched
 
