@@ -107,8 +107,8 @@ class FakeScheduler(Scheduler):
         raise NotImplementedError
 
 
-@pytest.fixture
-def fake(tmp_path):
+def make_fake(tmp_path):
+    """A factory of (provider, fake scheduler, QuantumServerless) on a private temporary site."""
     tmp_path.chmod(0o700)
 
     def make(site_extra=None, **kw):
@@ -122,6 +122,11 @@ def fake(tmp_path):
         return provider, sched, s
 
     return make
+
+
+@pytest.fixture
+def fake(tmp_path):
+    return make_fake(tmp_path)
 
 
 @distribute_task

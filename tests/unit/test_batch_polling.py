@@ -21,7 +21,7 @@ from hpc_serverless import distribute_task, get, wait
 from hpc_serverless.core.errors import WorkerDiedError
 from hpc_serverless.runtime import worker
 
-from .test_batch_engine import double, fake, lost  # noqa: F401 - fake is a fixture
+from .test_batch_engine import double, lost, make_fake
 
 __all__ = ["CountingFS", "count_store_reads"]
 
@@ -60,6 +60,11 @@ class CountingFS:
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+@pytest.fixture
+def fake(tmp_path):
+    return make_fake(tmp_path)
 
 
 def count_store_reads(store) -> CountingFS:
