@@ -164,7 +164,8 @@ class BatchBackend:
         self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
         self._tasks: dict[str, BatchTask] = {}
-        self._failures: dict[str, tuple[BaseException, str]] = {}   # forgotten tasks' failures
+        self._failures: dict[str, tuple[BaseException, str, bool, bool]] = {}   # forgotten tasks'
+        # failures without a result object: (error, status, judged, told)
         self._queue: list[BatchTask] = []
         self._queued_since: float | None = None   # first call in the queue
         self._last_enqueue = 0.0
@@ -399,8 +400,8 @@ class BatchBackend:
         t.status = TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED
         if failure is not None:
             t.failure = failure
-        if first and t.job_id:
-            self._releasing.append((time.monotonic(), t))
+        if first and t.job_id and not t.foreign:  # ours: its job files go (a foreign or forgotten
+            self._releasing.append((time.monotonic(), t))  # task's: with its session, by gc)
         if not ok and first:
             self._fail_dependents(t)
         self._cv.notify_all()
@@ -471,7 +472,7 @@ class BatchBackend:
         if self._tasks.get(t.task_id) is t:
             del self._tasks[t.task_id]
         if t.error is not None and t.result_ok is None:
-            self._failures[t.task_id] = (t.error, t.status)
+            self._failures[t.task_id] = (t.error, t.status, t.judged, t.told)
             while len(self._failures) > KEEP_FAILURES:
                 del self._failures[next(iter(self._failures))]
 
@@ -693,8 +694,7 @@ class BatchBackend:
             t = BatchTask(ref, Target(), [], ref.function or "task", job_id=ref._job_id, foreign=True)
             known = self._failures.get(ref.task_id)
             if known is not None:
-                t.error, t.status = known
-                t.told = True
+                t.error, t.status, t.judged, t.told = known
             self._tasks[ref.task_id] = t
         return t
 

@@ -161,3 +161,38 @@ def test_jobs_listing_asks_the_scheduler_once(fake):
     statuses = [job.info()["status"] for job in provider.jobs()]
     assert sorted(statuses) == ["PENDING"] * 3 + ["RUNNING"] * 3
     assert len(sched.poll_times) - before == 1, len(sched.poll_times) - before
+
+
+def _slurm(handler):
+    from hpc_serverless.adapters.schedulers.slurm_runner import SlurmScheduler
+    from hpc_serverless.adapters.transport import MockTransport
+    from hpc_serverless.config.site import site_from_mapping
+
+    site = site_from_mapping({"scheduler": "slurm", "storage": "/nonexistent/site"}, name="mock")
+    transport = MockTransport(handler)
+    return SlurmScheduler(site, transport, "/nonexistent/site/store"), transport
+
+
+def test_slurm_cross_check_asks_squeue_and_sacct():
+    """A job a lagging slurmdbd does not list yet is found in slurmctld's queue."""
+    from hpc_serverless.core.errors import SchedulerError
+
+    def lagging_dbd(argv, _input):
+        return (0, "123_4|RUNNING|None|n1\n", "") if argv[0] == "squeue" else (0, "", "")
+
+    sched, transport = _slurm(lagging_dbd)
+    found = sched.confirm_gone(["123_4", "123_5"])
+    assert {j: s.state for j, s in found.items()} == {"123_4": "RUNNING"}
+    assert [c[0] for c in transport.calls] == ["squeue", "sacct"] and "123" in transport.calls[0][-1]
+
+    def purged(argv, _input):  # gone from both: the engine may judge it (after the grace)
+        return (1, "", "slurm_load_jobs error: Invalid job id specified") if argv[0] == "squeue" else (0, "", "")
+
+    assert _slurm(purged)[0].confirm_gone(["99"]) == {}
+
+    def down(argv, _input):  # no evidence either way: nothing is judged gone
+        return 1, "", "Unable to contact slurm controller"
+
+    with pytest.raises(SchedulerError, match="neither squeue nor sacct") as e:
+        _slurm(down)[0].confirm_gone(["99"])
+    assert e.value.transient
