@@ -477,8 +477,10 @@ class BatchBackend:
                 del self._failures[next(iter(self._failures))]
 
     def _forget_settled(self) -> None:
-        """Forget settled tasks whose TaskRef is gone (lock held)."""
-        gone = [t for t in self._tasks.values() if t.settled and not t.ref_alive and t not in self._queue]
+        """Forget settled tasks whose TaskRef is gone (lock held), and refs of other processes
+        nobody holds any more that we could only have read the store for (no job to poll)."""
+        gone = [t for t in self._tasks.values()
+                if not t.ref_alive and t not in self._queue and (t.settled or (t.foreign and not t.job_id))]
         for t in gone:
             self._forget(t)
 

@@ -196,3 +196,28 @@ def test_slurm_cross_check_asks_squeue_and_sacct():
     with pytest.raises(SchedulerError, match="neither squeue nor sacct") as e:
         _slurm(down)[0].confirm_gone(["99"])
     assert e.value.transient
+
+
+def test_a_ref_from_another_process_is_answered_from_its_result_object(fake):
+    """A TaskRef this engine did not submit (unpickled from another process, no job id) is
+    answered from the store, which is read at most once per poll_interval while it waits."""
+    from hpc_serverless.core.refs import TaskRef
+    from hpc_serverless.core.sessions import session_task_id
+
+    provider, sched, s = fake({"poll_interval": 0.2, "max_poll_interval": 0.2})
+    with s.context("fake"):
+        ref = double(21)
+        assert get(ref, timeout=30) == 42
+        theirs = TaskRef(ref.task_id, provider.backend.key, "fake", "double")  # no job id
+        assert theirs.result(timeout=10) == 42 and theirs.status() == "SUCCEEDED"
+        provider.session.open()
+        never = TaskRef(session_task_id(provider.session.id), provider.backend.key, "fake", "double")
+        counting = count_store_reads(provider.store)
+        try:
+            t0 = time.monotonic()
+            done, pending = wait([never], timeout=1.0)
+            elapsed = time.monotonic() - t0
+        finally:
+            provider.store.fs = counting.inner
+        assert done == [] and pending == [never] and never.status() == "PENDING"
+        assert 1 <= counting.opens <= elapsed / 0.2 + 2, counting.opens
