@@ -178,6 +178,7 @@ class BatchBackend:
         self._array_open: dict[str, int] = {}   # array id -> its tasks not yet collected
         self._job_cache: dict[str, tuple[float, JobState | None]] = {}
         self._next_prune = 0.0
+        self._releases_running = 0   # batches taken from _releasing, their files not yet removed
         self.polls = 0
         register_backend(self)
 
@@ -215,13 +216,24 @@ class BatchBackend:
     def flush(self, at_exit: bool = False) -> None:
         """Submit everything queued now (also at exit: fire-and-forget tasks still go out,
         and collected tasks' job files are removed)."""
-        due: list[BatchTask] = []
         with self._lock:
             self._submit_queue()
-            if at_exit and self._releasing:
-                self._cv.wait(max(0.0, self._releasing[-1][0] + RELEASE_AFTER_S - time.monotonic()))
-                due = self._take_release_due(time.monotonic())
-        self._release(due)
+        if not at_exit:
+            return
+        until = time.monotonic() + 30.0  # collected tasks' files, and what the engine thread
+        while True:                      # is removing now, go before the process ends
+            with self._lock:
+                now = time.monotonic()
+                if (not self._releasing and not self._releases_running) or now >= until:
+                    return
+                due = []
+                if self._releasing and now >= self._releasing[-1][0] + RELEASE_AFTER_S:
+                    due = self._take_release_due(now)
+                else:
+                    later = self._releasing[-1][0] + RELEASE_AFTER_S - now if self._releasing else 0.5
+                    self._cv.wait(max(0.01, min(later, until - now)))
+                    continue
+            self._release(due)
 
     # -- the engine thread ------------------------------------------------------------------
     def _loop(self) -> None:
@@ -416,12 +428,24 @@ class BatchBackend:
         """Collected tasks whose job files may go now (lock held)."""
         due = [t for when, t in self._releasing if now >= when + RELEASE_AFTER_S]
         self._releasing = [(w, t) for w, t in self._releasing if now < w + RELEASE_AFTER_S]
+        if due:
+            self._releases_running += 1  # until _release(due) is through
         return due
 
     def _release(self, due: list[BatchTask]) -> None:
         """Remove what collected tasks no longer need on the site (without the lock): the call
         and submitit's files, so a task leaves its result and its log. An array's script goes
         with its last element."""
+        if not due:
+            return
+        try:
+            self._release_files(due)
+        finally:
+            with self._lock:
+                self._releases_running -= 1
+                self._cv.notify_all()
+
+    def _release_files(self, due: list[BatchTask]) -> None:
         for t in due:
             job_id = t.job_id or ""
             array = job_id.split("_", 1)[0]
