@@ -51,6 +51,7 @@ def test_wait_on_1000_held_jobs_reads_the_store_no_more_than_on_10(on_slurm):
         print(f"store reads per second in wait(): 10 refs {few_rate:.1f} ({few_polls} polls), "
               f"1,010 refs {many_rate:.1f} ({many_polls} polls)")
         assert many_polls >= 1 and few_polls >= 1  # the engine asked the scheduler meanwhile
+        assert "held" in refs[-1].info()["reason"].lower()  # pending because held (JobHeldUser)
         assert many_rate <= few_rate + 2, (few_rate, many_rate)
     finally:
         arrays = sorted({r._job_id.split("_", 1)[0] for r in refs if r._job_id})
