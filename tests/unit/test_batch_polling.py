@@ -90,7 +90,7 @@ def _reads_per_second_in_wait(provider, refs, seconds: float) -> float:
 
 def test_store_reads_in_wait_do_not_grow_with_pending_refs(fake):
     """1,000 held jobs in wait() cost the store no more reads per second than 10 do.
-    Before the rewrite: 13,000 reads/s for 1,000 refs against 130/s for 10."""
+    Before the rewrite: 11,298 reads/s for 1,010 refs against 119/s for 10 (after: 0 and 0)."""
     provider, sched, s = fake(hold=True)
     with s.context("fake"):
         few = [double(i) for i in range(10)]
