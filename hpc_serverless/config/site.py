@@ -125,6 +125,9 @@ class Site(_Frozen):
     mpi: MpiLauncher = Field(default_factory=MpiLauncher)
     poll_interval: float = Field(default=5.0, gt=0)
     max_poll_interval: float = Field(default=60.0, gt=0)
+    # seconds a job that ended may go without its result object showing before it is judged
+    # by the scheduler's state (NFS and Lustre publish files late)
+    result_grace: float = Field(default=5.0, ge=0)
     max_array_size: int | None = Field(default=None, ge=1)
     arrays: bool = True
     array_linger: float = Field(default=0.1, ge=0)

@@ -13,7 +13,7 @@ import posixpath
 import time
 from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
-from hpc_serverless.core.errors import ProgramError, SchedulerError
+from hpc_serverless.core.errors import HPCServerlessError, ProgramError, SchedulerError
 from hpc_serverless.core.jobs import JOB_DIR_ENV, Job, Program, new_job_id
 from hpc_serverless.core.launch import module_argv
 from hpc_serverless.core.private import check_chain, open_private
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from hpc_serverless.core.fs import LocalFS
     from hpc_serverless.core.target import Target
     from hpc_serverless.engines.batch import BatchBackend
+
+log = logging.getLogger("hpc_serverless")
 
 
 class ProgramSite(Protocol):
@@ -140,7 +142,24 @@ class BatchJobs:
         return Job(job_id, self, self.provider.name)
 
     def list(self) -> list[Job]:
-        return [Job(n, self, self.provider.name) for n in self.dirs.ids()]
+        """The jobs, newest first. The scheduler's states of the unfinished ones are asked for
+        here, in one query, so each job's status() that follows is answered from the cache."""
+        ids = self.dirs.ids()
+        open_jobs = []
+        for job_id in ids:
+            try:
+                sid = self.dirs.record(job_id).get("scheduler_job_id")
+            except HPCServerlessError:  # a damaged or half-written record: its status() says why
+                continue
+            if sid and self.dirs.exit_record(job_id) is None:
+                open_jobs.append(str(sid))
+        if open_jobs:
+            try:
+                self.provider.backend.job_states(open_jobs)
+            except HPCServerlessError as exc:  # each status() asks again, and says why if it fails
+                log.info("%s: cannot read the states of %d jobs at once: %s", self.provider.name,
+                         len(open_jobs), exc)
+        return [Job(n, self, self.provider.name) for n in ids]
 
     # -- JobBackend ---------------------------------------------------------------------------------
     def job_info(self, job_id: str) -> dict[str, Any]:

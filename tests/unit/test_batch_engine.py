@@ -28,8 +28,12 @@ class FakeScheduler(Scheduler):
     name = "Fake"
 
     def __init__(self, store_root: str, *, lose: set[str] | None = None, refuse: bool = False,
-                 keep_orphans: bool = False) -> None:
+                 keep_orphans: bool = False, hold: bool = False, unlisted: set[str] | None = None) -> None:
         self.store_root = store_root
+        self.hold = hold  # like sbatch --hold: jobs stay PENDING until cancelled
+        self.unlisted = unlisted or set()  # task names whose jobs poll() omits (a lagging slurmdbd)
+        self.names: dict[str, str] = {}
+        self.cross_checks: list[tuple[str, ...]] = []
         self.keep_orphans = keep_orphans  # like Torque's wrapper: DependencyNeverSatisfied forever
         self.cancelled: list[str] = []
         self.states: dict[str, str] = {}
@@ -50,6 +54,9 @@ class FakeScheduler(Scheduler):
         self.submits.append((len(tasks), tuple(after)))
         for job_id, task in zip(ids, tasks):
             self.states[job_id] = "PENDING"
+            self.names[job_id] = task.name
+            if self.hold:
+                continue
             threading.Thread(target=self._run, args=(job_id, task, list(after)), daemon=True).start()
         return ids
 
@@ -75,6 +82,14 @@ class FakeScheduler(Scheduler):
         from hpc_serverless.adapters.schedulers.slurm import status_of
 
         self.poll_times.append(time.monotonic())
+        return {j: JobState(j, self.states[j], status_of(self.states[j])) for j in job_ids
+                if j in self.states and self.names.get(j) not in self.unlisted}
+
+    def confirm_gone(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        """The second opinion (squeue beside sacct): every job it really has."""
+        from hpc_serverless.adapters.schedulers.slurm import status_of
+
+        self.cross_checks.append(tuple(job_ids))
         return {j: JobState(j, self.states[j], status_of(self.states[j])) for j in job_ids if j in self.states}
 
     def cancel(self, job_ids: Sequence[str]) -> None:
@@ -92,14 +107,14 @@ class FakeScheduler(Scheduler):
         raise NotImplementedError
 
 
-@pytest.fixture
-def fake(tmp_path):
+def make_fake(tmp_path):
+    """A factory of (provider, fake scheduler, QuantumServerless) on a private temporary site."""
     tmp_path.chmod(0o700)
 
-    def make(**kw):
+    def make(site_extra=None, **kw):
         site = site_from_mapping({"scheduler": "slurm", "storage": str(tmp_path / "site"),
                                   "poll_interval": 0.05, "max_poll_interval": 0.2,
-                                  "array_linger": 0.5}, name="fake")
+                                  "array_linger": 0.5, **(site_extra or {})}, name="fake")
         transport = MockTransport(lambda argv, inp: (0, "", ""))
         sched = FakeScheduler(str(site.storage_path / "store"), **kw)
         provider = BatchProvider("fake", site, transport, sched)
@@ -107,6 +122,11 @@ def fake(tmp_path):
         return provider, sched, s
 
     return make
+
+
+@pytest.fixture
+def fake(tmp_path):
+    return make_fake(tmp_path)
 
 
 @distribute_task
@@ -179,11 +199,8 @@ def test_a_failed_upstream_leaves_no_dependent_job_behind(fake):
         assert after.job_id in sched.cancelled
 
 
-def test_job_lost_without_result_reports_scheduler_state(fake, monkeypatch):
-    import hpc_serverless.engines.batch as batch
-
-    monkeypatch.setattr(batch, "RESULT_GRACE_S", 0.2)
-    provider, sched, s = fake(lose={"lost"})
+def test_job_lost_without_result_reports_scheduler_state(fake):
+    provider, sched, s = fake({"result_grace": 0.2}, lose={"lost"})
     with s.context("fake"):
         with pytest.raises(WorkerDiedError, match="NODE_FAIL.*node it ran on failed"):
             get(lost(), timeout=30)

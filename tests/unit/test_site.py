@@ -34,6 +34,8 @@ def test_expansion(monkeypatch):
     ("scheduler: slurm\nstorage: /x\ndefaults:\n  cpus: 2\n", r"site.yaml:3, key 'defaults': unknown target key"),
     ("scheduler: slurm\nstorage: /x\nmpi:\n  launcher: srun\n", r"site.yaml:4, key 'mpi.launcher': unknown key.*command, args"),
     ("scheduler: slurm\nstorage: /x\npoll_interval: -1\n", r"key 'poll_interval'.*greater than 0"),
+    ("scheduler: slurm\nstorage: /x\nresult_grace: -5\n", r"site.yaml:3, key 'result_grace'.*greater than or equal to 0"),
+    ("scheduler: slurm\nstorage: /x\nresult_grace: soon\n", r"site.yaml:3, key 'result_grace'.*number"),
     ("scheduler: slurm\nstorage: /x\nsetup: [1, 2]\n", r"key 'setup'"),
     ("scheduler: slurm\nstorage: /x\nenv:\n  1X: y\n", r"key 'env'.*not an environment variable name"),
 ])

@@ -59,6 +59,12 @@ class Scheduler(abc.ABC):
     def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
         """States of these jobs, in as few commands as possible (one, normally)."""
 
+    def confirm_gone(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        """A second opinion on jobs a poll did not list, before they count as gone (a lagging
+        accounting database, a purged queue): the states of those the scheduler still knows
+        by other means. The default has no other means: every one is gone."""
+        return {}
+
     @abc.abstractmethod
     def cancel(self, job_ids: Sequence[str]) -> None: ...
 

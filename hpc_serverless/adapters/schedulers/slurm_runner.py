@@ -162,6 +162,23 @@ class SlurmScheduler(Scheduler):
             raise SchedulerError(result.describe(), transient=S.is_transient(result.stderr))
         return S.parse_squeue(result.stdout)
 
+    def confirm_gone(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        """Jobs the last poll did not list, asked both ways: squeue (slurmctld's queue) and
+        sacct (slurmdbd, which may lag behind a new job or be down). Raises a transient
+        SchedulerError if neither answers, so nothing is judged gone on no evidence."""
+        ids = sorted({j.split("_", 1)[0] for j in job_ids}, key=lambda x: int(x) if x.isdigit() else 0)
+        found: dict[str, JobState] = {}
+        answers = []
+        for argv, parse in ((S.squeue_argv(ids), S.parse_squeue), (S.sacct_argv(ids), S.parse_sacct)):
+            result = self.transport.run(argv)
+            if result.ok:
+                found.update(parse(result.stdout))  # sacct last: its final states are the fuller
+            else:
+                answers.append(result.describe())
+        if len(answers) == 2 and not any("Invalid job id" in a for a in answers):
+            raise SchedulerError(f"neither squeue nor sacct answered: {'; '.join(answers)}", transient=True)
+        return {j: found[j] for j in job_ids if j in found}
+
     def cancel(self, job_ids: Sequence[str]) -> None:
         result = self.transport.run(S.scancel_argv(job_ids))
         if not result.ok and "already completing or completed" not in result.stderr:
