@@ -180,6 +180,7 @@ class BatchBackend:
         self._next_prune = 0.0
         self._releases_running = 0   # batches taken from _releasing, their files not yet removed
         self.polls = 0
+        self._waiting = 0   # callers blocked in result()/wait(): the poll does not back off
         register_backend(self)
 
     # -- submission side (user threads) ----------------------------------------------------
@@ -602,8 +603,10 @@ class BatchBackend:
         with self._lock:
             changed |= self._apply(outcomes)
             unsettled_ended = any(not t.settled for t in finished)
-            self._interval = self.site.poll_interval if changed else min(
-                self._interval * 1.5, self.site.max_poll_interval)
+            # while someone waits for a result, polls stay at poll_interval: the backoff is for
+            # tasks nobody is blocked on (fire-and-forget, a notebook between cells)
+            ceiling = self.site.poll_interval if self._waiting else self.site.max_poll_interval
+            self._interval = self.site.poll_interval if changed else min(self._interval * 1.5, ceiling)
             self._next_poll = time.monotonic() + self._interval
             if unsettled_ended:  # ended without a result yet: look again within the grace
                 self._next_poll = min(self._next_poll, time.monotonic() + max(
@@ -771,7 +774,15 @@ class BatchBackend:
             return True
 
     def task_result(self, ref: TaskRef, timeout: float | None) -> Any:
-        deadline = Deadline(timeout)
+        with self._lock:
+            self._begin_wait()
+        try:
+            return self._result(ref, Deadline(timeout))
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
+    def _result(self, ref: TaskRef, deadline: Deadline) -> Any:
         while True:
             with self._lock:
                 t = self._task(ref)
@@ -798,6 +809,15 @@ class BatchBackend:
             return loads(payload)
         raise unpack_exception(payload)
 
+    def _begin_wait(self) -> None:
+        """A caller blocks on results (lock held): bring a backed-off poll forward."""
+        self._waiting += 1
+        soon = time.monotonic() + self.site.poll_interval
+        if self._next_poll > soon:
+            self._next_poll = soon
+            self._interval = self.site.poll_interval
+            self._cv.notify_all()
+
     def _wake_in(self, tasks: Sequence[BatchTask]) -> float:
         """How long a waiter may sleep (lock held): until the next read of a foreign ref is
         due; else a while (a settle notifies it at once)."""
@@ -809,6 +829,15 @@ class BatchBackend:
         deadline = Deadline(timeout)
         with self._lock:
             tasks = [self._task(r) for r in refs]
+            self._begin_wait()
+        try:
+            return self._wait(refs, tasks, num_returns, deadline)
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
+    def _wait(self, refs: Sequence[TaskRef], tasks: list[BatchTask], num_returns: int,
+              deadline: Deadline) -> tuple[list[TaskRef], list[TaskRef]]:
         while True:
             with self._lock:
                 reads = self._due_reads(tasks)

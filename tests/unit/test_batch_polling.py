@@ -221,3 +221,18 @@ def test_a_ref_from_another_process_is_answered_from_its_result_object(fake):
             provider.store.fs = counting.inner
         assert done == [] and pending == [never] and never.status() == "PENDING"
         assert 1 <= counting.opens <= elapsed / 0.2 + 2, counting.opens
+
+
+def test_a_blocked_get_keeps_polls_at_poll_interval(fake):
+    """The backoff (to max_poll_interval) is for tasks nobody waits on: a get() started after
+    the engine backed off brings the next poll forward, and polls stay at poll_interval while
+    it waits, so a result is seen within about one poll_interval."""
+    provider, sched, s = fake({"poll_interval": 0.2, "max_poll_interval": 30})
+    with s.context("fake"):
+        ref = nap(4.0)  # runs 4 s: long enough for the engine's interval to back off past it
+        provider.backend.flush()
+        time.sleep(3.0)
+        assert provider.backend._interval > 1.0  # backed off: nothing changed for 3 s
+        t0 = time.monotonic()
+        assert get(ref, timeout=20) == "woke"
+        assert time.monotonic() - t0 < 3.0  # the task ends ~1 s after get began; a poll follows
