@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 from hpc_serverless.core.errors import ProgramError, SchedulerError
-from hpc_serverless.core.jobs import JOB_DIR_ENV, Job, Program, new_job_id
+from hpc_serverless.core.jobs import ENVIRONMENT_NOTE_ENV, JOB_DIR_ENV, Job, Program, new_job_id
 from hpc_serverless.core.launch import module_argv
 from hpc_serverless.core.refs import TaskStatus
 from hpc_serverless.core.store import ObjectStore
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from hpc_serverless.core.fs import LocalFS
     from hpc_serverless.core.target import Target
     from hpc_serverless.engines.batch import BatchBackend
+    from hpc_serverless.engines.environments import Environment, Environments
 
 
 class ProgramSite(Protocol):
@@ -38,6 +39,9 @@ class ProgramSite(Protocol):
 
     @property
     def store(self) -> ObjectStore: ...
+
+    @property
+    def environments(self) -> Environments: ...
 
     def effective_target(self, target: Target) -> Target: ...
 
@@ -72,16 +76,20 @@ class BatchJobs:
         return self.dirs.where
 
     # -- submit -------------------------------------------------------------------------------
-    def render(self, program: Program, job_id: str) -> str:
+    def render(self, program: Program, job_id: str, environment: Environment | None = None) -> str:
+        """The job script; with `environment`, the runner starts with its python."""
         provider = self.provider
         target = provider.effective_target(program.resources)
         job_dir = self.dirs.path(job_id)
         env = {**dict(program.env_vars or {}), **dict(target.env), JOB_DIR_ENV: job_dir,
                "HPC_SERVERLESS_STORE": str(provider.store.root), "PYTHONUNBUFFERED": "1"}
+        if environment is not None:
+            env[ENVIRONMENT_NOTE_ENV] = environment.note()
+        python = environment.python if environment is not None else provider.site.python
         return provider.scheduler.program_script(
             target, job_name=program.title, job_id=job_id, job_dir=job_dir, env=env,
             workdir=posixpath.join(job_dir, "workdir"),
-            command=module_argv(provider.site.python, "hpc_serverless.runtime.program_runner", job_dir,
+            command=module_argv(python, "hpc_serverless.runtime.program_runner", job_dir,
                                 program.entrypoint))
 
     def run(self, program: Program, arguments: Mapping[str, Any] | None, *, name: str | None = None) -> Job:
@@ -91,10 +99,14 @@ class BatchJobs:
             raise ProgramError(f"run_program() takes a Program, not {type(program).__name__}")
         wd = program.check()  # before anything is written or submitted
         self.provider.check_target(program.resources)
+        # built (or found) before anything is staged or queued: a requirement that cannot
+        # be installed fails here, in the installer's words
+        environment = self.provider.environments.ensure(program.requirements) if program.requirements else None
         job_id = new_job_id(name or self.provider.name)
-        script = self.render(program, job_id)
+        script = self.render(program, job_id, environment)
         record = new_record(job_id, program, self.provider.name, time.time(), site=self.provider.site.name,
                             dependencies=list(program.dependencies or []),
+                            environment=environment.key if environment else None,
                             scheduler=self.provider.scheduler.name, scheduler_job_id=None)
         job_dir = self.dirs.stage(job_id, record, arguments, str(wd))
         script_path = posixpath.join(job_dir, "job.sh")

@@ -64,7 +64,7 @@ class PBSScheduler(Scheduler):
         from hpc_serverless.adapters.submitit_executors import PBSExecutor, submit_calls
 
         name = tasks[0].name if len({t.name for t in tasks}) == 1 else "tasks"
-        ex = PBSExecutor(self.folder_for(tasks[0].ref.task_id), shlex.quote(self.site.python), self.transport)
+        ex = PBSExecutor(self.folder_for(tasks[0].ref.task_id), shlex.quote(self.python_for(target)), self.transport)
         ex.update_parameters(options=self.options(target, name, after),
                              setup=job_preamble(self.site, self.store_root),
                              flavor=self.flavor, qsub=self.site.command("qsub"))
