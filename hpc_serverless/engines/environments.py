@@ -34,7 +34,7 @@ import shutil
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Sequence
 
 from hpc_serverless.config.site import EnvironmentSettings, expand
@@ -127,7 +127,7 @@ class Environments:
                 self._touch(known.key)
                 return known
             env = self._reuse_or_build(reqs)
-            self._known[reqs] = env
+            self._known[reqs] = replace(env, built_s=None)  # the next use here reuses it
             return env
 
     def _reuse_or_build(self, reqs: tuple[str, ...]) -> Environment:
