@@ -234,3 +234,25 @@ def test_local_task_with_pip_not_installed_here_is_refused_with_the_reason():
         return cloudpickle.__name__
 
     assert g().result(timeout=60) == "cloudpickle"
+
+
+def test_pilot_mode_refuses_pip_naming_the_key(tmp_path, monkeypatch):
+    """Pilot workers are long-lived dask workers of the site's python. The transport is a
+    mock (no scheduler is asked: the refusal comes before anything is submitted)."""
+    from hpc_serverless.adapters.transport.mock import MockTransport
+    from hpc_serverless.providers.pilot import PilotProvider
+
+    from .test_site import ROOT
+
+    monkeypatch.setenv("HPC_SERVERLESS_HOME", str(tmp_path))
+    transport = MockTransport(lambda argv, input: (1, "", "not asked"))
+    pilot = PilotProvider("p", site=str(ROOT / "site_configs/localhost-slurm-pilot.yaml"), transport=transport)
+
+    @distribute_task(target={"pip": ["hpcs-tiny==1.0"]})
+    def f():
+        return 1
+
+    with QuantumServerless().add_provider(pilot).context("p"), pytest.raises(
+            ResourceError, match=r"pip=\['hpcs-tiny==1.0'\]: the pilot workers are long-lived"):
+        f()
+    assert transport.calls == []
