@@ -30,12 +30,13 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from hpc_serverless.config.site import EnvironmentSettings, expand
 from hpc_serverless.core.errors import EnvironmentBuildError
@@ -83,10 +84,14 @@ class Environment:
 class Environments:
     """The environments of one site (or of this machine, for the local provider)."""
 
-    def __init__(self, root: str, python: str, settings: EnvironmentSettings | None = None) -> None:
+    def __init__(self, root: str, python: str, settings: EnvironmentSettings | None = None, *,
+                 setup: Sequence[str] = (), env: Mapping[str, str] | None = None) -> None:
         self.root = root
         self.python = python
         self.settings = settings or EnvironmentSettings()
+        #: the site's setup lines and variables: its python may need them (`module load`)
+        self.setup = tuple(setup)
+        self.env = dict(env or {})
         self._facts: dict[str, Any] | None = None
         self._known: dict[tuple[str, ...], Environment] = {}
         self._touched: dict[str, float] = {}
@@ -97,8 +102,8 @@ class Environments:
         """The site python's version, platform and site-packages (asked once)."""
         if self._facts is None:
             try:
-                out = subprocess.run([self.python, "-c", _FACTS], capture_output=True, text=True, timeout=120,
-                                     stdin=subprocess.DEVNULL)
+                out = subprocess.run(self._argv([self.python, "-c", _FACTS]), capture_output=True, text=True,
+                                     timeout=120, stdin=subprocess.DEVNULL, env=self._environ())
             except (OSError, subprocess.TimeoutExpired) as exc:
                 raise EnvironmentBuildError(f"cannot run the site's python {self.python!r} to build an "
                                         f"environment: {exc}") from None
@@ -222,19 +227,29 @@ class Environments:
         return [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
                 "--no-warn-script-location", *opts, *reqs]
 
+    def _argv(self, argv: list[str]) -> list[str]:
+        """argv as the site runs it: after its setup lines, as a job's script does."""
+        if not self.setup:
+            return argv
+        return ["bash", "-c", "\n".join([*self.setup, "exec " + shlex.join(argv)])]
+
+    def _environ(self) -> dict[str, str]:
+        env = {**os.environ, **self.env, "PIP_NO_INPUT": "1", "PYTHONNOUSERSITE": "1"}
+        env.pop("PYTHONHOME", None)
+        return env
+
     def _run(self, argv: list[str], build: str, what: str) -> None:
         """Run one build step with its output in the build's install.log; a failure raises
         with the installer's error lines and keeps the log in .failed/."""
         log_path = os.path.join(build, "install.log")
-        env = {**os.environ, "PIP_NO_INPUT": "1", "PYTHONNOUSERSITE": "1"}
-        env.pop("PYTHONHOME", None)
         os.makedirs(build, exist_ok=True)
         with open(log_path, "ab") as log:
             log.write(f"$ {' '.join(argv)}\n".encode())
             log.flush()
             try:
-                code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env=env, timeout=self.settings.timeout).returncode
+                code = subprocess.run(self._argv(argv), stdout=log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, env=self._environ(),
+                                      timeout=self.settings.timeout).returncode
             except subprocess.TimeoutExpired:
                 code = None
             except OSError as exc:

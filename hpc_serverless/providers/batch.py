@@ -92,7 +92,8 @@ class BatchProvider(Provider):
             from hpc_serverless.engines.environments import Environments
 
             envs = self.__dict__.setdefault("_environments", Environments(
-                str(self.site.storage_path / "envs"), self.site.python, self.site.environments))
+                str(self.site.storage_path / "envs"), self.site.python, self.site.environments,
+                setup=self.site.setup, env=self.site.env))
         return envs
 
     def session_for(self, session_id: str | None) -> Session | None:

@@ -126,6 +126,16 @@ def test_built_once_then_reused_and_sees_the_site_pythons_packages(tmp_path, whe
         os.path.join(again.path, "install.log")).read()
 
 
+def test_built_after_the_sites_setup_lines_and_with_its_env(tmp_path, wheels):
+    """The site python may need the site's setup (`module load`): the build runs after it,
+    as a job does. Here only the setup line and the site's env say where the wheel is."""
+    envs = Environments(str(tmp_path / "envs"), sys.executable, EnvironmentSettings(),
+                        setup=[f"export PIP_FIND_LINKS={str(wheels)!r}"], env={"PIP_NO_INDEX": "1"})
+    env = envs.ensure(["hpcs-tiny==1.0"])
+    log = open(os.path.join(env.path, "install.log")).read()
+    assert "Successfully installed hpcs-tiny-1.0" in log and str(wheels) in log
+
+
 def test_a_requirement_that_cannot_be_installed_quotes_the_installer(tmp_path, wheels):
     envs = _envs(tmp_path / "envs", wheels)
     with pytest.raises(EnvironmentBuildError, match=r"ERROR: No matching distribution found for hpcs-tiny==9\.9") as e:
