@@ -39,17 +39,22 @@ save_result({"value": hpcs_tiny.VALUE, "prefix": sys.prefix})
 """
 
 
-@pytest.fixture(scope="module")
-def env_site(site_path, tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("envsite")
+def _site_with_environments(site_file: str, base: Path, name: str) -> Path:
+    """The site file with its own storage under `base` and offline environments from a
+    folder of wheels made here."""
     make_wheel(base / "wheels", "hpcs-tiny", "1.0", "VALUE = 42\n")
     make_wheel(base / "wheels", "hpcs-other", "2.0", "VALUE = 'other'\n")
-    raw = yaml.safe_load(Path(site_path).read_text())
-    raw.update(name="envsite", storage=str(base / "storage"),
+    raw = yaml.safe_load(Path(site_file).read_text())
+    raw.update(name=name, storage=str(base / "storage"),
                environments={"offline": True, "find_links": [str(base / "wheels")]})
     path = base / "site.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+@pytest.fixture(scope="module")
+def env_site(site_path, tmp_path_factory) -> Path:
+    return _site_with_environments(site_path, tmp_path_factory.mktemp("envsite"), "envsite")
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +165,30 @@ def test_du_lists_environments_and_gc_takes_unused_ones(provider, env_site, tmp_
     envs = provider.site.storage_path / "envs"
     assert not (envs / other).exists() and (envs / mine / "bin" / "python").exists()
     assert not any(n.startswith(other) for n in os.listdir(envs))
+
+
+def test_pbs_task_and_program_run_in_their_environment(tmp_path):
+    """The same on the PBS (Torque wrapper) site: a task's job (through the submitit PBS
+    plugin) and a program's script (jobscripts/pbs.sh) start the environment's python."""
+    from hpc_serverless import PBSProvider
+
+    from .test_pbs import PBS_SITE
+
+    site = _site_with_environments(PBS_SITE, tmp_path, "envpbs")
+    pbs = PBSProvider("envpbs", site=str(site))
+    try:
+        s = QuantumServerless().add_provider(pbs)
+
+        @distribute_task(target={"pip": ["hpcs-tiny==1.0"], "time": 5})
+        def tiny():
+            import hpcs_tiny
+            return hpcs_tiny.VALUE
+
+        with s.context("envpbs"):
+            ref = tiny()
+            job = s.run_program(_program(tmp_path, ["hpcs-tiny==1.0"]))
+            assert get(ref, timeout=300) == 42
+        assert job.result(timeout=300)["value"] == 42
+        assert ": reused (hpcs-tiny==1.0)" in job.logs() and "has hpcs_tiny: True" in job.logs()
+    finally:
+        pbs.backend.close()
