@@ -192,3 +192,48 @@ def test_pbs_task_and_program_run_in_their_environment(tmp_path):
         assert ": reused (hpcs-tiny==1.0)" in job.logs() and "has hpcs_tiny: True" in job.logs()
     finally:
         pbs.backend.close()
+
+
+@pytest.mark.ssh
+def test_over_ssh_the_agent_builds_on_the_login_node(tmp_path):
+    """A site with a `host`: the environment is built by the site's agent, in the cluster
+    account (hpcsl), before the job is queued; the refusal of a bad requirement comes back
+    to the laptop with pip's words. (The wheels are in a folder every account can read.)"""
+    import shutil
+    import stat
+    import tempfile
+
+    from ..testcluster import need_sshd
+    from .test_agent import write_site
+
+    need_sshd()
+    wheels = Path(tempfile.mkdtemp(prefix="hpcs-wheels-", dir="/tmp"))
+    try:
+        wheels.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+        wheel = make_wheel(wheels, "hpcs-tiny", "1.0", "VALUE = 42\n")
+        wheel.chmod(0o644)
+        site = write_site(tmp_path / "remote.yaml",
+                          environments={"offline": True, "find_links": [str(wheels)]})
+        s = QuantumServerless({"providers": [{"name": "remote", "site": str(site)}]})
+
+        @distribute_task(target={"pip": ["hpcs-tiny==1.0"], "time": 5})
+        def tiny():
+            import getpass
+
+            import hpcs_tiny
+            return hpcs_tiny.VALUE, getpass.getuser()
+
+        @distribute_task(target={"pip": ["hpcs-tiny==7"], "time": 5})
+        def bad():
+            return 0
+
+        with s.context("remote"):
+            job = s.run_program(_program(tmp_path, ["hpcs-tiny==1.0"]))
+            assert get(tiny(), timeout=300) == (42, "hpcsl")
+            with pytest.raises(EnvironmentBuildError, match=r"No matching distribution found for hpcs-tiny==7"):
+                bad()
+        assert job.result(timeout=300)["value"] == 42
+        assert "environment " in job.logs() and "has hpcs_tiny: True" in job.logs()
+        s.provider("remote").close()
+    finally:
+        shutil.rmtree(wheels, ignore_errors=True)
