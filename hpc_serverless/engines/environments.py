@@ -214,9 +214,9 @@ class Environments:
     def _install_argv(self, installer: str, python: str, reqs: tuple[str, ...]) -> list[str]:
         s = self.settings
         opts: list[str] = []
-        if s.offline:
-            opts.append("--no-index" if installer == "pip" else "--offline")
-        if s.index_url and not (s.offline and installer == "pip"):
+        if s.offline:  # find_links only (uv: and no network at all)
+            opts += ["--no-index", *(["--offline"] if installer == "uv" else [])]
+        if s.index_url and not s.offline:
             opts += ["--index-url", expand(s.index_url)]
         for url in s.extra_index_url:
             opts += ["--extra-index-url", expand(url)]
@@ -280,12 +280,12 @@ def _site_packages(venv: str) -> str:
 
 
 def _error_lines(text: str, most: int = 12) -> str:
-    """The installer's own error lines (pip: 'ERROR: ...'; uv: 'error: ...' and what follows),
-    else its last lines; indented, for a message."""
+    """The installer's own error, from its first error line (pip: 'ERROR: ...'; uv:
+    'error: ...' and the causes under it), else its last lines; indented, for a message."""
     lines = [ln.rstrip() for ln in text.splitlines() if ln.strip() and not ln.startswith("$ ")]
-    picked = [ln for ln in lines if ln.lstrip().lower().startswith(("error", "×", "╰─▶", "caused by"))]
-    picked = picked or lines[-most:]
-    return "\n".join("    " + ln for ln in picked[-most:])
+    first = next((i for i, ln in enumerate(lines) if ln.lstrip().lower().startswith(("error", "×"))), None)
+    picked = lines[first:first + most] if first is not None else lines[-most:]
+    return "\n".join("    " + ln for ln in picked)
 
 
 # -- gc and du --------------------------------------------------------------------------------------

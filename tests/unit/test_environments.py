@@ -136,6 +136,38 @@ def test_built_after_the_sites_setup_lines_and_with_its_env(tmp_path, wheels):
     assert "Successfully installed hpcs-tiny-1.0" in log and str(wheels) in log
 
 
+def _uv() -> str | None:
+    """uv for the installer test: on PATH, or named by HPC_SERVERLESS_TEST_UV (the locked
+    test environment does not ship it)."""
+    import shutil
+
+    return os.environ.get("HPC_SERVERLESS_TEST_UV") or shutil.which("uv")
+
+
+@pytest.mark.skipif(_uv() is None, reason="no uv on PATH and HPC_SERVERLESS_TEST_UV is not set")
+def test_uv_installer_builds_and_quotes_its_own_error(tmp_path, wheels, monkeypatch):
+    uv = _uv()
+    assert uv is not None
+    monkeypatch.setenv("PATH", os.path.dirname(uv) + os.pathsep + os.environ["PATH"])
+    settings = EnvironmentSettings(installer="uv", offline=True, find_links=(str(wheels),))
+    env = Environments(str(tmp_path / "envs"), sys.executable, settings).ensure(["hpcs-tiny==1.0"])
+    assert "uv pip install" in open(os.path.join(env.path, "install.log")).read()
+    out = subprocess.run([env.python, "-c", "import hpcs_tiny, hpc_serverless; print(hpcs_tiny.VALUE)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "42"
+    print(f"uv built in {env.built_s:.2f} s")
+    with pytest.raises(EnvironmentBuildError, match=r"with uv failed.*\n    error: .*\n .*hpcs-tiny==2\.0"):
+        Environments(str(tmp_path / "envs"), sys.executable, settings).ensure(["hpcs-tiny==2.0"])
+
+
+def test_uv_asked_for_but_missing_is_named(tmp_path, wheels, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    settings = EnvironmentSettings(installer="uv", offline=True, find_links=(str(wheels),))
+    with pytest.raises(EnvironmentBuildError, match="installer is 'uv', but no `uv` is on the login node's PATH"):
+        Environments(str(tmp_path / "envs"), sys.executable, settings).ensure(["hpcs-tiny==1.0"])
+    assert [n for n in os.listdir(tmp_path / "envs") if not n.startswith(".")] == []
+
+
 def test_a_requirement_that_cannot_be_installed_quotes_the_installer(tmp_path, wheels):
     envs = _envs(tmp_path / "envs", wheels)
     with pytest.raises(EnvironmentBuildError, match=r"ERROR: No matching distribution found for hpcs-tiny==9\.9") as e:
