@@ -55,7 +55,11 @@ class HPCServerlessError(Exception):
 
 class EnvironmentBuildError(HPCServerlessError):
     """An environment for `dependencies` or `pip` could not be built on the site; the
-    message quotes the installer and says where its whole output is."""
+    message quotes the installer and says where its whole output is. ``output`` holds that
+    output; ``job_id``, for a Program, the refused job whose logs() show it."""
+
+    output: str = ""
+    job_id: str | None = None
 
 
 class ConfigError(HPCServerlessError, ValueError):

@@ -266,8 +266,10 @@ class Environments:
             kept = "(not kept: " + os.path.dirname(kept) + " is not writable)"
         why = (f"took longer than environments.timeout ({self.settings.timeout:.0f} s)" if code is None
                else f"failed (exit code {code})")
-        raise EnvironmentBuildError(f"{what} {why}; the installer said:\n" + _error_lines(text)
-                                + f"\n(its whole output: {kept})")
+        error = EnvironmentBuildError(f"{what} {why}; the installer said:\n" + _error_lines(text)
+                                      + f"\n(its whole output: {kept})")
+        error.output = text
+        raise error
 
 
 def _site_packages(venv: str) -> str:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
-from hpc_serverless.core.errors import ProgramError
+from hpc_serverless.core.errors import EnvironmentBuildError, ProgramError
 from hpc_serverless.core.fs import LOCAL
 from hpc_serverless.core.jobs import ENVIRONMENT_NOTE_ENV, JOB_DIR_ENV, Job, Program, new_job_id
 from hpc_serverless.core.launch import module_argv
@@ -48,8 +48,12 @@ class LocalJobs:
         wd = program.check()
         self.provider.check_target(program.resources)
         # built (or found) before the program starts; one that cannot be installed fails here
-        environment = self.environments.ensure(program.requirements) if program.requirements else None
         job_id = new_job_id(self.provider.name)
+        try:
+            environment = self.environments.ensure(program.requirements) if program.requirements else None
+        except EnvironmentBuildError as exc:
+            raise self.dirs.refuse_environment(exc, job_id, new_record(job_id, program, self.provider.name,
+                                                                       time.time())) from None
         record = new_record(job_id, program, self.provider.name, time.time(),
                             environment=environment.key if environment else None)
         d = Path(self.dirs.stage(job_id, record, arguments, str(wd)))

@@ -12,7 +12,7 @@ import posixpath
 import time
 from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
-from hpc_serverless.core.errors import ProgramError, SchedulerError
+from hpc_serverless.core.errors import EnvironmentBuildError, ProgramError, SchedulerError
 from hpc_serverless.core.jobs import ENVIRONMENT_NOTE_ENV, JOB_DIR_ENV, Job, Program, new_job_id
 from hpc_serverless.core.launch import module_argv
 from hpc_serverless.core.refs import TaskStatus
@@ -101,8 +101,14 @@ class BatchJobs:
         self.provider.check_target(program.resources)
         # built (or found) before anything is staged or queued: a requirement that cannot
         # be installed fails here, in the installer's words
-        environment = self.provider.environments.ensure(program.requirements) if program.requirements else None
         job_id = new_job_id(name or self.provider.name)
+        try:
+            environment = self.provider.environments.ensure(program.requirements) if program.requirements else None
+        except EnvironmentBuildError as exc:
+            raise self.dirs.refuse_environment(exc, job_id, new_record(
+                job_id, program, self.provider.name, time.time(), site=self.provider.site.name,
+                dependencies=list(program.dependencies or []), scheduler=self.provider.scheduler.name,
+                scheduler_job_id=None)) from None
         script = self.render(program, job_id, environment)
         record = new_record(job_id, program, self.provider.name, time.time(), site=self.provider.site.name,
                             dependencies=list(program.dependencies or []),

@@ -113,8 +113,12 @@ def test_bad_requirement_is_refused_before_anything_is_queued(provider, tmp_path
     submitted = provider.stats().get("sbatch", 0)
     programs = provider.site.storage_path / "programs"
     before = sorted(os.listdir(programs)) if programs.exists() else []
-    with pytest.raises(EnvironmentBuildError, match=r"ERROR: No matching distribution found for hpcs-tiny==9\.9"):
+    with pytest.raises(EnvironmentBuildError, match=r"ERROR: No matching distribution found for hpcs-tiny==9\.9") as e:
         s.run_program(_program(tmp_path, ["hpcs-tiny==9.9"]))
+    refused = s.get_job_by_id(e.value.job_id)  # a record of the refusal; logs() are pip's output
+    assert refused.status() == "FAILED" and refused.info()["state"] == "REFUSED"
+    assert "No matching distribution found for hpcs-tiny==9.9" in refused.logs()
+    assert not (programs / refused.job_id / "job.sh").exists()
 
     @distribute_task(target={"pip": ["hpcs-nowhere"], "time": 5})
     def never():
@@ -122,8 +126,8 @@ def test_bad_requirement_is_refused_before_anything_is_queued(provider, tmp_path
 
     with s.context("envsite"), pytest.raises(EnvironmentBuildError, match="No matching distribution found for hpcs-nowhere"):
         never()
-    assert provider.stats().get("sbatch", 0) == submitted
-    assert (sorted(os.listdir(programs)) if programs.exists() else []) == before
+    assert provider.stats().get("sbatch", 0) == submitted  # nothing was queued
+    assert sorted(os.listdir(programs)) == sorted([*before, refused.job_id])
 
 
 def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

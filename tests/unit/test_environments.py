@@ -256,10 +256,13 @@ def test_local_program_with_a_missing_dependency_fails_before_it_starts(tmp_path
     wd.mkdir()
     (wd / "main.py").write_text("print(1)\n")
     s = QuantumServerless()
-    before = len(s.jobs())
-    with pytest.raises(EnvironmentBuildError, match="No matching distribution found for surely-not-installed-pkg>=1"):
+    with pytest.raises(EnvironmentBuildError, match="No matching distribution found for surely-not-installed-pkg>=1") as e:
         s.run_program(Program("t", "main.py", working_dir=str(wd), dependencies=["surely-not-installed-pkg>=1"]))
-    assert len(s.jobs()) == before
+    # nothing ran; the refusal is a job whose logs are the installer's output
+    job = s.get_job_by_id(e.value.job_id)
+    assert job.status() == "FAILED" and job.info()["state"] == "REFUSED"
+    assert "ERROR: No matching distribution found for surely-not-installed-pkg>=1" in job.logs()
+    assert "dependencies could not be installed" in job.info()["reason"]
 
 
 def test_local_task_with_pip_not_installed_here_is_refused_with_the_reason():
