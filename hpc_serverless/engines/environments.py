@@ -106,10 +106,10 @@ class Environments:
                                      timeout=120, stdin=subprocess.DEVNULL, env=self._environ())
             except (OSError, subprocess.TimeoutExpired) as exc:
                 raise EnvironmentBuildError(f"cannot run the site's python {self.python!r} to build an "
-                                        f"environment: {exc}") from None
+                                            f"environment: {exc}") from None
             if out.returncode != 0:
                 raise EnvironmentBuildError(f"the site's python {self.python!r} failed to describe itself: "
-                                        f"{out.stderr.strip()[-500:]}")
+                                            f"{out.stderr.strip()[-500:]}")
             self._facts = json.loads(out.stdout.strip().splitlines()[-1])
         return self._facts
 
@@ -151,7 +151,7 @@ class Environments:
             if env is not None:
                 return env
         raise EnvironmentBuildError(f"environment {key}: published and removed again while it was being "
-                                f"built (is `gc` running with --older-than 0?); try again")
+                                    "built (is `gc` running with --older-than 0?); try again")
 
     def _touch(self, key: str, *, force: bool = False) -> None:
         """Mark use (at most once a minute per process): gc takes environments unused for long."""
@@ -206,7 +206,7 @@ class Environments:
         choice = self.settings.installer
         if choice == "uv" and shutil.which("uv") is None:
             raise EnvironmentBuildError("the site's environments.installer is 'uv', but no `uv` is on the login "
-                                    "node's PATH; install it or set installer: pip (or auto)")
+                                        "node's PATH; install it or set installer: pip (or auto)")
         if choice == "auto":
             return "uv" if shutil.which("uv") else "pip"
         return choice
