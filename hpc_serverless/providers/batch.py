@@ -6,6 +6,7 @@ return the RemoteProvider that reaches the same provider through its agent."""
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from hpc_serverless.adapters.schedulers.base import Scheduler
@@ -84,17 +85,13 @@ class BatchProvider(Provider):
     def store(self) -> ObjectStore:
         return self._store
 
-    @property
+    @cached_property
     def environments(self) -> Environments:
         """The site's environments for `dependencies` and `pip` (built here, on the login node)."""
-        envs: Environments | None = self.__dict__.get("_environments")
-        if envs is None:
-            from hpc_serverless.engines.environments import Environments
+        from hpc_serverless.engines.environments import Environments
 
-            envs = self.__dict__.setdefault("_environments", Environments(
-                str(self.site.storage_path / "envs"), self.site.python, self.site.environments,
-                setup=self.site.setup, env=self.site.env))
-        return envs
+        return Environments(str(self.site.storage_path / "envs"), self.site.python, self.site.environments,
+                            setup=self.site.setup, env=self.site.env)
 
     def session_for(self, session_id: str | None) -> Session | None:
         """An open session by id: this process's, or a remote client's seen through the agent

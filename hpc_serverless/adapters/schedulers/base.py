@@ -7,6 +7,7 @@ the Slurm and PBS runners (slurm_runner.py, pbs_runner.py) without importing pro
 from __future__ import annotations
 
 import abc
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
 
@@ -39,12 +40,11 @@ class Scheduler(abc.ABC):
     folder: Path
     store_root: str
 
-    @property
+    @cached_property
     def env_pythons(self) -> dict[tuple[str, ...], str]:
         """The python of each `pip` requirement set's environment on the site; the provider
         builds them (engines/environments.py) before it queues a task that asks for one."""
-        pythons: dict[tuple[str, ...], str] = self.__dict__.setdefault("_env_pythons", {})
-        return pythons
+        return {}
 
     def python_for(self, target: Target) -> str:
         """The interpreter of a task's job: its `pip` environment's, else the site's."""
