@@ -107,6 +107,7 @@ def test_environment_settings_load_with_paths_beside_the_site_file(tmp_path):
 
 # -- build and reuse ------------------------------------------------------------------------------------
 def test_built_once_then_reused_and_sees_the_site_pythons_packages(tmp_path, wheels):
+    tmp_path = tmp_path / "storage with space; quo'te $HOME"  # a hostile storage path
     first = _envs(tmp_path / "envs", wheels).ensure(["hpcs-tiny==1.0"])
     assert first.built_s is not None and "built in" in first.note()
     # another client (a new Environments, as in another process) reuses it
@@ -116,9 +117,9 @@ def test_built_once_then_reused_and_sees_the_site_pythons_packages(tmp_path, whe
     assert again.key == first.key and again.built_s is None and again.note().endswith("reused (hpcs-tiny==1.0)")
     print(f"build {first.built_s:.2f} s, reuse {reuse_s:.3f} s")
     out = subprocess.run([again.python, "-c", "import hpcs_tiny, hpc_serverless, cloudpickle, sys; "
-                          "print(hpcs_tiny.VALUE, hpc_serverless.__file__, sys.prefix)"],
+                          "print(hpcs_tiny.VALUE, hpc_serverless.__file__, sys.prefix, sep=chr(10))"],
                          capture_output=True, text=True, check=True)
-    value, package, prefix = out.stdout.split()
+    value, package, prefix = out.stdout.splitlines()
     assert value == "42" and prefix == again.path
     # hpc_serverless (an editable install in the test venv, through its own .pth) is the site's
     assert package.startswith(os.path.dirname(os.path.dirname(os.path.abspath(__import__("hpc_serverless").__file__))))
