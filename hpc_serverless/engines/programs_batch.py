@@ -16,6 +16,7 @@ from hpc_serverless.core.errors import EnvironmentBuildError, ProgramError, Sche
 from hpc_serverless.core.jobs import ENVIRONMENT_NOTE_ENV, JOB_DIR_ENV, Job, Program, new_job_id
 from hpc_serverless.core.launch import module_argv
 from hpc_serverless.core.refs import TaskStatus
+from hpc_serverless.core.requirements import normalize_requirements
 from hpc_serverless.core.store import ObjectStore
 from hpc_serverless.engines.job_dirs import JobDirs, exit_info, new_record
 
@@ -103,7 +104,10 @@ class BatchJobs:
         # be installed fails here, in the installer's words
         job_id = new_job_id(name or self.provider.name)
         try:
-            environment = self.provider.environments.ensure(program.requirements) if program.requirements else None
+            # its dependencies, its target's pip, else a pip the site's defaults give every job
+            reqs = normalize_requirements([*program.requirements,
+                                           *self.provider.effective_target(program.resources).pip])
+            environment = self.provider.environments.ensure(reqs) if reqs else None
         except EnvironmentBuildError as exc:
             raise self.dirs.refuse_environment(exc, job_id, new_record(
                 job_id, program, self.provider.name, time.time(), site=self.provider.site.name,

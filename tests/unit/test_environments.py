@@ -302,3 +302,33 @@ def test_pilot_mode_refuses_pip_naming_the_key(tmp_path, monkeypatch):
             ResourceError, match=r"pip=\['hpcs-tiny==1.0'\]: the pilot workers are long-lived"):
         f()
     assert transport.calls == []
+
+
+def test_site_default_pip_puts_every_program_job_in_its_environment(tmp_path, wheels):
+    """A site whose `defaults:` has `pip` runs every Program in that environment; the job
+    script starts the runner with the environment's python and says how it came. The
+    transport is a mock (sbatch answers a job id; nothing runs): the script is the point."""
+    from hpc_serverless import SlurmProvider
+    from hpc_serverless.adapters.transport import MockTransport
+
+    calls: list = []
+
+    def answer(argv, inp):
+        calls.append(argv)
+        return (0, "4242\n", "") if argv[0] == "sbatch" else (0, "", "")
+
+    site = {"scheduler": "slurm", "storage": str(tmp_path / "storage"), "python": sys.executable,
+            "defaults": {"pip": ["hpcs-tiny==1.0"], "partition": "debug"},
+            "environments": {"offline": True, "find_links": [str(wheels)]}}
+    provider = SlurmProvider("mock", site=site, transport=MockTransport(answer))
+    wd = tmp_path / "src"
+    wd.mkdir()
+    (wd / "main.py").write_text("print(1)\n")
+    job = provider.run_program(Program("p", "main.py", working_dir=str(wd)))
+    script = (tmp_path / "storage" / "programs" / job.job_id / "job.sh").read_text()
+    key = provider.environments.key(("hpcs-tiny==1.0",))
+    assert f"{tmp_path}/storage/envs/{key}/bin/python" in script
+    # (built by the site-defaults check of run_program, so the job's line says reused)
+    assert f"HPC_SERVERLESS_ENVIRONMENT='environment {key}: reused (hpcs-tiny==1.0)'" in script
+    assert [c[0] for c in calls].count("sbatch") == 1
+    provider.backend.close()
