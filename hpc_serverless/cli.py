@@ -177,6 +177,10 @@ def cmd_du(args: argparse.Namespace) -> int:
     for kind, v in report["kinds"].items():
         print(f"  {kind:<24} {_size(v['bytes']):>10}  {v['files']:>8} files")
     print(f"  {'total':<24} {_size(report['bytes']):>10}  {report['files']:>8} files")
+    for e in report.get("environments", []):
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])) if e["last_used"] else "?"
+        print(f"  environment {e['key']}  {_size(e['bytes'])} in {e['files']} files, last used {used}: "
+              + (", ".join(e["requirements"]) or "(no record)"))
     quota = report["quota"]
     print("quota: " + (quota if isinstance(quota, str) else "; ".join(quota)))
     return 0

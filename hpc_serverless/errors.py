@@ -9,6 +9,7 @@ from hpc_serverless.core.errors import (
     CorruptObjectError,
     CorruptRecordError,
     DependencyError,
+    EnvironmentBuildError,
     GetTimeoutError,
     HostKeyError,
     HPCServerlessError,
@@ -34,7 +35,7 @@ from hpc_serverless.core.errors import (
 
 __all__ = [
     "AgentError", "AuthenticationError", "ConfigError", "CorruptObjectError", "CorruptRecordError", "DependencyError",
-    "GetTimeoutError", "HPCServerlessError", "HostKeyError", "JobFailedError", "JobNotFoundError",
+    "EnvironmentBuildError", "GetTimeoutError", "HPCServerlessError", "HostKeyError", "JobFailedError", "JobNotFoundError",
     "ObjectNotFoundError", "ProgramError", "RemoteTaskError", "RemoteTraceback", "ResourceError",
     "SchedulerError", "SerializationError", "StoreError", "TargetError", "TaskCancelledError",
     "TaskError", "TaskTimeoutError", "TransportError", "UnknownProviderError", "UnsafeStoreError",

@@ -22,7 +22,7 @@ from hpc_serverless.config.files import key_line, read_config_file
 from hpc_serverless.core.errors import ConfigError, TargetError
 from hpc_serverless.core.target import PBS_REQUEUE_UNSUPPORTED, Target
 
-__all__ = ["Site", "MpiLauncher", "PilotSettings", "load_site", "site_from_mapping", "expand", "on_cluster",
+__all__ = ["Site", "MpiLauncher", "PilotSettings", "EnvironmentSettings", "load_site", "site_from_mapping", "expand", "on_cluster",
            "shell_word", "CLUSTER_SIDE_KEYS"]
 
 #: keys of a site that name things on the cluster: over SSH they expand there, not here
@@ -101,6 +101,37 @@ class PilotSettings(_Frozen):
         return v
 
 
+class EnvironmentSettings(_Frozen):
+    """How the site builds the environments of Programs' `dependencies` and tasks' `pip`
+    (engines/environments.py), on the login node, before a job is queued.
+
+    ``installer``: ``pip`` (the site python's own), ``uv`` (much faster; must be on the
+    login node's PATH) or ``auto`` (uv if found, else pip). ``index_url``,
+    ``extra_index_url`` and ``find_links`` are passed to the installer; ``offline``
+    installs from ``find_links`` only (for a login node without internet). Paths expand
+    (``~``, ``$VAR``) where the environment is built (the cluster account's, over SSH).
+    ``timeout``: seconds an install may take.
+    """
+
+    installer: Literal["pip", "uv", "auto"] = "pip"
+    index_url: str | None = None
+    extra_index_url: tuple[str, ...] = ()
+    find_links: tuple[str, ...] = ()
+    offline: bool = False
+    timeout: float = Field(default=1800.0, gt=0)
+
+    @field_validator("extra_index_url", "find_links", mode="before")
+    @classmethod
+    def _list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, (list, tuple)):
+            for item in v:
+                if not isinstance(item, str) or not item.strip():
+                    raise ValueError(f"each entry must be a non-empty string, not {item!r}")
+        return v
+
+
 class Site(_Frozen):
     """A cluster as hpc_serverless sees it. Build with :func:`load_site`."""
 
@@ -135,6 +166,7 @@ class Site(_Frozen):
     mode: Literal["jobs", "pilot"] = "jobs"
     agent_grace: float = Field(default=600.0, ge=0)   # seconds an agent outlives its last client
     pilot: PilotSettings = Field(default_factory=PilotSettings)
+    environments: EnvironmentSettings = Field(default_factory=EnvironmentSettings)
     source: str | None = None
 
     @field_validator("defaults", mode="before")
@@ -284,6 +316,8 @@ def site_from_mapping(data: Mapping[str, Any], *, source: str | None = None,
             model = MpiLauncher
         elif loc and loc[0] == "pilot":
             model = PilotSettings
+        elif loc and loc[0] == "environments":
+            model = EnvironmentSettings
         if err["type"] == "extra_forbidden":
             msg = (f"unknown key {loc[-1]!r}; valid keys are: {', '.join(_valid_keys(model))}")
         elif err["type"] == "missing":
@@ -297,6 +331,13 @@ def site_from_mapping(data: Mapping[str, Any], *, source: str | None = None,
         if err["type"] == "missing":
             full = base
         raise ConfigError(msg, file=source, key=key, line=key_line(source, full)) from None
+    env_settings = site.environments
+    if source and not site.remote and env_settings.find_links:
+        # relative find_links are beside the site file (like commands_dir)
+        links = tuple(link if "://" in link or os.path.isabs(expand(link))
+                      else os.path.join(os.path.dirname(os.path.abspath(source)), link)
+                      for link in env_settings.find_links)
+        site = site.model_copy(update={"environments": env_settings.model_copy(update={"find_links": links})})
     if site.scheduler == "pbs" and site.defaults.requeue:
         full = (*base, "defaults", "requeue")
         raise ConfigError(PBS_REQUEUE_UNSUPPORTED, file=source, key=".".join(map(str, full)),

@@ -28,6 +28,7 @@ builtin fits, the error also subclasses it, so generic handlers keep working::
     │                                        (python without hpc_serverless, versions differ,
     │                                        storage not writable by the cluster account)
     ├── ProgramError(ValueError)         a Program that cannot be run (missing entrypoint)
+    ├── EnvironmentBuildError            `dependencies` / `pip` the site could not install (the installer's words)
     ├── JobNotFoundError(LookupError)    get_job_by_id() of an id no provider has (says where it looked)
     └── JobFailedError(RuntimeError)     job.result() of a program that failed or was stopped
 
@@ -50,6 +51,15 @@ class HPCServerlessError(Exception):
     """
 
     transient: bool = False
+
+
+class EnvironmentBuildError(HPCServerlessError):
+    """An environment for `dependencies` or `pip` could not be built on the site; the
+    message quotes the installer and says where its whole output is. ``output`` holds that
+    output; ``job_id``, for a Program, the refused job whose logs() show it."""
+
+    output: str = ""
+    job_id: str | None = None
 
 
 class ConfigError(HPCServerlessError, ValueError):

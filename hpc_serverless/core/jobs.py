@@ -18,13 +18,16 @@ from typing import Any, Mapping, Protocol, Sequence
 from hpc_serverless.core.deadline import Deadline
 from hpc_serverless.core.errors import JobFailedError, ProgramError
 from hpc_serverless.core.refs import TaskStatus
+from hpc_serverless.core.requirements import normalize_requirements
 from hpc_serverless.core.target import Target
 
-__all__ = ["ARGUMENTS_KEY", "JOB_DIR_ENV", "RESULT_KEY", "Job", "JobBackend", "Program", "new_job_id",
+__all__ = ["ARGUMENTS_KEY", "ENVIRONMENT_NOTE_ENV", "JOB_DIR_ENV", "RESULT_KEY", "Job", "JobBackend", "Program", "new_job_id",
            "provider_of_job_id", "why_it_ended"]
 
 #: where a running program finds its job directory, and the names of what it holds
 JOB_DIR_ENV = "HPC_SERVERLESS_JOB_DIR"
+#: how a program's job learns how its environment came to be (the runner prints it to its log)
+ENVIRONMENT_NOTE_ENV = "HPC_SERVERLESS_ENVIRONMENT"
 ARGUMENTS_KEY = "arguments"
 RESULT_KEY = "result"
 
@@ -58,6 +61,16 @@ class Program:
         if self._target.requeue:
             raise ProgramError(f"Program {self.title!r}: target 'requeue' applies to tasks "
                                "(distribute_task), not to Programs: a program's job is not requeued")
+        try:
+            normalize_requirements(self.dependencies)
+        except ValueError as exc:
+            raise ProgramError(f"Program {self.title!r}: dependencies: {exc}") from None
+
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        """What the program's environment must have: its dependencies and its target's
+        `pip`, normalized (engines/environments.py builds one per set)."""
+        return normalize_requirements([*(self.dependencies or ()), *self._target.pip])
 
     @property
     def resources(self) -> Target:

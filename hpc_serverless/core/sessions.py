@@ -8,6 +8,7 @@ calls, results, notes, submitit's job files and logs) lives under one directory:
         heartbeat        the time of the last beat, rewritten every `interval` seconds
         closed           written when the process ends cleanly (no need to wait out the beat)
         job-ids          the scheduler job ids submitted for it (gc asks the scheduler about them)
+        environments     keys of the `pip` environments its tasks run in (gc keeps those while it stays)
         objects/ tasks/ results/ notes/   store objects (keys "sessions/<id>/...")
         jobs/            submitit's files and the tasks' logs
 
@@ -97,6 +98,7 @@ class Session:
         self.interval = interval
         self.client = client
         self._job_ids: list[str] = []
+        self._environments: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -155,6 +157,16 @@ class Session:
             LOCAL.write_atomic(str(self.dir / "job-ids"), ("\n".join(self._job_ids) + "\n").encode(),
                                durable=False)
 
+    def record_environment(self, key: str) -> None:
+        """Remember an environment its tasks use (engines/environments.py): gc keeps it
+        as long as it keeps this session."""
+        with self._lock:
+            if key in self._environments:
+                return
+            self._environments.append(key)
+            LOCAL.write_atomic(str(self.dir / "environments"), ("\n".join(self._environments) + "\n").encode(),
+                               durable=False)
+
     def close(self) -> None:
         """Stop beating and mark the session closed: gc may take it once it is old enough."""
         self._stop.set()
@@ -177,6 +189,7 @@ class SessionInfo:
     closed: bool
     job_ids: list[str]
     host: str = ""
+    environments: list[str] = field(default_factory=list)
     bytes_by_kind: dict[str, int] = field(default_factory=dict)
     files_by_kind: dict[str, int] = field(default_factory=dict)
 
@@ -239,8 +252,12 @@ def read_session(path: str, *, sizes: bool = True) -> SessionInfo | None:
         ids = [j for j in LOCAL.read_bytes(f"{path}/job-ids").decode().split() if j]
     except OSError:
         ids = []
+    try:
+        envs = [k for k in LOCAL.read_bytes(f"{path}/environments").decode().split() if k]
+    except OSError:
+        envs = []
     s = SessionInfo(sid, path, created, beat, float(info.get("interval", HEARTBEAT_S)),
-                    LOCAL.exists(f"{path}/closed"), ids, str(info.get("host", "")))
+                    LOCAL.exists(f"{path}/closed"), ids, str(info.get("host", "")), envs)
     if sizes:
         for name in sorted(os.listdir(path)):
             kind = KINDS.get(name, "session records")

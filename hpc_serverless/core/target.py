@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from hpc_serverless.core.errors import TargetError
+from hpc_serverless.core.requirements import normalize_requirements
 
 __all__ = ["Target", "capacity_problems", "parse_mem_mib", "parse_time_seconds", "format_hms"]
 
@@ -137,11 +138,13 @@ class Target:
     env: Mapping[str, str] = field(default_factory=dict)
     directives: tuple[str, ...] = ()
     requeue: int = 0
+    #: pip requirements, normalized: the task runs in the site's environment of this set
+    pip: tuple[str, ...] = ()
     given: frozenset[str] | None = field(default=None, repr=False)  # None: inferred (see above)
 
     #: the keys a target dict may have; `queue` is PBS's word for `partition`
     KEYS = ("cpu", "mem", "gpu", "time", "mpi", "nodes", "partition", "queue",
-            "account", "qos", "constraint", "env", "directives", "requeue")
+            "account", "qos", "constraint", "env", "directives", "requeue", "pip")
 
     def __post_init__(self) -> None:
         if self.given is None:
@@ -177,6 +180,10 @@ class Target:
                 isinstance(d, str) and "\n" not in d for d in directives):
             raise TargetError("target 'directives' must be a list of single-line strings, "
                               f"not {directives!r}")
+        try:
+            pip = normalize_requirements(raw.get("pip"))
+        except ValueError as exc:
+            raise TargetError(f"target 'pip': {exc}") from None
         return cls(
             cpu=_count(raw.get("cpu", 1), "cpu", 1),
             mem_mib=None if raw.get("mem") is None else parse_mem_mib(raw["mem"]),
@@ -192,6 +199,7 @@ class Target:
             directives=tuple(d.strip() for d in directives),
             requeue=_count(int(raw["requeue"]) if isinstance(raw.get("requeue"), bool) else raw.get("requeue", 0),
                            "requeue", 0),
+            pip=pip,
             given=frozenset(_KEY_FIELDS.get(k, k) for k, v in raw.items()
                             if v is not None and k not in ("env", "directives")),
         )
@@ -229,8 +237,8 @@ class Target:
                 out["time"] = format_hms(v)
             elif f.name == "env":
                 out["env"] = dict(v)
-            elif f.name == "directives":
-                out["directives"] = list(v)
+            elif f.name in ("directives", "pip"):
+                out[f.name] = list(v)
             else:
                 out[f.name] = v
         return out
@@ -242,7 +250,7 @@ class Target:
     def __hash__(self) -> int:
         return hash((self.cpu, self.mem_mib, self.gpu, self.time_s, self.mpi, self.nodes,
                      self.partition, self.account, self.qos, self.constraint,
-                     tuple(sorted(self.env.items())), self.directives, self.requeue, self.given))
+                     tuple(sorted(self.env.items())), self.directives, self.requeue, self.pip, self.given))
 
 
 #: target-dict keys whose field has another name

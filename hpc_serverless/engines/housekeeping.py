@@ -12,6 +12,10 @@ A session (core/sessions.py) goes when all of these hold:
   of every candidate, and this process's own unsettled tasks count too. If the
   scheduler cannot answer, sessions with jobs are kept.
 
+Environments (`<storage>/envs/`, engines/environments.py) go when unused (their
+`last-used`) for longer than the cutoff, unless a session that stays or a Program not yet
+finished names them.
+
 Programs (`<storage>/programs/<job id>/`; the local provider's `~/.hpc_serverless/jobs/`)
 are kept until `rm JOB_ID` or `gc --programs`, which takes finished ones last touched
 before the cutoff. Files of versions before sessions (`store/tasks`, `store/results`,
@@ -30,6 +34,7 @@ from hpc_serverless.adapters.quota import site_quota
 from hpc_serverless.adapters.schedulers.base import Scheduler
 from hpc_serverless.core.errors import HPCServerlessError, JobNotFoundError
 from hpc_serverless.core.sessions import SessionInfo, remove_tree, scan_sessions, session_of, tree_usage
+from hpc_serverless.engines.environments import collect_environments, list_environments
 
 if TYPE_CHECKING:
     from hpc_serverless.adapters.transport.base import Transport
@@ -45,7 +50,7 @@ SHARED = (("functions", "store/functions"), ("objects (no session)", "store/obje
           ("calls (no session)", "store/tasks"), ("results (no session)", "store/results"),
           ("results (no session)", "store/notes"), ("checkpoints (no session)", "store/checkpoints"),
           ("arguments (no session)", "store/args"),
-          ("job files (no session)", "jobs"), ("programs", "programs"))
+          ("job files (no session)", "jobs"), ("programs", "programs"), ("environments", "envs"))
 
 
 class HousekeepingSite(Protocol):
@@ -75,6 +80,7 @@ class Storage:
     busy: Callable[[list[SessionInfo]], dict[str, str]]  # sessions whose jobs still run, and why
     program_status: Callable[[str], str]   # a Program's status by job id
     quota: Callable[[], Any]  # a sentence, or the quotas (adapters/quota.py)
+    envs_dir: str = ""        # the environments (engines/environments.py); "" if none
 
 
 def batch_storage(provider: HousekeepingSite) -> Storage:
@@ -84,7 +90,7 @@ def batch_storage(provider: HousekeepingSite) -> Storage:
                    tuple((kind, os.path.join(storage, rel)) for kind, rel in SHARED),
                    lambda candidates: _busy_sessions(provider, candidates),
                    lambda job_id: provider.get_job_by_id(job_id).status(),
-                   lambda: site_quota(provider.transport, storage))
+                   lambda: site_quota(provider.transport, storage), os.path.join(storage, "envs"))
 
 
 def _busy_sessions(provider: HousekeepingSite, candidates: list[SessionInfo]) -> dict[str, str]:
@@ -140,6 +146,13 @@ def collect(storage: Storage, older_than: float, *, dry_run: bool = False,
         removed.append(s.as_dict())
     if programs:
         removed += _collect_programs(storage, now, older_than, dry_run, kept)
+    if storage.envs_dir:
+        staying = {s.id for s in sessions} - {s.id for s in candidates if s.id not in busy}
+        in_use = {k for s in sessions if s.id in staying for k in s.environments}
+        in_use |= _unfinished_programs_environments(storage)
+        gone, stay = collect_environments(storage.envs_dir, older_than, in_use, dry_run=dry_run, now=now)
+        removed += gone
+        kept += stay
     return {"site": storage.name, "dry_run": dry_run, "removed": removed, "kept": kept,
             "bytes": sum(r["bytes"] for r in removed), "files": sum(r["files"] for r in removed)}
 
@@ -166,6 +179,27 @@ def _collect_programs(storage: Storage, now: float, older_than: float, dry_run: 
                 remove_tree(path)
             out.append({"id": job_id, "path": path, "bytes": size, "files": files})
     return out
+
+
+def _unfinished_programs_environments(storage: Storage) -> set[str]:
+    """Environment keys named by Programs that have not finished (asked only of those with one)."""
+    root = storage.programs_dir
+    keys: set[str] = set()
+    for job_id in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        try:
+            with open(os.path.join(root, job_id, "record.json"), "rb") as f:
+                key = json.load(f).get("environment")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not key or key in keys:
+            continue
+        try:
+            if storage.program_status(job_id) in ("SUCCEEDED", "FAILED", "STOPPED"):
+                continue
+        except HPCServerlessError:
+            pass  # status unknown: keep its environment
+        keys.add(key)
+    return keys
 
 
 def _program_ended(path: str) -> float | None:
@@ -208,6 +242,7 @@ def usage(storage: Storage) -> dict[str, Any]:
     return {"site": storage.name, "storage": storage.root, "sessions": sessions,
             "kinds": {k: {"bytes": v[0], "files": v[1]} for k, v in sorted(kinds.items())},
             "bytes": sum(v[0] for v in kinds.values()), "files": sum(v[1] for v in kinds.values()),
+            "environments": list_environments(storage.envs_dir) if storage.envs_dir else [],
             "quota": quota if isinstance(quota, str) else [q.describe() for q in quota]}
 
 

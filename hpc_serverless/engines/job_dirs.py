@@ -12,7 +12,12 @@ import shutil
 import stat
 from typing import Any, Mapping
 
-from hpc_serverless.core.errors import CorruptRecordError, HPCServerlessError, JobNotFoundError
+from hpc_serverless.core.errors import (
+    CorruptRecordError,
+    EnvironmentBuildError,
+    HPCServerlessError,
+    JobNotFoundError,
+)
 from hpc_serverless.core.fs import LOCAL, LocalFS
 from hpc_serverless.core.jobs import ARGUMENTS_KEY, RESULT_KEY, Program
 from hpc_serverless.core.private import make_private
@@ -78,6 +83,27 @@ class JobDirs:
         shutil.copytree(workdir, copy, symlinks=True, dirs_exist_ok=True)
         _no_group_write(copy)
         return job_dir
+
+    def refuse(self, job_id: str, record: Mapping[str, Any], output: str, reason: str) -> None:
+        """A job refused before it ran (nothing staged, nothing queued): its record, the
+        output that says why (logs()), and an exit record FAILED/REFUSED with `reason`."""
+        self.fs.makedirs(self.path(job_id), 0o700)
+        self.write_record(job_id, record)
+        self.fs.write_atomic(self.path(job_id, "output.log"), output.encode())
+        self.fs.write_atomic(self.path(job_id, "exit.json"), json.dumps(
+            {"status": "FAILED", "state": "REFUSED", "reason": reason, "exit_code": None,
+             "ended": record.get("created")}).encode())
+
+    def refuse_environment(self, error: EnvironmentBuildError, job_id: str,
+                           record: Mapping[str, Any]) -> EnvironmentBuildError:
+        """Record a Program whose dependencies could not be installed (its logs() are the
+        installer's output) and return the error to raise, naming the job."""
+        reason = "its dependencies could not be installed (job.logs() shows the installer's output)"
+        self.refuse(job_id, {**record, "refused": reason}, error.output or str(error), reason)
+        out = EnvironmentBuildError(f"{error}\nNothing was queued; job {job_id} records the refusal "
+                                    f"(`hpc-serverless logs {job_id}` shows the installer's whole output)")
+        out.output, out.job_id = error.output, job_id
+        return out
 
     def ids(self) -> list[str]:
         """Job ids, newest first."""

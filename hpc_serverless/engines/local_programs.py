@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
-from hpc_serverless.core.errors import ProgramError
+from hpc_serverless.core.errors import EnvironmentBuildError, ProgramError
 from hpc_serverless.core.fs import LOCAL
-from hpc_serverless.core.jobs import JOB_DIR_ENV, Job, Program, new_job_id
+from hpc_serverless.core.jobs import ENVIRONMENT_NOTE_ENV, JOB_DIR_ENV, Job, Program, new_job_id
 from hpc_serverless.core.launch import module_argv
 from hpc_serverless.core.refs import TaskStatus
 from hpc_serverless.core.target import Target
+from hpc_serverless.engines.environments import Environments
 from hpc_serverless.engines.job_dirs import JobDirs, exit_info, new_record
 
 __all__ = ["LocalJobs"]
@@ -34,30 +35,41 @@ class JobSite(Protocol):
 class LocalJobs:
     """Programs as detached processes on this machine (develop without a cluster)."""
 
-    def __init__(self, provider: JobSite, root: Path) -> None:
+    def __init__(self, provider: JobSite, root: Path, environments: Environments | None = None) -> None:
         self.provider = provider
         self.root = root
         self.dirs = JobDirs(str(root), provider.name)
+        #: where `dependencies` are installed (default: beside the job directories, over this python)
+        self.environments = environments or Environments(str(root.parent / "envs"), sys.executable)
 
     def run(self, program: Program, arguments: Mapping[str, Any] | None) -> Job:
         if not isinstance(program, Program):
             raise ProgramError(f"run_program() takes a Program, not {type(program).__name__}")
         wd = program.check()
         self.provider.check_target(program.resources)
-        _check_dependencies(program)
+        # built (or found) before the program starts; one that cannot be installed fails here
         job_id = new_job_id(self.provider.name)
-        record = new_record(job_id, program, self.provider.name, time.time())
+        try:
+            environment = self.environments.ensure(program.requirements) if program.requirements else None
+        except EnvironmentBuildError as exc:
+            raise self.dirs.refuse_environment(exc, job_id, new_record(job_id, program, self.provider.name,
+                                                                       time.time())) from None
+        record = new_record(job_id, program, self.provider.name, time.time(),
+                            environment=environment.key if environment else None)
         d = Path(self.dirs.stage(job_id, record, arguments, str(wd)))
         env = dict(os.environ)
         env.update(program.env_vars or {})
         env.update(program.resources.env)
         env[JOB_DIR_ENV] = str(d)
         env["PYTHONUNBUFFERED"] = "1"
+        if environment is not None:
+            env[ENVIRONMENT_NOTE_ENV] = environment.note()
         if program.resources.cpu > 1 or "HPC_SERVERLESS_CPUS" in env:
             env["HPC_SERVERLESS_CPUS"] = str(program.resources.cpu)
         with open(d / "output.log", "wb") as log:
             proc = subprocess.Popen(
-                module_argv(sys.executable, "hpc_serverless.runtime.program_runner", str(d), program.entrypoint),
+                module_argv(environment.python if environment else sys.executable,
+                            "hpc_serverless.runtime.program_runner", str(d), program.entrypoint),
                 cwd=d / "workdir", env=env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
         record["pid"] = proc.pid
@@ -150,22 +162,3 @@ def _write_stopped(job_dir: Path, reason: str) -> None:
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     LOCAL.write_atomic(str(path), json.dumps(data, indent=1).encode())
-
-
-def _check_dependencies(program: Program) -> None:
-    """On the local provider, dependencies must already be installed: say which are not."""
-    if not program.dependencies:
-        return
-    import importlib.metadata as md
-    import re
-
-    missing = []
-    for req in program.dependencies:
-        name = re.split(r"[\s<>=!~\[;]", str(req).strip(), maxsplit=1)[0]
-        try:
-            md.version(name)
-        except md.PackageNotFoundError:
-            missing.append(str(req))
-    if missing:
-        raise ProgramError(f"Program {program.title!r} depends on {', '.join(missing)}, not installed "
-                           f"for {sys.executable}; install with: pip install {' '.join(missing)}")

@@ -13,11 +13,12 @@ import posixpath
 import time
 from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
-from hpc_serverless.core.errors import HPCServerlessError, ProgramError, SchedulerError
-from hpc_serverless.core.jobs import JOB_DIR_ENV, Job, Program, new_job_id
+from hpc_serverless.core.errors import EnvironmentBuildError, HPCServerlessError, ProgramError, SchedulerError
+from hpc_serverless.core.jobs import ENVIRONMENT_NOTE_ENV, JOB_DIR_ENV, Job, Program, new_job_id
 from hpc_serverless.core.launch import module_argv
 from hpc_serverless.core.private import check_chain, open_private
 from hpc_serverless.core.refs import TaskStatus
+from hpc_serverless.core.requirements import normalize_requirements
 from hpc_serverless.core.store import ObjectStore
 from hpc_serverless.engines.job_dirs import JobDirs, exit_info, new_record
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from hpc_serverless.core.fs import LocalFS
     from hpc_serverless.core.target import Target
     from hpc_serverless.engines.batch import BatchBackend
+    from hpc_serverless.engines.environments import Environment, Environments
 
 log = logging.getLogger("hpc_serverless")
 
@@ -42,6 +44,9 @@ class ProgramSite(Protocol):
 
     @property
     def store(self) -> ObjectStore: ...
+
+    @property
+    def environments(self) -> Environments: ...
 
     def effective_target(self, target: Target) -> Target: ...
 
@@ -81,16 +86,20 @@ class BatchJobs:
         return self.dirs.where
 
     # -- submit -------------------------------------------------------------------------------
-    def render(self, program: Program, job_id: str) -> str:
+    def render(self, program: Program, job_id: str, environment: Environment | None = None) -> str:
+        """The job script; with `environment`, the runner starts with its python."""
         provider = self.provider
         target = provider.effective_target(program.resources)
         job_dir = self.dirs.path(job_id)
         env = {**dict(program.env_vars or {}), **dict(target.env), JOB_DIR_ENV: job_dir,
                "HPC_SERVERLESS_STORE": str(provider.store.root), "PYTHONUNBUFFERED": "1"}
+        if environment is not None:
+            env[ENVIRONMENT_NOTE_ENV] = environment.note()
+        python = environment.python if environment is not None else provider.site.python
         return provider.scheduler.program_script(
             target, job_name=program.title, job_id=job_id, job_dir=job_dir, env=env,
             workdir=posixpath.join(job_dir, "workdir"),
-            command=module_argv(provider.site.python, "hpc_serverless.runtime.program_runner", job_dir,
+            command=module_argv(python, "hpc_serverless.runtime.program_runner", job_dir,
                                 program.entrypoint))
 
     def run(self, program: Program, arguments: Mapping[str, Any] | None, *, name: str | None = None) -> Job:
@@ -100,10 +109,23 @@ class BatchJobs:
             raise ProgramError(f"run_program() takes a Program, not {type(program).__name__}")
         wd = program.check()  # before anything is written or submitted
         self.provider.check_target(program.resources)
+        # built (or found) before anything is staged or queued: a requirement that cannot
+        # be installed fails here, in the installer's words
         job_id = new_job_id(name or self.provider.name)
-        script = self.render(program, job_id)
+        try:
+            # its dependencies, its target's pip, else a pip the site's defaults give every job
+            reqs = normalize_requirements([*program.requirements,
+                                           *self.provider.effective_target(program.resources).pip])
+            environment = self.provider.environments.ensure(reqs) if reqs else None
+        except EnvironmentBuildError as exc:
+            raise self.dirs.refuse_environment(exc, job_id, new_record(
+                job_id, program, self.provider.name, time.time(), site=self.provider.site.name,
+                dependencies=list(program.dependencies or []), scheduler=self.provider.scheduler.name,
+                scheduler_job_id=None)) from None
+        script = self.render(program, job_id, environment)
         record = new_record(job_id, program, self.provider.name, time.time(), site=self.provider.site.name,
                             dependencies=list(program.dependencies or []),
+                            environment=environment.key if environment else None,
                             scheduler=self.provider.scheduler.name, scheduler_job_id=None)
         job_dir = self.dirs.stage(job_id, record, arguments, str(wd))
         script_path = posixpath.join(job_dir, "job.sh")

@@ -6,6 +6,7 @@ return the RemoteProvider that reaches the same provider through its agent."""
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from hpc_serverless.adapters.schedulers.base import Scheduler
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from hpc_serverless.adapters.transport.base import Transport
     from hpc_serverless.core.calls import TaskFunction
     from hpc_serverless.core.jobs import Job, Program
+    from hpc_serverless.engines.environments import Environments
 
 __all__ = ["BatchProvider", "SiteProvider"]
 
@@ -83,6 +85,14 @@ class BatchProvider(Provider):
     def store(self) -> ObjectStore:
         return self._store
 
+    @cached_property
+    def environments(self) -> Environments:
+        """The site's environments for `dependencies` and `pip` (built here, on the login node)."""
+        from hpc_serverless.engines.environments import Environments
+
+        return Environments(str(self.site.storage_path / "envs"), self.site.python, self.site.environments,
+                            setup=self.site.setup, env=self.site.env)
+
     def session_for(self, session_id: str | None) -> Session | None:
         """An open session by id: this process's, or a remote client's seen through the agent
         (opened on its first call; the agent beats it while the client does)."""
@@ -123,7 +133,12 @@ class BatchProvider(Provider):
         return target.merged_over(self.site.defaults)
 
     def check_target(self, target: Target) -> None:
-        self.scheduler.check_target(self.effective_target(target))
+        effective = self.effective_target(target)
+        self.scheduler.check_target(effective)
+        if effective.pip:
+            # before the call is queued: a requirement that cannot be installed fails the call
+            env = self.environments.ensure(effective.pip)
+            self.scheduler.env_pythons[effective.pip] = env.python
 
     @property
     def tasks_key(self) -> str:
@@ -157,7 +172,12 @@ class BatchProvider(Provider):
             for dep_id, dep_fn, dep_job in deps:
                 self.backend._task(TaskRef(dep_id, self.backend.key, self.name, dep_fn, job_id=dep_job))
         fn_key = self.backend.ensure_function(fn_key, fn_bytes)
-        self.session_for(session_of(task_id))
+        session = self.session_for(session_of(task_id))
+        if target.pip:
+            if target.pip not in self.scheduler.env_pythons:  # not checked by this process (an agent's client)
+                self.check_target(target)
+            if session is not None:  # gc keeps the environment while the session lives
+                session.record_environment(self.environments.ensure(target.pip).key)
         spec = {"task_id": task_id, "name": name, "fn_key": fn_key, "args": blob,
                 "deps": [(d[0], d[1]) for d in deps], "env": dict(target.env) or None,
                 "mpi": target.mpi, "requeue": target.requeue, "versions": versions(),

@@ -64,6 +64,29 @@ def local_resources() -> tuple[int, int, int]:
     return cores, mem or 4096, gpus
 
 
+def _check_pip_here(requirements: tuple[str, ...], provider: str) -> None:
+    """`pip` on the local provider: its pool's workers are long-lived processes of this
+    interpreter and cannot switch environment per task, so the packages must be here
+    already (as inside a Program's job, whose interpreter is its environment's)."""
+    import importlib.metadata as md
+    import re
+    import sys
+
+    missing = []
+    for req in requirements:
+        name = re.split(r"[\s<>=!~\[;@]", req, maxsplit=1)[0]
+        try:
+            md.version(name)
+        except md.PackageNotFoundError:
+            missing.append(req)
+    if missing:
+        raise ResourceError(
+            f"target 'pip' asks for {', '.join(missing)}, not installed for {sys.executable}: provider "
+            f"'{provider}' runs tasks in long-lived workers of this interpreter, which cannot switch "
+            "environment per task. Run the task on a batch site (an environment is built there for each "
+            "set), call it from a Program with dependencies=[...], or pip install it here")
+
+
 _pool: LocalPool | None = None
 _pool_lock = threading.Lock()
 
@@ -112,10 +135,12 @@ class LocalProvider(Provider):
 
         root = str(self.store.root)
         programs = str(default_home() / "jobs")
+        envs = str(default_home() / "envs")
         return Storage(self.name, root, root, programs,
-                       (("objects (no session)", os.path.join(root, "objects")), ("programs", programs)),
+                       (("objects (no session)", os.path.join(root, "objects")), ("programs", programs),
+                        ("environments", envs)),
                        lambda candidates: {}, lambda job_id: self.get_job_by_id(job_id).status(),
-                       lambda: site_quota(LocalTransport(), root))
+                       lambda: site_quota(LocalTransport(), root), envs)
 
     def gc(self, older_than: float = 7 * 86400, *, dry_run: bool = False, programs: bool = False) -> Any:
         """Remove sessions of ended processes unused for `older_than` seconds (and with
@@ -149,6 +174,8 @@ class LocalProvider(Provider):
         return self._cpus or cores, self._mem_mib or mem, gpus
 
     def check_target(self, target: Target) -> None:
+        if target.pip:
+            _check_pip_here(target.pip, self.name)
         cores, mem, gpus = self.capacity()
         said = f"cpu={target.cpu}" + (f" x mpi={target.mpi}" if target.mpi > 1 else "")
         problems = capacity_problems(target, has="it has", cores=cores, mem_mib=mem, gpus=gpus,

@@ -86,6 +86,11 @@ class PilotProvider(BatchProvider):
                                 f"{key}={getattr(shape.target, key)!r}")
         if target.directives:
             problems.append("scheduler directives apply to batch jobs (mode: jobs)")
+        if target.pip:
+            problems.append(f"pip={list(target.pip)}: the pilot workers are long-lived, started with the "
+                            "site's python, and cannot switch environment per task; run it on the site in "
+                            "mode: jobs (each job runs in an environment built for its set), or in a Program "
+                            "with dependencies=[...]")
         if problems:
             raise ResourceError(f"task does not fit the pilot workers of '{self.name}' (site "
                                 f"'{self.site.name}', mode: pilot): " + "; ".join(problems))

@@ -16,12 +16,16 @@ import time
 from pathlib import Path
 
 from hpc_serverless.core.fs import LOCAL
+from hpc_serverless.core.jobs import ENVIRONMENT_NOTE_ENV
 from hpc_serverless.core.launch import script_argv
 
 
 def main(argv: list[str]) -> int:
     job_dir, entrypoint = Path(argv[0]), argv[1]
     started = time.time()
+    note = os.environ.pop(ENVIRONMENT_NOTE_ENV, "")  # set where dependencies were asked for
+    if note:
+        print(f"[hpc-serverless] {note}", flush=True)
     print(f"[hpc-serverless] job {job_dir.name}: {sys.executable} {entrypoint}", flush=True)
     child: subprocess.Popen[bytes] | None = None
     early: list[int] = []

@@ -75,13 +75,6 @@ def test_missing_entrypoint_is_refused_before_anything_runs(tmp_path):
         Program("", "x.py")
 
 
-def test_missing_dependency_is_named(tmp_path):
-    p = _program(tmp_path, "print(1)\n")
-    p2 = Program(p.title, p.entrypoint, p.working_dir, dependencies=["surely-not-installed-pkg>=1"])
-    with pytest.raises(ProgramError, match="surely-not-installed-pkg"):
-        QuantumServerless().run_program(p2)
-
-
 def test_unknown_job_id():
     from hpc_serverless.core.errors import HPCServerlessError
     with pytest.raises(HPCServerlessError, match="no job"):

@@ -7,13 +7,16 @@ the Slurm and PBS runners (slurm_runner.py, pbs_runner.py) without importing pro
 from __future__ import annotations
 
 import abc
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
 
+from hpc_serverless.core.errors import HPCServerlessError
 from hpc_serverless.core.sessions import session_of, session_prefix
 
 if TYPE_CHECKING:
     from hpc_serverless.adapters.schedulers.common import JobState
+    from hpc_serverless.config.site import Site
     from hpc_serverless.core.refs import TaskRef
     from hpc_serverless.core.target import Target
 
@@ -32,9 +35,26 @@ class Scheduler(abc.ABC):
     """What the backend needs from a scheduler: submit, poll, cancel (all batched)."""
 
     name: str
+    site: Site
     #: where job files go for tasks of no session ("<storage>/jobs/%j")
     folder: Path
     store_root: str
+
+    @cached_property
+    def env_pythons(self) -> dict[tuple[str, ...], str]:
+        """The python of each `pip` requirement set's environment on the site; the provider
+        builds them (engines/environments.py) before it queues a task that asks for one."""
+        return {}
+
+    def python_for(self, target: Target) -> str:
+        """The interpreter of a task's job: its `pip` environment's, else the site's."""
+        if not target.pip:
+            return self.site.python
+        try:
+            return self.env_pythons[target.pip]
+        except KeyError:
+            raise HPCServerlessError(f"no environment was built for pip {list(target.pip)} before the task "
+                                     "was queued (the provider's check_target builds it)") from None
 
     def folder_for(self, task_id: str) -> Path:
         """Where a task's job files (submitit's pickles and script, the log) go: in its

@@ -68,7 +68,7 @@ class PBSScheduler(Scheduler):
         from hpc_serverless.adapters.submitit_executors import PBSExecutor, submit_calls
 
         name = tasks[0].name if len({t.name for t in tasks}) == 1 else "tasks"
-        ex = PBSExecutor(self.folder_for(tasks[0].ref.task_id), shlex.quote(self.site.python), self.transport,
+        ex = PBSExecutor(self.folder_for(tasks[0].ref.task_id), shlex.quote(self.python_for(target)), self.transport,
                          root=self.site.storage_path)
         token = new_token()[:8]
         job_name = P.token_job_name(name, token)

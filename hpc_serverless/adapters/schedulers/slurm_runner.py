@@ -72,7 +72,7 @@ class SlurmScheduler(Scheduler):
 
         # exec: python replaces the batch shell, so the time-limit signal (B:, to the batch
         # shell) reaches our worker, which requeues tasks that ask for it
-        ex = TransportSlurmExecutor(folder or self.folder, "exec " + shlex.quote(self.site.python), self.transport,
+        ex = TransportSlurmExecutor(folder or self.folder, "exec " + shlex.quote(self.python_for(target)), self.transport,
                                     root=self.site.storage_path)
         params = S.submitit_parameters(target, directives=self.site.directives)
         extra = dict(params.pop("additional_parameters", {}))
