@@ -31,12 +31,12 @@ class _Watch(weakref.ref):  # type: ignore[type-arg]  # (weakref.ref is generic 
 
     __slots__ = ("task_id",)
 
-    def __new__(cls, ref: TaskRef, callback: Callable[[_Watch], None]) -> _Watch:
-        return super().__new__(cls, ref, callback)
+    task_id: str
 
-    def __init__(self, ref: TaskRef, callback: Callable[[_Watch], None]) -> None:
-        super().__init__(ref, callback)
+    def __new__(cls, ref: TaskRef, callback: Callable[[_Watch], None]) -> _Watch:
+        self = super().__new__(cls, ref, callback)
         self.task_id = ref.task_id
+        return self
 
 
 #: a queued event: a watched ref died, or a task id to look at again (see `probe`)

@@ -106,6 +106,7 @@ from hpc_serverless.core.errors import (
     WorkerDiedError,
     upstream_failed,
 )
+from hpc_serverless.core.live_refs import LiveRefs
 from hpc_serverless.core.refs import TaskRef, TaskStatus, register_backend
 from hpc_serverless.core.serialization import loads, unpack_exception
 from hpc_serverless.core.target import Target
@@ -133,18 +134,21 @@ FLUSH_MAX_S = 0.05
 CHUNKS_PER_THREAD = 8
 #: how often the keeper looks at the pilot jobs
 KEEPER_INTERVAL_S = 1.0
+#: put on the collector's queue when TaskRefs went: it drops their calls
+_RELEASE = object()
 
 
 # -- the client side ---------------------------------------------------------------------------------
 class _Call:
-    """One call as the backend tracks it."""
+    """One call as the backend tracks it (never its TaskRef: the call goes when they do)."""
 
-    __slots__ = ("ref", "name", "fn_key", "fn_bytes", "args", "env", "deps", "resources",
-                 "outcome", "error", "future", "pos", "submitted", "wire_deps")
+    __slots__ = ("task_id", "job_id", "name", "fn_key", "fn_bytes", "args", "env", "deps", "resources",
+                 "outcome", "error", "future", "pos", "submitted", "wire_deps", "upstream", "orphan")
 
-    def __init__(self, ref: TaskRef, name: str, fn_key: str, fn_bytes: bytes, args: bytes | str,
+    def __init__(self, task_id: str, name: str, fn_key: str, fn_bytes: bytes, args: bytes | str,
                  env: dict[str, str] | None, deps: list[str], resources: dict[str, int]) -> None:
-        self.ref, self.name, self.fn_key, self.fn_bytes, self.args = ref, name, fn_key, fn_bytes, args
+        self.task_id, self.name, self.fn_key, self.fn_bytes, self.args = task_id, name, fn_key, fn_bytes, args
+        self.job_id: str | None = None                # the pilot job that ran it
         self.env, self.deps, self.resources = env, deps, resources
         self.outcome: tuple[Any, ...] | None = None   # (ok, payload or None if stored, job id)
         self.error: BaseException | None = None       # a failure known without an outcome
@@ -152,6 +156,9 @@ class _Call:
         self.pos = 0
         self.submitted = False
         self.wire_deps: list[tuple[Any, ...]] = []   # deps as run_calls reads them
+        #: refs to its upstream calls, held until it is final: they keep those results here
+        self.upstream: tuple[TaskRef, ...] = ()
+        self.orphan = False                          # its refs went before it was final
 
     @property
     def final(self) -> bool:
@@ -187,6 +194,8 @@ class PilotBackend:
         self.cluster: Any = None
         self.client: Any = None
         self.pilot_jobs = PilotJobs(site, scheduler, fs)
+        #: the live TaskRefs of the calls here: a call and its result go with the last one
+        self._live = LiveRefs(wake=lambda: self._done.put(_RELEASE))
         register_backend(self)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -261,7 +270,7 @@ class PilotBackend:
             self._closed = True
             for c in self._calls.values():
                 if not c.final:
-                    c.error = TaskCancelledError(f"task {c.name}: the pilot provider was closed")
+                    self._settle(c, error=TaskCancelledError(f"task {c.name}: the pilot provider was closed"))
             self._queue.clear()
             self._cv.notify_all()
         self._done.put(None)
@@ -298,7 +307,7 @@ class PilotBackend:
         with self._lock:
             known = self._calls.get(task_id)
             if known is not None:
-                return known.ref
+                return TaskRef(task_id, self.key, provider, name, job_id=known.job_id, backend=self)
             if fn_bytes is None:
                 fn_bytes = self.function_bytes.get(fn_key)
             if fn_bytes is None:
@@ -308,19 +317,21 @@ class PilotBackend:
         resources = {"cpu": target.cpu}
         if target.mem_mib:
             resources["mem"] = target.mem_mib
-        ref = TaskRef(task_id, self.key, provider, name, backend=self)
+        ref = TaskRef(task_id, self.key, provider, name, backend=self)  # (watched from here on)
         env = dict(target.env) or None
-        self.submit(_Call(ref, name, fn_key, fn_bytes, blob, env, [d[0] for d in deps], resources))
+        self.submit(_Call(task_id, name, fn_key, fn_bytes, blob, env, [d[0] for d in deps], resources))
         return ref
 
     def submit(self, call: _Call) -> None:
         with self._lock:
             if self._closed:
                 raise HPCServerlessError(f"the pilot provider of site '{self.site.name}' is closed")
-            self._calls[call.ref.task_id] = call
+            self._calls[call.task_id] = call
             if self._broken is not None:
-                call.error = self._broken
+                self._settle(call, error=self._broken)
                 return
+            # the upstream calls' results stay here until this one is final
+            call.upstream = tuple(TaskRef(d, self.key, backend=self) for d in call.deps if d in self._calls)
             self._queue.append(call)
         self._work.set()
         if not self._threads:
@@ -360,8 +371,8 @@ class PilotBackend:
                 with self._lock:
                     for c in batch:
                         if not c.final:
-                            c.error = HPCServerlessError(f"sending task {c.name} to the pilot workers "
-                                                         f"failed: {type(exc).__name__}: {exc}")
+                            self._settle(c, error=HPCServerlessError(
+                                f"sending task {c.name} to the pilot workers failed: {type(exc).__name__}: {exc}"))
                     self._cv.notify_all()
 
     def _threads_total(self) -> int:
@@ -393,7 +404,7 @@ class PilotBackend:
                     failed = next((u for u in ups if u is not None and (u.error is not None or
                                    (u.outcome is not None and not u.outcome[0]))), None)
                     if failed is not None:
-                        c.error = self._dependency_error(c, failed)
+                        self._settle(c, error=self._dependency_error(c, failed))
                         continue
                     res = tuple(sorted(c.resources.items()))
                     if not c.deps:
@@ -403,7 +414,8 @@ class PilotBackend:
                         srcs = []
                         for d, u in zip(c.deps, ups, strict=True):
                             if u is None:
-                                c.error = DependencyError(f"task {c.name}: upstream task {d} is unknown here")
+                                self._settle(c, error=DependencyError(
+                                    f"task {c.name}: upstream task {d} is unknown here"))
                                 break
                             if u.outcome is not None:
                                 srcs.append((d, u.name, u.outcome))
@@ -415,7 +427,7 @@ class PilotBackend:
                             continue
                         c.wire_deps = srcs
                         ready.setdefault(res, []).append(([c], futures))
-                    sent_now.add(c.ref.task_id)
+                    sent_now.add(c.task_id)
                     c.submitted = True
                 self._cv.notify_all()  # calls that failed here (upstream failed) are final
                 for res, calls in free.items():
@@ -426,7 +438,7 @@ class PilotBackend:
             if not ready and later and len(later) == len(pending):
                 with self._lock:  # cannot happen (calls are queued after their upstream): say so
                     for c in later:
-                        c.error = DependencyError(f"task {c.name}: its upstream tasks were never sent")
+                        self._settle(c, error=DependencyError(f"task {c.name}: its upstream tasks were never sent"))
                     self._cv.notify_all()
                 return
             for res, groups in ready.items():
@@ -439,7 +451,7 @@ class PilotBackend:
                         self._chunks[fut.key] = calls
                         for i, c in enumerate(calls):
                             c.future, c.pos = fut, i
-                            c.args, c.fn_bytes = b"", b""  # dask holds them now
+                            c.args, c.fn_bytes, c.wire_deps = b"", b"", []  # dask holds them now
                     self._cv.notify_all()
                 for fut in futures:
                     fut.add_done_callback(self._done.put)
@@ -447,10 +459,10 @@ class PilotBackend:
 
     def _wire(self, c: _Call, limit: int) -> tuple[Any, ...]:
         if isinstance(c.args, bytes) and len(c.args) > limit:
-            key = f"args/{c.ref.task_id[:2]}/{c.ref.task_id}"
+            key = f"args/{c.task_id[:2]}/{c.task_id}"
             self.store.write_parts(key, [memoryview(c.args)], type_name="arguments")
             c.args = key
-        return (c.ref.task_id, c.name, c.fn_key, c.fn_bytes, c.args, c.env, c.wire_deps)
+        return (c.task_id, c.name, c.fn_key, c.fn_bytes, c.args, c.env, c.wire_deps)
 
     def _dependency_error(self, c: _Call, up: _Call) -> DependencyError:
         cause: BaseException | None = up.error
@@ -459,13 +471,13 @@ class PilotBackend:
                 cause = self._exception_of(up)
             except HPCServerlessError as exc:
                 cause = exc
-        return upstream_failed(f"{up.name}#{up.ref.task_id}", cause, downstream=c.name)
+        return upstream_failed(f"{up.name}#{up.task_id}", cause, downstream=c.name)
 
     def _exception_of(self, c: _Call) -> BaseException:
         assert c.outcome is not None
         ok, payload, _job = c.outcome
         if payload is None:
-            ok, payload, _info = self.store.get(result_key(c.ref.task_id))
+            ok, payload, _info = self.store.get(result_key(c.task_id))
         return unpack_exception(payload)
 
     # -- collection ----------------------------------------------------------------------------------
@@ -485,10 +497,43 @@ class PilotBackend:
                     break
                 batch.append(more)
             try:
-                self._collect(batch)
+                futures = [f for f in batch if f is not _RELEASE]
+                if futures:
+                    self._collect(futures)
+                self._release()
             except Exception:  # noqa: BLE001 - the collector must outlive one bad batch
                 if not self._closed:
                     log.exception("%s: collecting pilot results failed", self.site.name)
+
+    def watch_ref(self, ref: TaskRef) -> None:
+        """(TaskRef.__init__) Count `ref` among the live refs of its call."""
+        self._live.watch(ref)
+
+    def _release(self) -> None:
+        """Drop the calls whose last TaskRef went: their results, futures and records (a call
+        not final yet goes when it is). Results a worker stored stay in the store, which
+        `gc` of the session cleans: another process may read them."""
+        gone = self._live.collect()
+        if not gone:
+            return
+        with self._lock:
+            for task_id in gone:
+                c = self._calls.get(task_id)
+                if c is None:
+                    continue
+                if c.final:
+                    del self._calls[task_id]
+                else:
+                    c.orphan = True
+
+    def _settle(self, c: _Call, *, outcome: tuple[Any, ...] | None = None,
+                error: BaseException | None = None) -> None:
+        """Make `c` final (lock held): the one place a call ends. Its upstream results may go
+        now, and so may the call itself if its refs went while it ran."""
+        c.outcome, c.error = outcome, error
+        c.upstream = ()  # (dropping them queues their release; nothing is freed under the lock)
+        if c.orphan:
+            self._live.probe(c.task_id)
 
     def _collect(self, batch: list[Any]) -> None:
         finished = [f for f in batch if f.status == "finished"]
@@ -522,11 +567,13 @@ class PilotBackend:
                     if c.final:
                         continue
                     if failure is None:
-                        c.outcome = value[i]
+                        self._settle(c, outcome=value[i])
                         if value[i][2]:
-                            c.ref._job_id = value[i][2]
+                            c.job_id = value[i][2]
+                            for ref in self._live.refs(c.task_id):
+                                ref._job_id = c.job_id
                     else:
-                        c.error = self._error_from(c, failure)
+                        self._settle(c, error=self._error_from(c, failure))
                     if c.outcome is not None and not c.outcome[0]:
                         self._fail_dependents(c)
             self._cv.notify_all()
@@ -552,8 +599,8 @@ class PilotBackend:
         """Calls still waiting in the queue for a failed call fail now (lock held); those
         already sent see the failure on the worker (DependencyError, same message)."""
         for c in list(self._queue):
-            if up.ref.task_id in c.deps and not c.final:
-                c.error = self._dependency_error(c, up)
+            if up.task_id in c.deps and not c.final:
+                self._settle(c, error=self._dependency_error(c, up))
                 self._queue.remove(c)
                 self._fail_dependents(c)
 
@@ -606,7 +653,7 @@ class PilotBackend:
             log.error("%s", exc)
             for c in self._calls.values():
                 if not c.final:
-                    c.error = exc
+                    self._settle(c, error=exc)
             self._queue.clear()
             self._cv.notify_all()
         if self.cluster is not None:  # the jobs are of no use: give the allocation back
@@ -637,6 +684,11 @@ class PilotBackend:
     def connected_once(self) -> bool:
         return self.pilot_jobs.connected_once
 
+    def stats(self) -> dict[str, int]:
+        """What the engine holds now: calls (with their results), queued calls, chunks in dask."""
+        with self._lock:
+            return {"tracked": len(self._calls), "queued": len(self._queue), "chunks": len(self._chunks)}
+
     # -- TaskBackend ------------------------------------------------------------------------------------
     def _call_of(self, ref: TaskRef) -> _Call:
         c = self._calls.get(ref.task_id)
@@ -647,7 +699,11 @@ class PilotBackend:
 
     def task_status(self, ref: TaskRef) -> str:
         with self._lock:
-            c = self._call_of(ref)
+            return self.status_of(self._call_of(ref))
+
+    def status_of(self, c: _Call) -> str:
+        """The status of one of this backend's calls."""
+        with self._lock:
             if c.outcome is not None:
                 return TaskStatus.SUCCEEDED if c.outcome[0] else TaskStatus.FAILED
             if c.error is not None:
@@ -686,7 +742,7 @@ class PilotBackend:
             if not state:
                 state = "QUEUED" if not c.submitted else status
             reason = str(c.error) if c.error is not None else ""
-            job = c.ref._job_id or (self._running.get(fut.key) if fut is not None else None)
+            job = c.job_id or (self._running.get(fut.key) if fut is not None else None)
             return {"status": status, "state": state, "reason": reason, "job_id": job,
                     "nodes": "", "exit_code": "", "pilot_jobs": list(self.jobs)}
 
@@ -695,7 +751,7 @@ class PilotBackend:
             c = self._call_of(ref)
             if c.final:
                 return False
-            c.error = TaskCancelledError(f"task {c.name} was cancelled")
+            self._settle(c, error=TaskCancelledError(f"task {c.name} was cancelled"))
             if c in self._queue:
                 self._queue.remove(c)
             fut = c.future
