@@ -24,8 +24,12 @@ How a call travels::
                        are then released, so a worker that dies later loses nothing
     keeper thread      replaces pilot jobs that ended (walltime retirement, scancel,
                        node failure) and reports workers that never connect
+    last TaskRef gone  the collector drops the call and its result (a call still running
+                       goes when it ends): while any ref to a task lives in this process
+                       (copies and unpickled ones count, core/live_refs.py), `get` repeats;
+                       a call holds refs to its upstream calls until it is final
 
-Size: ~740 lines, of which ~95 are this docstring; the rest is one class whose three
+Size: ~800 lines, of which ~100 are this docstring; the rest is one class whose three
 threads share one lock and one set of calls (the job bookkeeping is in pilot_jobs.py). A
 further cut (submission and collection apart) is the next step, not done yet.
 

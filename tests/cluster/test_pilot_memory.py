@@ -27,12 +27,13 @@ pytestmark = pytest.mark.cluster
 PILOT_SITE = os.environ.get("HPC_SERVERLESS_TEST_PILOT_SITE", "site_configs/localhost-slurm-pilot.yaml")
 TASKS = int(os.environ.get("HPC_SERVERLESS_TEST_PILOT_MEMORY_TASKS", "50000"))
 RESULT_BYTES = 100_000
-#: tasks in flight at once: the client holds one batch of results (20 MB here and as many
+#: tasks in flight at once: the client holds one batch of results (10 MB here and as many
 #: in the engine), never all. The allocator keeps a batch's peak after it is freed (glibc
-#: raises its mmap threshold to the size of the dask messages freed): batches of 500 left
-#: the resident set ~150 MiB up however many tasks ran (5,000 or 50,000), 200 ~55 MiB, 100
-#: ~30 MiB; and code that keeps every result grew ~970 MiB over 10,000 tasks.
-BATCH = 200
+#: raises its mmap threshold to the size of the dask messages freed; tracemalloc finds no
+#: Python objects left): over 50,000 tasks batches of 500 left the resident set ~160 MiB
+#: up (as after 5,000), 200 ~95 MiB, 100 ~40 MiB, at the same speed; code that kept every
+#: result grew ~970 MiB over 10,000 tasks.
+BATCH = 100
 
 
 @distribute_task
