@@ -28,9 +28,8 @@ PILOT_SITE = os.environ.get("HPC_SERVERLESS_TEST_PILOT_SITE", "site_configs/loca
 TASKS = int(os.environ.get("HPC_SERVERLESS_TEST_PILOT_MEMORY_TASKS", "50000"))
 RESULT_BYTES = 100_000
 #: tasks in flight at once: the client holds one batch of results (10 MB here and as many
-#: in the engine), never all. The allocator keeps a batch's peak after it is freed (glibc
-#: raises its mmap threshold to the size of the dask messages freed; tracemalloc finds no
-#: Python objects left): over 50,000 tasks batches of 500 left the resident set ~160 MiB
+#: in the engine), never all. The allocator keeps about a batch's peak after it is freed
+#: (malloc_trim gives half of it back; tracemalloc finds no Python objects left): over 50,000 tasks batches of 500 left the resident set ~160 MiB
 #: up (as after 5,000), 200 ~95 MiB, 100 ~40 MiB, at the same speed; code that kept every
 #: result grew ~970 MiB over 10,000 tasks.
 BATCH = 100

@@ -50,6 +50,8 @@ def test_pilot_mode_from_a_laptop(tmp_path):
         with pytest.raises(DependencyError):
             get(down, timeout=60)
         assert refs[0].status() == "SUCCEEDED"
+        # the agent keeps what its client's refs point to (their refs live on the laptop)
+        assert refs[-1].info()["status"] == "SUCCEEDED"
     assert provider.agent.info["mode"] == "pilot"
     jobs = sorted({r.job_id for r in refs if r.job_id})
     assert len(jobs) == 1 and provider.stats()["sbatch"] == 1  # one pilot job, not 300 jobs
