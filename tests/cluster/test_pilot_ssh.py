@@ -4,6 +4,7 @@ sends calls and polls results through the agent. One pilot job of two cores."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import time
 
@@ -29,6 +30,11 @@ def add(a, b):
     return a + b
 
 
+@distribute_task
+def make(n, tag):
+    return bytes([tag % 256]) * n
+
+
 def _queued(job_ids: list[str]) -> list[str]:
     out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], capture_output=True, text=True)
     return out.stdout.split()
@@ -50,12 +56,22 @@ def test_pilot_mode_from_a_laptop(tmp_path):
         with pytest.raises(DependencyError):
             get(down, timeout=60)
         assert refs[0].status() == "SUCCEEDED"
-        # the agent keeps what its client's refs point to (their refs live on the laptop)
-        assert refs[-1].info()["status"] == "SUCCEEDED"
     assert provider.agent.info["mode"] == "pilot"
     jobs = sorted({r.job_id for r in refs if r.job_id})
     assert len(jobs) == 1 and provider.stats()["sbatch"] == 1  # one pilot job, not 300 jobs
     assert provider.agent.requests < 40, provider.agent.requests
+    with s.context("remote"):
+        # the agent keeps what its client's refs point to (their refs live on the laptop)
+        assert refs[-1].info()["status"] == "SUCCEEDED"
+        # and this client drops a result once its refs went (issue 14): 2,000 of 100 kB
+        held = provider.backend.stats()["tracked"]
+        for start in range(0, 2000, 100):
+            batch = [make(100_000, i) for i in range(start, start + 100)]
+            assert get(batch, timeout=120)[-1] == bytes([(start + 99) % 256]) * 100_000
+            del batch
+        gc.collect()
+        assert get(make(1, 0), timeout=60) == b"\x00"   # (its submission drops the released)
+        assert provider.backend.stats()["tracked"] <= held + 1
     provider.close()
     # the agent leaves after its grace period and takes its pilot job along
     deadline = time.time() + 60
