@@ -451,7 +451,13 @@ class Agent:
         return self.provider.stats()
 
     def op_ping(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "clients": self.clients}
+        return {"pid": os.getpid(), "clients": self.clients, "pilot_refs": len(self._pilot_refs)}
+
+    def op_release(self, task_ids: list[str]) -> int:
+        """Pilot mode: the client's refs to these tasks went; the agent's go too, and with
+        them the results. Returns how many it held."""
+        with self._lock:
+            return sum(self._pilot_refs.pop(t, None) is not None for t in task_ids)
 
 
 def _safe_extract(tf: tarfile.TarFile, dest: str) -> None:

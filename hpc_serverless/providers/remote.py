@@ -52,6 +52,8 @@ log = logging.getLogger("hpc_serverless")
 INLINE_RESULTS = 8 << 20
 #: how long one poll may wait at the agent for a task to finish (a long poll)
 POLL_WAIT_S = 2.0
+#: released pilot tasks are named to the agent this many at a time (it holds a ref for each)
+RELEASE_BATCH = 500
 
 
 class RemoteStore(ObjectStore):
@@ -98,6 +100,8 @@ class _Task:
     error: BaseException | None = None
     sent: bool = False
     orphan: bool = False  # its refs went before it settled: dropped when it does
+    #: refs to the tasks it depends on, until the agent has it (then the agent keeps those)
+    upstream: tuple[TaskRef, ...] = ()
 
     @property
     def item(self) -> tuple[str, str, str | None]:
@@ -127,6 +131,8 @@ class RemoteBackend:
         #: the live TaskRefs here: a settled task and its result go with the last one (an
         #: agent in pilot mode keeps its own until it ends; in job mode the store has them)
         self._live = LiveRefs()
+        #: dropped tasks whose release the agent has not heard of yet (pilot mode)
+        self._released: list[str] = []
         register_backend(self)
 
     def watch_ref(self, ref: TaskRef) -> None:
@@ -141,14 +147,29 @@ class RemoteBackend:
                 continue
             if t.settled:
                 del self._tasks[task_id]
+                self._released.append(task_id)
             else:
                 t.orphan = True
 
+    def _send_releases(self) -> None:
+        """Tell a pilot agent, RELEASE_BATCH at a time, which tasks this client dropped, so
+        that it drops its refs and their results (not under the lock: a round trip)."""
+        with self._lock:
+            if len(self._released) < RELEASE_BATCH:
+                return
+            ids, self._released = self._released, []
+        if self.agent.info.get("mode") != "pilot":
+            return  # (a batch agent keeps nothing per task: the store has the results)
+        try:
+            self.agent.call("release", ids)
+        except Exception as exc:  # noqa: BLE001 - an agent without the op keeps them, as before
+            log.debug("%s: the agent did not take released tasks: %s", self.provider.name, exc)
+
     # -- submission ------------------------------------------------------------------------
-    def enqueue(self, ref: TaskRef, call: dict[str, Any]) -> None:
+    def enqueue(self, ref: TaskRef, call: dict[str, Any], deps: Sequence[TaskRef] = ()) -> None:
         with self._lock:
             self._release()
-            self._tasks[ref.task_id] = _Task(ref.task_id, ref.function, ref._job_id)
+            self._tasks[ref.task_id] = _Task(ref.task_id, ref.function, ref._job_id, upstream=tuple(deps))
             self._queue.append(call)
             self._last_enqueue = time.monotonic()
             if self._queued_since is None:
@@ -158,6 +179,7 @@ class RemoteBackend:
                                                  name=f"hpc-serverless-{self.provider.name}-submit")
                 self._flusher.start()
             self._cv.notify_all()
+        self._send_releases()
 
     def _flush_loop(self) -> None:
         linger = self.provider.site.array_linger
@@ -192,7 +214,7 @@ class RemoteBackend:
             with self._lock:
                 for c, (job_id, error) in zip(calls, answers, strict=True):
                     t = self._tasks[c["task_id"]]
-                    t.sent = True
+                    t.sent, t.upstream = True, ()
                     self._set_job_id(t, job_id)
                     if error is not None:
                         t.error, t.status = error, TaskStatus.FAILED
@@ -214,6 +236,7 @@ class RemoteBackend:
     def _drop_if_orphan(self, t: _Task) -> None:
         if t.orphan and self._tasks.get(t.task_id) is t:
             del self._tasks[t.task_id]
+            self._released.append(t.task_id)
 
     def _poll(self, wait: float) -> None:
         """One request for every open task this process knows: states, and results inline."""
@@ -240,6 +263,7 @@ class RemoteBackend:
                     if t.settled:
                         self._drop_if_orphan(t)
                 self._cv.notify_all()
+            self._send_releases()
 
     def _ensure_sent(self, t: _Task) -> None:
         if not t.sent:
@@ -447,7 +471,7 @@ class RemoteProvider(Provider):
         ref = TaskRef(task_id, backend.key, self.name, fn.name, backend=backend)
         backend.enqueue(ref, {"task_id": task_id, "name": fn.name, "fn_key": fn.key,
                               "fn_bytes": fn.function_bytes, "args": blob, "target": target,
-                              "deps": [(d.task_id, d.function, d._job_id) for d in deps]})
+                              "deps": [(d.task_id, d.function, d._job_id) for d in deps]}, deps)
         return ref
 
     # -- programs ----------------------------------------------------------------------------
