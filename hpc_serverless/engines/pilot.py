@@ -84,7 +84,7 @@ process-wide while the call runs (tasks with different ``env`` sharing one worke
 process can see each other's), and nested tasks. A site reached over SSH runs all this in
 its agent on the login node (the dask scheduler lives there, where the workers can reach
 it); the laptop's client sends calls and polls results through the agent, and pilot tasks
-live as long as that agent does.
+live as long as that agent does, or until the client releases them (its refs went).
 """
 
 
