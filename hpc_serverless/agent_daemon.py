@@ -109,6 +109,8 @@ class Agent:
         self.pilot: PilotBackend | None = getattr(provider, "pilot", None)
         self._pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="agent")
         self._answers: collections.OrderedDict[str, concurrent.futures.Future[Any]] = collections.OrderedDict()
+        #: pilot mode: one ref per task a client submitted, which keeps its result here
+        self._pilot_refs: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.clients = 0
         self.last_left = time.monotonic()
@@ -230,6 +232,10 @@ class Agent:
         refs = [self.provider.submit_packed(c["task_id"], c["name"], c["fn_key"], c["fn_bytes"], c["args"],
                                             c["deps"], c["target"]) for c in calls]
         if self.pilot is not None:  # the pilot's flusher sends them to the workers at once
+            # the pilot keeps a result while a ref to it lives here; the client's refs live on
+            # its machine, so the agent holds one for it (until the agent ends)
+            with self._lock:
+                self._pilot_refs.update((r.task_id, r) for r in refs)
             return [(None, None) for _ in refs]
         tasks = [self.backend._tasks[r.task_id] for r in refs]
         self.backend.flush()
@@ -322,8 +328,8 @@ class Agent:
                         f"task {tid} is not known to the agent serving this pilot site (pilot tasks live "
                         "in the agent that ran them, which has been replaced since)")}
                     continue
-                status = pilot.task_status(c.ref)
-                entry: dict[str, Any] = {"status": status, "job_id": c.ref._job_id}
+                status = pilot.status_of(c)
+                entry: dict[str, Any] = {"status": status, "job_id": c.job_id}
                 if c.error is not None:
                     entry["error"] = _portable(c.error)
                 elif c.outcome is not None and c.outcome[1] is not None and budget > 0:
@@ -445,7 +451,13 @@ class Agent:
         return self.provider.stats()
 
     def op_ping(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "clients": self.clients}
+        return {"pid": os.getpid(), "clients": self.clients, "pilot_refs": len(self._pilot_refs)}
+
+    def op_release(self, task_ids: list[str]) -> int:
+        """Pilot mode: the client's refs to these tasks went; the agent's go too, and with
+        them the results. Returns how many it held."""
+        with self._lock:
+            return sum(self._pilot_refs.pop(t, None) is not None for t in task_ids)
 
 
 def _safe_extract(tf: tarfile.TarFile, dest: str) -> None:

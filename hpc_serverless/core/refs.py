@@ -43,6 +43,10 @@ class TaskBackend(Protocol):
     def task_wait(self, refs: Sequence[TaskRef], num_returns: int,
                   timeout: float | None) -> tuple[list[TaskRef], list[TaskRef]]: ...
 
+    # optional: ``watch_ref(ref)``, called with every TaskRef made for the backend's key in
+    # this process (see TaskRef.__init__); a backend that has it may drop a task's result
+    # once none of them is left
+
 
 _BACKENDS: dict[str, TaskBackend] = {}
 _BACKENDS_LOCK = threading.Lock()
@@ -113,6 +117,11 @@ class TaskRef:
         self.task_id, self.backend_key, self.provider, self.function = task_id, backend_key, provider, function
         self._job_id = job_id
         self._backend = backend
+        # a backend that drops results once no ref is left counts every ref made for its
+        # key here, copies and unpickled ones too (core/live_refs.py)
+        watch = getattr(backend if backend is not None else _BACKENDS.get(backend_key), "watch_ref", None)
+        if watch is not None:
+            watch(self)
 
     def _b(self) -> TaskBackend:
         if self._backend is None:

@@ -37,7 +37,6 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_connections
 from typing import Any, Iterator, Sequence
@@ -51,6 +50,7 @@ from hpc_serverless.core.errors import (
     upstream_failed,
 )
 from hpc_serverless.core.launch import module_argv
+from hpc_serverless.core.live_refs import LiveRefs
 from hpc_serverless.core.refs import TaskRef, TaskStatus, register_backend
 from hpc_serverless.core.serialization import loads, pack_exception, unpack_exception
 
@@ -130,6 +130,11 @@ class LocalPool:
         self._wake_r.setblocking(False)
         self._thread: threading.Thread | None = None
         self._lifeline: tuple[int, int] | None = None  # (read, write): workers end at its EOF
+        #: the TaskRefs of this pool's tasks here; a task goes once its last one has gone
+        #: and it is final (a dependent's spec holds refs to its upstream tasks until it ends)
+        self._live = LiveRefs(wake=self._wake)
+        #: tasks whose refs all went before they were final: dropped when they end
+        self._orphans: set[str] = set()
         register_backend(self)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -238,16 +243,23 @@ class LocalPool:
                 self._schedule()
         return task_id
 
-    def forget(self, task_id: str) -> None:
-        """Drop a finished task's result once no TaskRef to it is left (weakref callback)."""
-        with self._lock:
-            task = self._tasks.get(task_id)
-            if task is not None and task.status in TaskStatus.FINAL and not task.dependents:
-                del self._tasks[task_id]
+    def watch_ref(self, ref: TaskRef) -> None:
+        """(TaskRef.__init__) Count `ref` among the live refs of its task."""
+        self._live.watch(ref)
 
-    def track(self, ref: TaskRef) -> TaskRef:
-        weakref.finalize(ref, self.forget, ref.task_id)
-        return ref
+    def _release(self) -> None:
+        """Drop the tasks whose last TaskRef has gone (lock held; the dispatcher's thread).
+        A task sent from inside a task has no ref here and stays until close: the task that
+        sent it may still ask for it."""
+        for task_id in self._live.collect():
+            task = self._tasks.get(task_id)
+            if task is None:
+                continue
+            if task.status in TaskStatus.FINAL:
+                del self._tasks[task_id]
+                self._orphans.discard(task_id)
+            else:
+                self._orphans.add(task_id)
 
     # -- scheduling (lock held) ---------------------------------------------------------
     def _fits(self, spec: TaskSpec) -> bool:
@@ -301,6 +313,9 @@ class LocalPool:
         task.ok, task.payload, task.status, task.reason = ok, payload, status, reason
         task.ended = time.time()
         task.spec.args_blob = b""
+        task.spec.deps = []  # its upstream tasks may go now (their refs here were the pin)
+        if task.id in self._orphans:
+            self._live.probe(task.id)
         for dep in task.dependents:
             dep.waiting_on.discard(task.id)
             if dep.status != TaskStatus.PENDING:
@@ -349,6 +364,7 @@ class LocalPool:
                     except (EOFError, OSError):
                         self._worker_died(worker)
                 self._expire()
+                self._release()
                 self._schedule()
 
     def _next_deadline(self) -> float | None:

@@ -24,8 +24,12 @@ How a call travels::
                        are then released, so a worker that dies later loses nothing
     keeper thread      replaces pilot jobs that ended (walltime retirement, scancel,
                        node failure) and reports workers that never connect
+    last TaskRef gone  the collector drops the call and its result (a call still running
+                       goes when it ends): while any ref to a task lives in this process
+                       (copies and unpickled ones count, core/live_refs.py), `get` repeats;
+                       a call holds refs to its upstream calls until it is final
 
-Size: ~740 lines, of which ~95 are this docstring; the rest is one class whose three
+Size: ~800 lines, of which ~100 are this docstring; the rest is one class whose three
 threads share one lock and one set of calls (the job bookkeeping is in pilot_jobs.py). A
 further cut (submission and collection apart) is the next step, not done yet.
 
@@ -80,7 +84,7 @@ process-wide while the call runs (tasks with different ``env`` sharing one worke
 process can see each other's), and nested tasks. A site reached over SSH runs all this in
 its agent on the login node (the dask scheduler lives there, where the workers can reach
 it); the laptop's client sends calls and polls results through the agent, and pilot tasks
-live as long as that agent does.
+live as long as that agent does, or until the client releases them (its refs went).
 """
 
 
@@ -106,6 +110,7 @@ from hpc_serverless.core.errors import (
     WorkerDiedError,
     upstream_failed,
 )
+from hpc_serverless.core.live_refs import LiveRefs
 from hpc_serverless.core.private import make_private
 from hpc_serverless.core.refs import TaskRef, TaskStatus, register_backend
 from hpc_serverless.core.serialization import loads, unpack_exception
@@ -134,18 +139,21 @@ FLUSH_MAX_S = 0.05
 CHUNKS_PER_THREAD = 8
 #: how often the keeper looks at the pilot jobs
 KEEPER_INTERVAL_S = 1.0
+#: put on the collector's queue when TaskRefs went: it drops their calls
+_RELEASE = object()
 
 
 # -- the client side ---------------------------------------------------------------------------------
 class _Call:
-    """One call as the backend tracks it."""
+    """One call as the backend tracks it (never its TaskRef: the call goes when they do)."""
 
-    __slots__ = ("ref", "name", "fn_key", "fn_bytes", "args", "env", "deps", "resources",
-                 "outcome", "error", "future", "pos", "submitted", "wire_deps")
+    __slots__ = ("task_id", "job_id", "name", "fn_key", "fn_bytes", "args", "env", "deps", "resources",
+                 "outcome", "error", "future", "pos", "submitted", "wire_deps", "upstream", "orphan")
 
-    def __init__(self, ref: TaskRef, name: str, fn_key: str, fn_bytes: bytes, args: bytes | str,
+    def __init__(self, task_id: str, name: str, fn_key: str, fn_bytes: bytes, args: bytes | str,
                  env: dict[str, str] | None, deps: list[str], resources: dict[str, int]) -> None:
-        self.ref, self.name, self.fn_key, self.fn_bytes, self.args = ref, name, fn_key, fn_bytes, args
+        self.task_id, self.name, self.fn_key, self.fn_bytes, self.args = task_id, name, fn_key, fn_bytes, args
+        self.job_id: str | None = None                # the pilot job that ran it
         self.env, self.deps, self.resources = env, deps, resources
         self.outcome: tuple[Any, ...] | None = None   # (ok, payload or None if stored, job id)
         self.error: BaseException | None = None       # a failure known without an outcome
@@ -153,6 +161,9 @@ class _Call:
         self.pos = 0
         self.submitted = False
         self.wire_deps: list[tuple[Any, ...]] = []   # deps as run_calls reads them
+        #: refs to its upstream calls, held until it is final: they keep those results here
+        self.upstream: tuple[TaskRef, ...] = ()
+        self.orphan = False                          # its refs went before it was final
 
     @property
     def final(self) -> bool:
@@ -188,6 +199,8 @@ class PilotBackend:
         self.cluster: Any = None
         self.client: Any = None
         self.pilot_jobs = PilotJobs(site, scheduler, fs)
+        #: the live TaskRefs of the calls here: a call and its result go with the last one
+        self._live = LiveRefs(wake=lambda: self._done.put(_RELEASE))
         register_backend(self)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -263,7 +276,7 @@ class PilotBackend:
             self._closed = True
             for c in self._calls.values():
                 if not c.final:
-                    c.error = TaskCancelledError(f"task {c.name}: the pilot provider was closed")
+                    self._settle(c, error=TaskCancelledError(f"task {c.name}: the pilot provider was closed"))
             self._queue.clear()
             self._cv.notify_all()
         self._done.put(None)
@@ -300,7 +313,7 @@ class PilotBackend:
         with self._lock:
             known = self._calls.get(task_id)
             if known is not None:
-                return known.ref
+                return TaskRef(task_id, self.key, provider, name, job_id=known.job_id, backend=self)
             if fn_bytes is None:
                 fn_bytes = self.function_bytes.get(fn_key)
             if fn_bytes is None:
@@ -310,19 +323,21 @@ class PilotBackend:
         resources = {"cpu": target.cpu}
         if target.mem_mib:
             resources["mem"] = target.mem_mib
-        ref = TaskRef(task_id, self.key, provider, name, backend=self)
+        ref = TaskRef(task_id, self.key, provider, name, backend=self)  # (watched from here on)
         env = dict(target.env) or None
-        self.submit(_Call(ref, name, fn_key, fn_bytes, blob, env, [d[0] for d in deps], resources))
+        self.submit(_Call(task_id, name, fn_key, fn_bytes, blob, env, [d[0] for d in deps], resources))
         return ref
 
     def submit(self, call: _Call) -> None:
         with self._lock:
             if self._closed:
                 raise HPCServerlessError(f"the pilot provider of site '{self.site.name}' is closed")
-            self._calls[call.ref.task_id] = call
+            self._calls[call.task_id] = call
             if self._broken is not None:
-                call.error = self._broken
+                self._settle(call, error=self._broken)
                 return
+            # the upstream calls' results stay here until this one is final
+            call.upstream = tuple(TaskRef(d, self.key, backend=self) for d in call.deps if d in self._calls)
             self._queue.append(call)
         self._work.set()
         if not self._threads:
@@ -362,8 +377,8 @@ class PilotBackend:
                 with self._lock:
                     for c in batch:
                         if not c.final:
-                            c.error = HPCServerlessError(f"sending task {c.name} to the pilot workers "
-                                                         f"failed: {type(exc).__name__}: {exc}")
+                            self._settle(c, error=HPCServerlessError(
+                                f"sending task {c.name} to the pilot workers failed: {type(exc).__name__}: {exc}"))
                     self._cv.notify_all()
 
     def _threads_total(self) -> int:
@@ -395,7 +410,7 @@ class PilotBackend:
                     failed = next((u for u in ups if u is not None and (u.error is not None or
                                    (u.outcome is not None and not u.outcome[0]))), None)
                     if failed is not None:
-                        c.error = self._dependency_error(c, failed)
+                        self._settle(c, error=self._dependency_error(c, failed))
                         continue
                     res = tuple(sorted(c.resources.items()))
                     if not c.deps:
@@ -405,7 +420,8 @@ class PilotBackend:
                         srcs = []
                         for d, u in zip(c.deps, ups, strict=True):
                             if u is None:
-                                c.error = DependencyError(f"task {c.name}: upstream task {d} is unknown here")
+                                self._settle(c, error=DependencyError(
+                                    f"task {c.name}: upstream task {d} is unknown here"))
                                 break
                             if u.outcome is not None:
                                 srcs.append((d, u.name, u.outcome))
@@ -417,7 +433,7 @@ class PilotBackend:
                             continue
                         c.wire_deps = srcs
                         ready.setdefault(res, []).append(([c], futures))
-                    sent_now.add(c.ref.task_id)
+                    sent_now.add(c.task_id)
                     c.submitted = True
                 self._cv.notify_all()  # calls that failed here (upstream failed) are final
                 for res, calls in free.items():
@@ -428,7 +444,7 @@ class PilotBackend:
             if not ready and later and len(later) == len(pending):
                 with self._lock:  # cannot happen (calls are queued after their upstream): say so
                     for c in later:
-                        c.error = DependencyError(f"task {c.name}: its upstream tasks were never sent")
+                        self._settle(c, error=DependencyError(f"task {c.name}: its upstream tasks were never sent"))
                     self._cv.notify_all()
                 return
             for res, groups in ready.items():
@@ -441,7 +457,7 @@ class PilotBackend:
                         self._chunks[fut.key] = calls
                         for i, c in enumerate(calls):
                             c.future, c.pos = fut, i
-                            c.args, c.fn_bytes = b"", b""  # dask holds them now
+                            c.args, c.fn_bytes, c.wire_deps = b"", b"", []  # dask holds them now
                     self._cv.notify_all()
                 for fut in futures:
                     fut.add_done_callback(self._done.put)
@@ -449,10 +465,10 @@ class PilotBackend:
 
     def _wire(self, c: _Call, limit: int) -> tuple[Any, ...]:
         if isinstance(c.args, bytes) and len(c.args) > limit:
-            key = args_key(c.ref.task_id)
+            key = args_key(c.task_id)
             self.store.write_parts(key, [memoryview(c.args)], type_name="arguments")
             c.args = key
-        return (c.ref.task_id, c.name, c.fn_key, c.fn_bytes, c.args, c.env, c.wire_deps)
+        return (c.task_id, c.name, c.fn_key, c.fn_bytes, c.args, c.env, c.wire_deps)
 
     def _dependency_error(self, c: _Call, up: _Call) -> DependencyError:
         cause: BaseException | None = up.error
@@ -461,13 +477,13 @@ class PilotBackend:
                 cause = self._exception_of(up)
             except HPCServerlessError as exc:
                 cause = exc
-        return upstream_failed(f"{up.name}#{up.ref.task_id}", cause, downstream=c.name)
+        return upstream_failed(f"{up.name}#{up.task_id}", cause, downstream=c.name)
 
     def _exception_of(self, c: _Call) -> BaseException:
         assert c.outcome is not None
         ok, payload, _job = c.outcome
         if payload is None:
-            ok, payload, _info = self.store.get(result_key(c.ref.task_id))
+            ok, payload, _info = self.store.get(result_key(c.task_id))
         return unpack_exception(payload)
 
     # -- collection ----------------------------------------------------------------------------------
@@ -487,10 +503,43 @@ class PilotBackend:
                     break
                 batch.append(more)
             try:
-                self._collect(batch)
+                futures = [f for f in batch if f is not _RELEASE]
+                if futures:
+                    self._collect(futures)
+                self._release()
             except Exception:  # noqa: BLE001 - the collector must outlive one bad batch
                 if not self._closed:
                     log.exception("%s: collecting pilot results failed", self.site.name)
+
+    def watch_ref(self, ref: TaskRef) -> None:
+        """(TaskRef.__init__) Count `ref` among the live refs of its call."""
+        self._live.watch(ref)
+
+    def _release(self) -> None:
+        """Drop the calls whose last TaskRef went: their results, futures and records (a call
+        not final yet goes when it is). Results a worker stored stay in the store, which
+        `gc` of the session cleans: another process may read them."""
+        gone = self._live.collect()
+        if not gone:
+            return
+        with self._lock:
+            for task_id in gone:
+                c = self._calls.get(task_id)
+                if c is None:
+                    continue
+                if c.final:
+                    del self._calls[task_id]
+                else:
+                    c.orphan = True
+
+    def _settle(self, c: _Call, *, outcome: tuple[Any, ...] | None = None,
+                error: BaseException | None = None) -> None:
+        """Make `c` final (lock held): the one place a call ends. Its upstream results may go
+        now, and so may the call itself if its refs went while it ran."""
+        c.outcome, c.error = outcome, error
+        c.upstream = ()  # (dropping them queues their release; nothing is freed under the lock)
+        if c.orphan:
+            self._live.probe(c.task_id)
 
     def _collect(self, batch: list[Any]) -> None:
         finished = [f for f in batch if f.status == "finished"]
@@ -524,11 +573,13 @@ class PilotBackend:
                     if c.final:
                         continue
                     if failure is None:
-                        c.outcome = value[i]
+                        self._settle(c, outcome=value[i])
                         if value[i][2]:
-                            c.ref._job_id = value[i][2]
+                            c.job_id = value[i][2]
+                            for ref in self._live.refs(c.task_id):
+                                ref._job_id = c.job_id
                     else:
-                        c.error = self._error_from(c, failure)
+                        self._settle(c, error=self._error_from(c, failure))
                     if c.outcome is not None and not c.outcome[0]:
                         self._fail_dependents(c)
             self._cv.notify_all()
@@ -554,8 +605,8 @@ class PilotBackend:
         """Calls still waiting in the queue for a failed call fail now (lock held); those
         already sent see the failure on the worker (DependencyError, same message)."""
         for c in list(self._queue):
-            if up.ref.task_id in c.deps and not c.final:
-                c.error = self._dependency_error(c, up)
+            if up.task_id in c.deps and not c.final:
+                self._settle(c, error=self._dependency_error(c, up))
                 self._queue.remove(c)
                 self._fail_dependents(c)
 
@@ -608,7 +659,7 @@ class PilotBackend:
             log.error("%s", exc)
             for c in self._calls.values():
                 if not c.final:
-                    c.error = exc
+                    self._settle(c, error=exc)
             self._queue.clear()
             self._cv.notify_all()
         if self.cluster is not None:  # the jobs are of no use: give the allocation back
@@ -639,6 +690,11 @@ class PilotBackend:
     def connected_once(self) -> bool:
         return self.pilot_jobs.connected_once
 
+    def stats(self) -> dict[str, int]:
+        """What the engine holds now: calls (with their results), queued calls, chunks in dask."""
+        with self._lock:
+            return {"tracked": len(self._calls), "queued": len(self._queue), "chunks": len(self._chunks)}
+
     # -- TaskBackend ------------------------------------------------------------------------------------
     def _call_of(self, ref: TaskRef) -> _Call:
         c = self._calls.get(ref.task_id)
@@ -649,7 +705,11 @@ class PilotBackend:
 
     def task_status(self, ref: TaskRef) -> str:
         with self._lock:
-            c = self._call_of(ref)
+            return self.status_of(self._call_of(ref))
+
+    def status_of(self, c: _Call) -> str:
+        """The status of one of this backend's calls."""
+        with self._lock:
             if c.outcome is not None:
                 return TaskStatus.SUCCEEDED if c.outcome[0] else TaskStatus.FAILED
             if c.error is not None:
@@ -688,7 +748,7 @@ class PilotBackend:
             if not state:
                 state = "QUEUED" if not c.submitted else status
             reason = str(c.error) if c.error is not None else ""
-            job = c.ref._job_id or (self._running.get(fut.key) if fut is not None else None)
+            job = c.job_id or (self._running.get(fut.key) if fut is not None else None)
             return {"status": status, "state": state, "reason": reason, "job_id": job,
                     "nodes": "", "exit_code": "", "pilot_jobs": list(self.jobs)}
 
@@ -697,7 +757,7 @@ class PilotBackend:
             c = self._call_of(ref)
             if c.final:
                 return False
-            c.error = TaskCancelledError(f"task {c.name} was cancelled")
+            self._settle(c, error=TaskCancelledError(f"task {c.name} was cancelled"))
             if c in self._queue:
                 self._queue.remove(c)
             fut = c.future

@@ -212,7 +212,7 @@ class LocalProvider(Provider):
                     "only depend on tasks of the same provider (pass get(ref) instead)")
         task_id = pool.submit(TaskSpec(fn.key, fn.function_bytes, blob, deps, target.cpu,
                                        target.mem_mib or 0, env, target.time_s, fn.name, target.mpi))
-        return pool.track(TaskRef(task_id, pool.key, self.name, fn.name))
+        return TaskRef(task_id, pool.key, self.name, fn.name)  # (the pool counts it: watch_ref)
 
     # -- programs -------------------------------------------------------------------------
     def run_program(self, program: Program, arguments: Mapping[str, Any] | None = None) -> Job:

@@ -31,6 +31,7 @@ from hpc_serverless.core.errors import (
     TaskCancelledError,
 )
 from hpc_serverless.core.jobs import Job, Program
+from hpc_serverless.core.live_refs import LiveRefs
 from hpc_serverless.core.refs import ObjectRef, TaskRef, TaskStatus, register_backend, register_store
 from hpc_serverless.core.serialization import loads, unpack_exception
 from hpc_serverless.core.sessions import HEARTBEAT_S, new_session_id, session_prefix, session_task_id
@@ -51,6 +52,8 @@ log = logging.getLogger("hpc_serverless")
 INLINE_RESULTS = 8 << 20
 #: how long one poll may wait at the agent for a task to finish (a long poll)
 POLL_WAIT_S = 2.0
+#: released pilot tasks are named to the agent this many at a time (it holds a ref for each)
+RELEASE_BATCH = 500
 
 
 class RemoteStore(ObjectStore):
@@ -87,11 +90,23 @@ class RemoteStore(ObjectStore):
 
 @dataclass(eq=False)
 class _Task:
-    ref: TaskRef
+    """A task as this client knows it (not its TaskRef: the task goes when its refs do)."""
+
+    task_id: str
+    function: str
+    job_id: str | None = None
     status: str = TaskStatus.PENDING
     outcome: tuple[bool, bytes] | None = None
     error: BaseException | None = None
     sent: bool = False
+    orphan: bool = False  # its refs went before it settled: dropped when it does
+    #: refs to the tasks it depends on, until the agent has it (then the agent keeps those)
+    upstream: tuple[TaskRef, ...] = ()
+
+    @property
+    def item(self) -> tuple[str, str, str | None]:
+        """How the agent's ops name it."""
+        return self.task_id, self.function, self.job_id
 
     @property
     def settled(self) -> bool:
@@ -113,12 +128,48 @@ class RemoteBackend:
         self._flusher: threading.Thread | None = None
         self._send_lock = threading.Lock()
         self._poll_lock = threading.Lock()
+        #: the live TaskRefs here: a settled task and its result go with the last one (an
+        #: agent in pilot mode keeps its own until it ends; in job mode the store has them)
+        self._live = LiveRefs()
+        #: dropped tasks whose release the agent has not heard of yet (pilot mode)
+        self._released: list[str] = []
         register_backend(self)
 
-    # -- submission ------------------------------------------------------------------------
-    def enqueue(self, ref: TaskRef, call: dict[str, Any]) -> None:
+    def watch_ref(self, ref: TaskRef) -> None:
+        """(TaskRef.__init__) Count `ref` among the live refs of its task."""
+        self._live.watch(ref)
+
+    def _release(self) -> None:
+        """Drop the settled tasks whose last ref went (lock held); others when they settle."""
+        for task_id in self._live.collect():
+            t = self._tasks.get(task_id)
+            if t is None:
+                continue
+            if t.settled:
+                del self._tasks[task_id]
+                self._released.append(task_id)
+            else:
+                t.orphan = True
+
+    def _send_releases(self) -> None:
+        """Tell a pilot agent, RELEASE_BATCH at a time, which tasks this client dropped, so
+        that it drops its refs and their results (not under the lock: a round trip)."""
         with self._lock:
-            self._tasks[ref.task_id] = _Task(ref)
+            if len(self._released) < RELEASE_BATCH:
+                return
+            ids, self._released = self._released, []
+        if self.agent.info.get("mode") != "pilot":
+            return  # (a batch agent keeps nothing per task: the store has the results)
+        try:
+            self.agent.call("release", ids)
+        except Exception as exc:  # noqa: BLE001 - an agent without the op keeps them, as before
+            log.debug("%s: the agent did not take released tasks: %s", self.provider.name, exc)
+
+    # -- submission ------------------------------------------------------------------------
+    def enqueue(self, ref: TaskRef, call: dict[str, Any], deps: Sequence[TaskRef] = ()) -> None:
+        with self._lock:
+            self._release()
+            self._tasks[ref.task_id] = _Task(ref.task_id, ref.function, ref._job_id, upstream=tuple(deps))
             self._queue.append(call)
             self._last_enqueue = time.monotonic()
             if self._queued_since is None:
@@ -128,6 +179,7 @@ class RemoteBackend:
                                                  name=f"hpc-serverless-{self.provider.name}-submit")
                 self._flusher.start()
             self._cv.notify_all()
+        self._send_releases()
 
     def _flush_loop(self) -> None:
         linger = self.provider.site.array_linger
@@ -162,45 +214,65 @@ class RemoteBackend:
             with self._lock:
                 for c, (job_id, error) in zip(calls, answers, strict=True):
                     t = self._tasks[c["task_id"]]
-                    t.sent = True
-                    t.ref._job_id = job_id
+                    t.sent, t.upstream = True, ()
+                    self._set_job_id(t, job_id)
                     if error is not None:
                         t.error, t.status = error, TaskStatus.FAILED
+                        self._drop_if_orphan(t)
                 self._cv.notify_all()
 
     # -- polling ---------------------------------------------------------------------------
     def _task(self, ref: TaskRef) -> _Task:
         t = self._tasks.get(ref.task_id)
         if t is None:  # a ref from another process or an earlier agent
-            t = self._tasks[ref.task_id] = _Task(ref, sent=True)
+            t = self._tasks[ref.task_id] = _Task(ref.task_id, ref.function, ref._job_id, sent=True)
         return t
+
+    def _set_job_id(self, t: _Task, job_id: str | None) -> None:
+        t.job_id = job_id
+        for ref in self._live.refs(t.task_id):
+            ref._job_id = job_id
+
+    def _drop_if_orphan(self, t: _Task) -> None:
+        if t.orphan and self._tasks.get(t.task_id) is t:
+            del self._tasks[t.task_id]
+            self._released.append(t.task_id)
 
     def _poll(self, wait: float) -> None:
         """One request for every open task this process knows: states, and results inline."""
         with self._poll_lock:
             with self._lock:
+                self._release()
                 open_tasks = [t for t in self._tasks.values() if t.sent and not t.settled]
             if not open_tasks:
                 return
-            items = [(t.ref.task_id, t.ref.function, t.ref._job_id) for t in open_tasks]
+            items = [t.item for t in open_tasks]
             answer = self.agent.call("poll", items, wait, INLINE_RESULTS)
             with self._lock:
                 for t in open_tasks:
-                    entry = answer.get(t.ref.task_id)
+                    entry = answer.get(t.task_id)
                     if entry is None:
                         continue
                     t.status = entry["status"]
                     if entry.get("job_id"):
-                        t.ref._job_id = entry["job_id"]
+                        self._set_job_id(t, entry["job_id"])
                     if entry.get("error") is not None:
                         t.error = entry["error"]
                     elif entry.get("outcome") is not None:
                         t.outcome = entry["outcome"]
+                    if t.settled:
+                        self._drop_if_orphan(t)
                 self._cv.notify_all()
+            self._send_releases()
 
     def _ensure_sent(self, t: _Task) -> None:
         if not t.sent:
             self.flush()
+
+    def stats(self) -> dict[str, int]:
+        """Tasks this client holds now (with their results, once they came back)."""
+        with self._lock:
+            return {"tracked": len(self._tasks)}
 
     # -- TaskBackend -----------------------------------------------------------------------
     def task_status(self, ref: TaskRef) -> str:
@@ -215,10 +287,10 @@ class RemoteBackend:
         with self._lock:
             t = self._task(ref)
         self._ensure_sent(t)
-        if t.error is not None and t.ref._job_id is None:
+        if t.error is not None and t.job_id is None:
             return {"status": t.status, "state": "FAILED", "reason": str(t.error), "job_id": None,
                     "nodes": "", "exit_code": ""}
-        info: dict[str, Any] = self.agent.call("info", ref.task_id, ref.function, t.ref._job_id)
+        info: dict[str, Any] = self.agent.call("info", *t.item)
         return info
 
     def task_cancel(self, ref: TaskRef) -> bool:
@@ -233,7 +305,7 @@ class RemoteBackend:
                     TaskStatus.STOPPED, True
                 self._cv.notify_all()
                 return True
-        done = bool(self.agent.call("cancel", ref.task_id, ref.function, t.ref._job_id))
+        done = bool(self.agent.call("cancel", *t.item))
         self._poll(0.0)
         return done
 
@@ -255,7 +327,7 @@ class RemoteBackend:
             if t.settled:
                 return self._value(t)
             if t.status in TaskStatus.FINAL:  # finished, but its result did not fit inline
-                outcome = self.agent.call("result", ref.task_id, ref.function, t.ref._job_id)
+                outcome = self.agent.call("result", *t.item)
                 if outcome is not None:
                     t.outcome = outcome
                     continue
@@ -272,7 +344,7 @@ class RemoteBackend:
             self.flush()
         first = True
         while True:
-            done = {t.ref.task_id for t in tasks if t.settled or t.status in TaskStatus.FINAL}
+            done = {t.task_id for t in tasks if t.settled or t.status in TaskStatus.FINAL}
             if len(done) >= num_returns and not first or deadline.expired():
                 return split_done(refs, done)
             if len(done) >= num_returns and first and all(t.settled for t in tasks):
@@ -399,7 +471,7 @@ class RemoteProvider(Provider):
         ref = TaskRef(task_id, backend.key, self.name, fn.name, backend=backend)
         backend.enqueue(ref, {"task_id": task_id, "name": fn.name, "fn_key": fn.key,
                               "fn_bytes": fn.function_bytes, "args": blob, "target": target,
-                              "deps": [(d.task_id, d.function, d._job_id) for d in deps]})
+                              "deps": [(d.task_id, d.function, d._job_id) for d in deps]}, deps)
         return ref
 
     # -- programs ----------------------------------------------------------------------------

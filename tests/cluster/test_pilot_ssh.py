@@ -4,6 +4,7 @@ sends calls and polls results through the agent. One pilot job of two cores."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import time
 
@@ -11,6 +12,7 @@ import pytest
 
 from hpc_serverless import distribute_task, get, put
 from hpc_serverless.core.errors import DependencyError
+from hpc_serverless.providers.remote import RELEASE_BATCH
 
 from .test_agent import _need_sshd, _provider, energy, write_site  # noqa: F401 - _need_sshd: autouse
 
@@ -27,6 +29,16 @@ def boom(msg):
 @distribute_task
 def add(a, b):
     return a + b
+
+
+@distribute_task
+def make(n, tag):
+    return bytes([tag % 256]) * n
+
+
+@distribute_task
+def size(blob):
+    return len(blob)
 
 
 def _queued(job_ids: list[str]) -> list[str]:
@@ -54,6 +66,29 @@ def test_pilot_mode_from_a_laptop(tmp_path):
     jobs = sorted({r.job_id for r in refs if r.job_id})
     assert len(jobs) == 1 and provider.stats()["sbatch"] == 1  # one pilot job, not 300 jobs
     assert provider.agent.requests < 40, provider.agent.requests
+    with s.context("remote"):
+        # the agent keeps what its client's refs point to (their refs live on the laptop)
+        assert refs[-1].info()["status"] == "SUCCEEDED"
+        # and this client drops a result once its refs went (issue 14): 2,000 of 100 kB
+        held = provider.backend.stats()["tracked"]
+        agent_held = provider.agent.call("ping")["pilot_refs"]
+        for start in range(0, 2000, 100):
+            batch = [make(100_000, i) for i in range(start, start + 100)]
+            assert get(batch, timeout=120)[-1] == bytes([(start + 99) % 256]) * 100_000
+            del batch
+        gc.collect()
+        assert get(make(1, 0), timeout=60) == b"\x00"   # (its submission drops the released)
+        assert provider.backend.stats()["tracked"] <= held + 1
+        # the agent heard of them (RELEASE_BATCH at a time) and dropped its refs too
+        assert provider.agent.call("ping")["pilot_refs"] - agent_held < RELEASE_BATCH
+        # a task's upstream result stays while the task waits to be sent, though the refs to
+        # it went (each up is dropped as its down is queued, and releases go out meanwhile)
+        n = 2 * RELEASE_BATCH
+        ups = [make(10 + i % 7, i) for i in range(n)]
+        get(ups, timeout=120)
+        ups.reverse()
+        downs = [size(ups.pop()) for _ in range(n)]
+        assert get(downs, timeout=120) == [10 + i % 7 for i in range(n)]
     provider.close()
     # the agent leaves after its grace period and takes its pilot job along
     deadline = time.time() + 60
