@@ -128,6 +128,9 @@ class LocalPool:
         self._closed = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        # never blocks: the pool's own thread wakes itself too (a ref dropped while it holds
+        # the lock), and a full buffer already means a wake is pending
+        self._wake_w.setblocking(False)
         self._thread: threading.Thread | None = None
         self._lifeline: tuple[int, int] | None = None  # (read, write): workers end at its EOF
         #: the TaskRefs of this pool's tasks here; a task goes once its last one has gone
@@ -207,7 +210,7 @@ class LocalPool:
     def _wake(self) -> None:
         try:
             self._wake_w.send(b"x")
-        except OSError:
+        except OSError:  # BlockingIOError: full, the loop wakes anyway; or closed at exit
             pass
 
     # -- submission ---------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import gc
 import pickle
+import threading
 import time
 
 import pytest
@@ -133,3 +134,21 @@ def test_results_leave_the_pool_when_their_refs_go_and_not_before():
 def _no_leftover_tasks():
     yield
     _settle(shared_pool())
+
+
+def test_waking_the_pool_never_blocks_even_when_its_loop_is_busy():
+    """The pool's thread wakes itself too (a ref dropped while it holds its lock): a wake
+    must not block on a full socket buffer, or the thread waits on itself while holding the
+    lock every submit needs (seen: a full-suite run hung in submit)."""
+    from hpc_serverless.engines.local_pool import LocalPool
+
+    pool = LocalPool(1, 100)  # never started: nothing drains its wake socket
+    done = threading.Event()
+
+    def flood():
+        for _ in range(200_000):  # far more bytes than a socket buffer holds
+            pool._wake()
+        done.set()
+
+    threading.Thread(target=flood, daemon=True).start()
+    assert done.wait(30), "waking the pool blocked"
