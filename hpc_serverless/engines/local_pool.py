@@ -108,11 +108,23 @@ class _Worker:
         self.waiter: tuple[str, list[str], int, float | None] | None = None
 
 
+def _site_dirs() -> set[str]:
+    """This interpreter's site-packages directories (its own and the user's)."""
+    import site
+
+    dirs = set(site.getsitepackages()) if hasattr(site, "getsitepackages") else set()
+    user = site.getusersitepackages() if hasattr(site, "getusersitepackages") else None
+    return dirs | ({user} if isinstance(user, str) else set())
+
+
 class LocalPool:
     """Runs TaskSpecs on `slots` cores of this machine (or this batch job's allocation)."""
 
-    def __init__(self, slots: int, mem_mib: int, gpus: int = 0, *, provider: str = "local") -> None:
+    def __init__(self, slots: int, mem_mib: int, gpus: int = 0, *, provider: str = "local",
+                 python: str | None = None) -> None:
         self.slots, self.mem_mib, self.gpus, self.provider = slots, mem_mib, gpus, provider
+        #: the workers' interpreter: this one, or a task environment's (target `pip`)
+        self.python = python or sys.executable
         self.key = f"localpool:{os.getpid()}:{secrets.token_hex(4)}"
         self._ids = itertools.count()
         self._lock = threading.RLock()
@@ -166,9 +178,13 @@ class LocalPool:
         # the user's script directory first, as for the driver (functions pickled by
         # reference to the user's own modules must import in the worker)
         paths = [p for p in sys.path if p]
+        if self.python != sys.executable:
+            # an environment's workers: its own packages must win over this interpreter's,
+            # which it sees after them (its .pth), so this one's site-packages are left out
+            paths = [p for p in paths if p not in _site_dirs()]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         proc = subprocess.Popen(
-            module_argv(sys.executable, "hpc_serverless.runtime.pool_worker"),
+            module_argv(self.python, "hpc_serverless.runtime.pool_worker"),
             pass_fds=(child.fileno(), lifeline), env=env, stdin=subprocess.DEVNULL, close_fds=True,
             **_own_process_group())  # out of reach of the driver's Ctrl-C / kernel interrupt
         child.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -20,6 +21,7 @@ from hpc_serverless.runtime.pool_client import current_client
 if TYPE_CHECKING:
     from hpc_serverless.core.calls import TaskFunction
     from hpc_serverless.core.jobs import Job, Program
+    from hpc_serverless.engines.environments import Environment, Environments
     from hpc_serverless.engines.housekeeping import Storage
     from hpc_serverless.engines.local_programs import LocalJobs
 
@@ -64,29 +66,6 @@ def local_resources() -> tuple[int, int, int]:
     return cores, mem or 4096, gpus
 
 
-def _check_pip_here(requirements: tuple[str, ...], provider: str) -> None:
-    """`pip` on the local provider: its pool's workers are long-lived processes of this
-    interpreter and cannot switch environment per task, so the packages must be here
-    already (as inside a Program's job, whose interpreter is its environment's)."""
-    import importlib.metadata as md
-    import re
-    import sys
-
-    missing = []
-    for req in requirements:
-        name = re.split(r"[\s<>=!~\[;@]", req, maxsplit=1)[0]
-        try:
-            md.version(name)
-        except md.PackageNotFoundError:
-            missing.append(req)
-    if missing:
-        raise ResourceError(
-            f"target 'pip' asks for {', '.join(missing)}, not installed for {sys.executable}: provider "
-            f"'{provider}' runs tasks in long-lived workers of this interpreter, which cannot switch "
-            "environment per task. Run the task on a batch site (an environment is built there for each "
-            "set), call it from a Program with dependencies=[...], or pip install it here")
-
-
 _pool: LocalPool | None = None
 _pool_lock = threading.Lock()
 
@@ -99,6 +78,35 @@ def shared_pool(cpus: int | None = None, mem_mib: int | None = None) -> LocalPoo
             cores, mem, gpus = local_resources()
             _pool = LocalPool(cpus or cores, mem_mib or mem, gpus)
         return _pool
+
+
+_env_pools: dict[str, LocalPool] = {}
+_environments: dict[str, Environments] = {}
+
+
+def local_environments() -> Environments:
+    """Environments of this machine (`~/.hpc_serverless/envs`; pip's own settings say where
+    packages come from: pip.conf, PIP_INDEX_URL, PIP_FIND_LINKS, ...)."""
+    from hpc_serverless.engines.environments import Environments
+
+    root = str(default_home() / "envs")
+    with _pool_lock:
+        if root not in _environments:
+            _environments[root] = Environments(root, sys.executable)
+        return _environments[root]
+
+
+def environment_pool(environment: Environment, cpus: int | None = None, mem_mib: int | None = None) -> LocalPool:
+    """The pool whose workers run `environment`'s python: tasks with target `pip` run there
+    (a worker cannot switch environment per task). Sized as the shared pool; started at its
+    first task, one per environment, for the life of the process."""
+    with _pool_lock:
+        pool = _env_pools.get(environment.key)
+        if pool is None:
+            cores, mem, gpus = local_resources()
+            pool = LocalPool(cpus or cores, mem_mib or mem, gpus, python=environment.python)
+            _env_pools[environment.key] = pool
+        return pool
 
 
 class LocalProvider(Provider):
@@ -175,7 +183,12 @@ class LocalProvider(Provider):
 
     def check_target(self, target: Target) -> None:
         if target.pip:
-            _check_pip_here(target.pip, self.name)
+            if current_client() is not None:
+                raise ResourceError(
+                    f"target 'pip' ({', '.join(target.pip)}) on a task started inside a local task: such "
+                    "tasks run in the driver's pool, in its environment. Start it from the driver, or "
+                    "give the outer task the pip list")
+            local_environments().ensure(target.pip)  # built (or found) now: the installer's words if not
         cores, mem, gpus = self.capacity()
         said = f"cpu={target.cpu}" + (f" x mpi={target.mpi}" if target.mpi > 1 else "")
         problems = capacity_problems(target, has="it has", cores=cores, mem_mib=mem, gpus=gpus,
@@ -205,11 +218,14 @@ class LocalProvider(Provider):
                                            target.mem_mib or 0, env, target.time_s, fn.name, target.mpi)
             return TaskRef(task_id, client.key, self.name, fn.name)
         pool = self.pool
+        if target.pip:
+            pool = environment_pool(local_environments().ensure(target.pip), self._cpus, self._mem_mib)
         for d in deps:
             if d.backend_key != pool.key:
+                where = "the same provider" if d.provider != self.name else "the same environment ('pip' list)"
                 raise HPCServerlessError(
-                    f"{d!r} belongs to provider '{d.provider}'; a task on '{self.name}' can "
-                    "only depend on tasks of the same provider (pass get(ref) instead)")
+                    f"{d!r} belongs to {'provider ' + repr(d.provider) if d.provider != self.name else 'another pool'}"
+                    f"; a task on '{self.name}' can only depend on tasks of {where} (pass get(ref) instead)")
         task_id = pool.submit(TaskSpec(fn.key, fn.function_bytes, blob, deps, target.cpu,
                                        target.mem_mib or 0, env, target.time_s, fn.name, target.mpi))
         return TaskRef(task_id, pool.key, self.name, fn.name)  # (the pool counts it: watch_ref)
@@ -227,4 +243,4 @@ class LocalProvider(Provider):
     def _programs(self) -> LocalJobs:
         from hpc_serverless.engines.local_programs import LocalJobs
 
-        return LocalJobs(self, default_home() / "jobs")
+        return LocalJobs(self, default_home() / "jobs", local_environments())

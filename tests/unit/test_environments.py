@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from hpc_serverless import LocalProvider, Program, QuantumServerless, Target, distribute_task
+from hpc_serverless import LocalProvider, Program, QuantumServerless, Target, distribute_task, get
 from hpc_serverless.config.site import EnvironmentSettings, load_site
 from hpc_serverless.core.errors import (
     ConfigError,
     EnvironmentBuildError,
+    HPCServerlessError,
     ProgramError,
     ResourceError,
     TargetError,
@@ -290,20 +291,41 @@ def test_local_program_with_a_missing_dependency_fails_before_it_starts(tmp_path
     assert "dependencies could not be installed" in job.info()["reason"]
 
 
-def test_local_task_with_pip_not_installed_here_is_refused_with_the_reason():
+def test_local_task_with_pip_runs_in_workers_of_its_environment(tmp_path, wheels, monkeypatch):
+    """The local pool's workers are long-lived: a task with `pip` runs in a pool of its own
+    environment's workers (built once, then reused); a task of the main pool cannot wait for
+    it (another interpreter); a requirement that cannot be installed fails at the call, in
+    pip's words."""
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+
+    @distribute_task(target={"pip": ["hpcs-tiny==1.0"]})
+    def tiny(x):
+        import sys
+
+        import hpcs_tiny
+        return hpcs_tiny.VALUE + x, sys.prefix
+
+    value, prefix = tiny(1).result(timeout=120)
+    assert value == 43 and f"{os.sep}envs{os.sep}" in prefix
+    again, prefix2 = get(tiny(2), timeout=60)
+    assert again == 44 and prefix2 == prefix  # the same environment's pool
+    with pytest.raises(ModuleNotFoundError):  # not in this interpreter, nor the main pool's workers
+        import hpcs_tiny  # noqa: F401
+
+    @distribute_task
+    def plus(v, k):
+        return v[0] + k
+
+    with pytest.raises(HPCServerlessError, match="same environment"):
+        plus(tiny(3), 1)
+
     @distribute_task(target={"pip": ["hpcs-not-here==1.0"]})
     def f():
         return 1
 
-    with pytest.raises(ResourceError, match=r"target 'pip' asks for hpcs-not-here==1.0.*cannot switch environment"):
+    with pytest.raises(EnvironmentBuildError, match="No matching distribution found for hpcs-not-here==1.0"):
         f()
-
-    @distribute_task(target={"pip": ["cloudpickle"]})  # installed here: the pool's workers have it
-    def g():
-        import cloudpickle
-        return cloudpickle.__name__
-
-    assert g().result(timeout=60) == "cloudpickle"
 
 
 def test_pilot_mode_refuses_pip_naming_the_key(tmp_path, monkeypatch):
