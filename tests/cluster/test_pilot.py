@@ -18,7 +18,7 @@ import pytest
 from hpc_serverless import QuantumServerless, distribute_task, get, put, wait
 from hpc_serverless.config.site import load_site
 from hpc_serverless.core.errors import DependencyError, HPCServerlessError, ResourceError, TaskCancelledError
-from hpc_serverless.runtime.worker import result_key
+from hpc_serverless.runtime.worker import args_key, result_key
 
 from ..traceback_checks import assert_user_frame
 from .conftest import ROOT
@@ -171,7 +171,7 @@ def test_put_objects_and_large_values_go_through_the_store(on_pilot):
     out = make(limit + 10)                  # result above the limit: the worker stores it
     assert len(get(out, timeout=60)) == limit + 10
     assert on_pilot.store.exists(result_key(out.task_id))  # (in the task's session)
-    assert on_pilot.store.exists(f"args/{ref.task_id[:2]}/{ref.task_id}")
+    assert on_pilot.store.exists(args_key(ref.task_id))   # (in the task's session too)
     assert get(add(out, b"!"), timeout=60)[-1:] == b"!"   # a stored upstream value
 
 
