@@ -38,6 +38,7 @@ come back (an agent's client, a dependent).
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -627,6 +628,8 @@ class BatchBackend:
             if time.time() - t.submitted < 2 * self.site.poll_interval + self.site.result_grace:
                 return "open", False  # a brand-new job may not be listed yet
             return "suspect", False
+        if not st.reason and t.state is not None and t.state.state == st.state and t.state.reason:
+            st = dataclasses.replace(st, reason=t.state.reason)  # lagging accounting says "None": keep why
         t.state = st
         if st.final:
             t.final_seen = t.final_seen or now

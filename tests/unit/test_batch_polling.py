@@ -197,6 +197,15 @@ def test_slurm_cross_check_asks_squeue_and_sacct():
         _slurm(down)[0].confirm_gone(["99"])
     assert e.value.transient
 
+    def both(argv, _input):  # a queued job: the controller's reason (sacct's lags: "None");
+        if argv[0] == "squeue":  # an ended one: sacct's final state and exit code
+            return 0, "7_0|PENDING|JobHeldUser|\n8|COMPLETING|None|n1\n", ""
+        return 0, "7_0|PENDING|0:0|None|None assigned\n8|COMPLETED|0:0|None|n1\n", ""
+
+    found = _slurm(both)[0].confirm_gone(["7_0", "8"])
+    assert (found["7_0"].state, found["7_0"].reason) == ("PENDING", "JobHeldUser")
+    assert (found["8"].state, found["8"].exit_code) == ("COMPLETED", "0:0")
+
 
 def test_a_ref_from_another_process_is_answered_from_its_result_object(fake):
     """A TaskRef this engine did not submit (unpickled from another process, no job id) is

@@ -167,17 +167,26 @@ class SlurmScheduler(Scheduler):
         sacct (slurmdbd, which may lag behind a new job or be down). Raises a transient
         SchedulerError if neither answers, so nothing is judged gone on no evidence."""
         ids = sorted({j.split("_", 1)[0] for j in job_ids}, key=lambda x: int(x) if x.isdigit() else 0)
-        found: dict[str, JobState] = {}
+        said: list[dict[str, JobState]] = []
         answers = []
         for argv, parse in ((S.squeue_argv(ids), S.parse_squeue), (S.sacct_argv(ids), S.parse_sacct)):
             result = self.transport.run(argv)
             if result.ok:
-                found.update(parse(result.stdout))  # sacct last: its final states are the fuller
+                said.append(parse(result.stdout))
             else:
+                said.append({})
                 answers.append(result.describe())
         if len(answers) == 2 and not any("Invalid job id" in a for a in answers):
             raise SchedulerError(f"neither squeue nor sacct answered: {'; '.join(answers)}", transient=True)
-        return {j: found[j] for j in job_ids if j in found}
+        queue, accounting = said
+        found = {}
+        for j in job_ids:
+            # an ended job: sacct's word is the fuller (exit code, final state); one still
+            # queued or running: the controller's (a lagging slurmdbd says Reason "None")
+            st = accounting.get(j) if j in accounting and accounting[j].final else queue.get(j, accounting.get(j))
+            if st is not None:
+                found[j] = st
+        return found
 
     def cancel(self, job_ids: Sequence[str]) -> None:
         result = self.transport.run(S.scancel_argv(job_ids))
