@@ -222,10 +222,10 @@ class LocalProvider(Provider):
             pool = environment_pool(local_environments().ensure(target.pip), self._cpus, self._mem_mib)
         for d in deps:
             if d.backend_key != pool.key:
-                where = "the same provider" if d.provider != self.name else "the same environment ('pip' list)"
-                raise HPCServerlessError(
-                    f"{d!r} belongs to {'provider ' + repr(d.provider) if d.provider != self.name else 'another pool'}"
-                    f"; a task on '{self.name}' can only depend on tasks of {where} (pass get(ref) instead)")
+                owner, same = ((f"provider '{d.provider}'", "the same provider") if d.provider != self.name
+                               else ("another pool", "the same environment ('pip' list)"))
+                raise HPCServerlessError(f"{d!r} belongs to {owner}; a task on '{self.name}' can only depend "
+                                         f"on tasks of {same} (pass get(ref) instead)")
         task_id = pool.submit(TaskSpec(fn.key, fn.function_bytes, blob, deps, target.cpu,
                                        target.mem_mib or 0, env, target.time_s, fn.name, target.mpi))
         return TaskRef(task_id, pool.key, self.name, fn.name)  # (the pool counts it: watch_ref)
