@@ -149,7 +149,7 @@ class SlurmScheduler(Scheduler):
             result = self.transport.run(S.sacct_argv(ids))
             if result.ok:
                 self._use_squeue = False
-                return S.parse_sacct(result.stdout)
+                return self._with_queue_reasons(S.parse_sacct(result.stdout))
             if not S.accounting_missing(result.stderr):
                 raise SchedulerError(result.describe(), transient=S.is_transient(result.stderr))
             if not self._use_squeue:
@@ -161,6 +161,19 @@ class SlurmScheduler(Scheduler):
         if not result.ok and "Invalid job id" not in result.stderr:
             raise SchedulerError(result.describe(), transient=S.is_transient(result.stderr))
         return S.parse_squeue(result.stdout)
+
+    def _with_queue_reasons(self, states: dict[str, JobState]) -> dict[str, JobState]:
+        """A lagging slurmdbd lists a new pending job with Reason "None": those arrays are
+        asked of the controller once (only while there are such jobs), for why they wait."""
+        lagging = sorted({j.split("_", 1)[0] for j, st in states.items() if st.state == "PENDING" and not st.reason})
+        if not lagging:
+            return states
+        result = self.transport.run(S.squeue_argv(lagging))
+        if result.ok:
+            for j, st in S.parse_squeue(result.stdout).items():
+                if j in states and not states[j].final and st.reason:
+                    states[j] = st
+        return states
 
     def confirm_gone(self, job_ids: Sequence[str]) -> dict[str, JobState]:
         """Jobs the last poll did not list, asked both ways: squeue (slurmctld's queue) and
