@@ -18,6 +18,7 @@ from hpc_serverless.errors import HPCServerlessError
 from hpc_serverless.programs import Job, Program, get_arguments, save_result
 from hpc_serverless.providers.local import LocalProvider
 from hpc_serverless.runtime.checkpoint import load_checkpoint, save_checkpoint
+from hpc_serverless.runtime.qpus import QPU, qpu, qpus
 from hpc_serverless.version import __version__ as __version__
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "ObjectRef",
     "PBSProvider",
     "Program",
+    "QPU",
     "QuantumServerless",
     "SlurmProvider",
     "Target",
@@ -37,6 +39,8 @@ __all__ = [
     "get_arguments",
     "load_checkpoint",
     "put",
+    "qpu",
+    "qpus",
     "save_checkpoint",
     "save_result",
     "wait",

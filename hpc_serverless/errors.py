@@ -17,6 +17,7 @@ from hpc_serverless.core.errors import (
     JobNotFoundError,
     ObjectNotFoundError,
     ProgramError,
+    QPUError,
     RemoteTaskError,
     RemoteTraceback,
     ResourceError,
@@ -36,7 +37,7 @@ from hpc_serverless.core.errors import (
 __all__ = [
     "AgentError", "AuthenticationError", "ConfigError", "CorruptObjectError", "CorruptRecordError", "DependencyError",
     "EnvironmentBuildError", "GetTimeoutError", "HPCServerlessError", "HostKeyError", "JobFailedError", "JobNotFoundError",
-    "ObjectNotFoundError", "ProgramError", "RemoteTaskError", "RemoteTraceback", "ResourceError",
+    "ObjectNotFoundError", "ProgramError", "QPUError", "RemoteTaskError", "RemoteTraceback", "ResourceError",
     "SchedulerError", "SerializationError", "StoreError", "TargetError", "TaskCancelledError",
     "TaskError", "TaskTimeoutError", "TransportError", "UnknownProviderError", "UnsafeStoreError",
     "WorkerDiedError",

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
-EXTRAS="qiskit,slurm,ssh,pilot,progress,dev,mpi"
+EXTRAS="qiskit,ibm,slurm,ssh,pilot,progress,dev,mpi"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$PY" -m venv "$tmp/venv"

@@ -38,7 +38,7 @@ else
 fi
 echo "$cluster_note"
 
-extras="qiskit,slurm,ssh,pilot,progress,dev"
+extras="qiskit,ibm,slurm,ssh,pilot,progress,dev"
 # mpi4py compiles against an MPI library; take it only where one is installed
 if command -v mpicc >/dev/null 2>&1; then extras="$extras,mpi"; fi
 # (absolute paths: a relative one would pass from inside a folder the client cannot enter)

@@ -20,7 +20,7 @@ __all__ = ["CONNECTION_KEYS", "LOCAL_KEYS", "ProviderEntry", "parse_serverless_c
 #: keys of a provider entry besides the site's own keys
 CONNECTION_KEYS = ("name", "site", "host", "port", "username", "password", "key_filename", "python",
                    "known_hosts", "ssh_config", "trust_unknown_hosts")
-LOCAL_KEYS = ("name", "store", "cpus", "mem")
+LOCAL_KEYS = ("name", "store", "cpus", "mem", "qpus")
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def parse_serverless_config(config: Mapping[str, Any], *,
 
 def provider_entry(entry: dict[str, Any], *, source: str | None = None,
                    where: tuple[Any, ...] = ()) -> ProviderEntry:
-    """A local entry (store, cpus, mem), or a cluster entry: `site` (a path, relative to the
+    """A local entry (store, cpus, mem, qpus), or a cluster entry: `site` (a path, relative to the
     config file) and/or inline site keys, plus connection overrides (host, port, username,
     password, key_filename, python)."""
     if "site" not in entry and "scheduler" not in entry:
@@ -75,7 +75,7 @@ def provider_entry(entry: dict[str, Any], *, source: str | None = None,
             raise config_error(f"unknown key(s) {', '.join(map(repr, unknown))} for a local provider; "
                                f"valid keys are: {', '.join(LOCAL_KEYS)} (or give 'site' for a cluster)",
                                source, (*where, unknown[0]))
-        return ProviderEntry(entry["name"], local={k: entry.get(k) for k in ("store", "cpus", "mem")})
+        return ProviderEntry(entry["name"], local={k: entry.get(k) for k in ("store", "cpus", "mem", "qpus")})
     entry = dict(entry)
     name = entry.pop("name")
     password = entry.pop("password", None)

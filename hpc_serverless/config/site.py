@@ -20,9 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from hpc_serverless.config.files import key_line, read_config_file
 from hpc_serverless.core.errors import ConfigError, TargetError
+from hpc_serverless.core.qpus import NAME_RE, PBS_COUNTERS, SLURM_COUNTERS, QpuDevice, QpuSection
 from hpc_serverless.core.target import PBS_REQUEUE_UNSUPPORTED, Target
 
-__all__ = ["Site", "MpiLauncher", "PilotSettings", "EnvironmentSettings", "load_site", "site_from_mapping", "expand", "on_cluster",
+__all__ = ["Site", "MpiLauncher", "PilotSettings", "EnvironmentSettings", "QpuSettings", "QpusSettings", "load_site", "site_from_mapping", "expand", "on_cluster",
            "shell_word", "CLUSTER_SIDE_KEYS"]
 
 #: keys of a site that name things on the cluster: over SSH they expand there, not here
@@ -132,6 +133,76 @@ class EnvironmentSettings(_Frozen):
         return v
 
 
+class QpuSettings(_Frozen):
+    """One QPU of a site (core/qpus.py, QpuDevice): how a task reaches it."""
+
+    type: Literal["aer", "fake", "qiskit-ibm-runtime", "qrmi"]
+    resource: str | None = None     # the scheduler's name for it (default: the QPU's name)
+    backend: str | None = None      # fake: a class of qiskit_ibm_runtime.fake_provider; service: backend name
+    options: Mapping[str, Any] = Field(default_factory=dict)
+    token_env: str | None = None    # qiskit-ibm-runtime: the variable with the API key (compute side)
+
+    @field_validator("resource")
+    @classmethod
+    def _resource(cls, v: str | None) -> str | None:
+        if v is not None and not NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a scheduler resource name (letters, digits and _, starting "
+                             "with a letter)")
+        return v
+
+    @field_validator("token_env")
+    @classmethod
+    def _variable(cls, v: str | None) -> str | None:
+        if v is not None and not v.isidentifier():
+            raise ValueError(f"{v!r} is not an environment variable name")
+        return v
+
+
+class QpusSettings(_Frozen):
+    """A site's `qpus:` section: how its scheduler counts QPUs (``counted_by``: ``gres``,
+    ``licenses`` or ``spank`` on Slurm; ``resource`` or ``qrmi`` on PBS) and the QPUs, by
+    the name tasks ask for (``devices``)."""
+
+    counted_by: Literal["gres", "licenses", "spank", "resource", "qrmi"]
+    devices: Mapping[str, QpuSettings]
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        if isinstance(v, Mapping):
+            if not v:
+                raise ValueError("name at least one QPU (or leave out the 'qpus' section)")
+            for name in v:
+                if not isinstance(name, str) or not NAME_RE.match(name):
+                    raise ValueError(f"{name!r} is not a QPU name (letters, digits and _, starting with a letter)")
+        return v
+
+    def section(self) -> QpuSection:
+        return QpuSection(self.counted_by, tuple(
+            QpuDevice(name, d.type, d.resource or "", d.backend, dict(d.options), d.token_env)
+            for name, d in self.devices.items()))
+
+
+def qpu_problem(settings: QpusSettings, scheduler: str) -> tuple[tuple[str, ...], str] | None:
+    """(key path, sentence) of what in a valid-looking `qpus:` section cannot work on
+    this scheduler or with its devices' types, else None."""
+    allowed = SLURM_COUNTERS if scheduler == "slurm" else PBS_COUNTERS
+    if settings.counted_by not in allowed:
+        return (("counted_by",), f"a {scheduler} site counts QPUs by one of {', '.join(allowed)}, "
+                f"not {settings.counted_by!r}")
+    for name, d in settings.devices.items():
+        if d.type == "fake" and not (d.backend and re.match(r"^Fake[A-Za-z0-9]+$", d.backend)):
+            return (("devices", name, "backend"), "a 'fake' QPU names its fake backend class of "
+                    "qiskit_ibm_runtime.fake_provider, e.g. backend: FakeManilaV2")
+        if d.type != "qiskit-ibm-runtime" and d.token_env:
+            return (("devices", name, "token_env"), f"only a 'qiskit-ibm-runtime' QPU takes a token "
+                    f"(this one is {d.type!r})")
+        if d.type == "qrmi" and settings.counted_by not in ("spank", "qrmi"):
+            return (("devices", name, "type"), "a 'qrmi' QPU is acquired by IBM's scheduler plugin: "
+                    "count it with counted_by: spank (Slurm) or qrmi (PBS)")
+    return None
+
+
 class Site(_Frozen):
     """A cluster as hpc_serverless sees it. Build with :func:`load_site`."""
 
@@ -167,6 +238,7 @@ class Site(_Frozen):
     agent_grace: float = Field(default=600.0, ge=0)   # seconds an agent outlives its last client
     pilot: PilotSettings = Field(default_factory=PilotSettings)
     environments: EnvironmentSettings = Field(default_factory=EnvironmentSettings)
+    qpus: QpusSettings | None = None
     source: str | None = None
 
     @field_validator("defaults", mode="before")
@@ -208,6 +280,11 @@ class Site(_Frozen):
                 raise ValueError(f"{bad[0]!r} is not an environment variable name")
             return {k: str(val) for k, val in v.items()}
         return v
+
+    @property
+    def qpu_section(self) -> QpuSection | None:
+        """The site's QPUs (None: it has none)."""
+        return self.qpus.section() if self.qpus is not None else None
 
     @property
     def remote(self) -> bool:
@@ -318,6 +395,8 @@ def site_from_mapping(data: Mapping[str, Any], *, source: str | None = None,
             model = PilotSettings
         elif loc and loc[0] == "environments":
             model = EnvironmentSettings
+        elif loc and loc[0] == "qpus":
+            model = QpuSettings if len(loc) > 3 and loc[1] == "devices" else QpusSettings
         if err["type"] == "extra_forbidden":
             msg = (f"unknown key {loc[-1]!r}; valid keys are: {', '.join(_valid_keys(model))}")
         elif err["type"] == "missing":
@@ -338,6 +417,16 @@ def site_from_mapping(data: Mapping[str, Any], *, source: str | None = None,
                       else os.path.join(os.path.dirname(os.path.abspath(source)), link)
                       for link in env_settings.find_links)
         site = site.model_copy(update={"environments": env_settings.model_copy(update={"find_links": links})})
+    if site.qpus is not None:
+        problem = qpu_problem(site.qpus, site.scheduler)
+        if problem is not None:
+            full = (*base, "qpus", *problem[0])
+            raise ConfigError(problem[1], file=source, key=".".join(map(str, full)), line=key_line(source, full))
+    if site.defaults.qpu:
+        full = (*base, "defaults", "qpu")
+        raise ConfigError("a site's defaults cannot ask for a QPU (every task would hold one); give "
+                          "'qpu' in the targets of the tasks that need it", file=source,
+                          key=".".join(map(str, full)), line=key_line(source, full))
     if site.scheduler == "pbs" and site.defaults.requeue:
         full = (*base, "defaults", "requeue")
         raise ConfigError(PBS_REQUEUE_UNSUPPORTED, file=source, key=".".join(map(str, full)),

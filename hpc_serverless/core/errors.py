@@ -84,6 +84,11 @@ class ResourceError(HPCServerlessError, ValueError):
     """A task asks for more than the provider can ever give it."""
 
 
+class QPUError(HPCServerlessError, RuntimeError):
+    """A task's QPU cannot be used: it has none (or several, for `qpu()`), its credential
+    is missing from the job's environment, or the package its type needs is not installed."""
+
+
 class UnknownProviderError(HPCServerlessError, KeyError):
     """A provider name that is not configured."""
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from hpc_serverless.core.errors import TargetError
+from hpc_serverless.core.qpus import parse_qpu_target
 from hpc_serverless.core.requirements import normalize_requirements
 
 __all__ = ["Target", "capacity_problems", "parse_mem_mib", "parse_time_seconds", "format_hms"]
@@ -140,11 +141,13 @@ class Target:
     requeue: int = 0
     #: pip requirements, normalized: the task runs in the site's environment of this set
     pip: tuple[str, ...] = ()
+    #: QPUs: 0 none, N any N of the site's, or a tuple of names (all of those); see core/qpus.py
+    qpu: int | tuple[str, ...] = 0
     given: frozenset[str] | None = field(default=None, repr=False)  # None: inferred (see above)
 
     #: the keys a target dict may have; `queue` is PBS's word for `partition`
     KEYS = ("cpu", "mem", "gpu", "time", "mpi", "nodes", "partition", "queue",
-            "account", "qos", "constraint", "env", "directives", "requeue", "pip")
+            "account", "qos", "constraint", "env", "directives", "requeue", "pip", "qpu")
 
     def __post_init__(self) -> None:
         if self.given is None:
@@ -200,6 +203,7 @@ class Target:
             requeue=_count(int(raw["requeue"]) if isinstance(raw.get("requeue"), bool) else raw.get("requeue", 0),
                            "requeue", 0),
             pip=pip,
+            qpu=parse_qpu_target(raw.get("qpu")),
             given=frozenset(_KEY_FIELDS.get(k, k) for k, v in raw.items()
                             if v is not None and k not in ("env", "directives")),
         )
@@ -239,6 +243,8 @@ class Target:
                 out["env"] = dict(v)
             elif f.name in ("directives", "pip"):
                 out[f.name] = list(v)
+            elif f.name == "qpu":
+                out["qpu"] = v if isinstance(v, int) else list(v)
             else:
                 out[f.name] = v
         return out
@@ -250,7 +256,7 @@ class Target:
     def __hash__(self) -> int:
         return hash((self.cpu, self.mem_mib, self.gpu, self.time_s, self.mpi, self.nodes,
                      self.partition, self.account, self.qos, self.constraint,
-                     tuple(sorted(self.env.items())), self.directives, self.requeue, self.pip, self.given))
+                     tuple(sorted(self.env.items())), self.directives, self.requeue, self.pip, self.qpu, self.given))
 
 
 #: target-dict keys whose field has another name

@@ -51,8 +51,10 @@ from hpc_serverless.core.errors import (
 )
 from hpc_serverless.core.launch import module_argv
 from hpc_serverless.core.live_refs import LiveRefs
+from hpc_serverless.core.qpus import GRANTED_ENV
 from hpc_serverless.core.refs import TaskRef, TaskStatus, register_backend
 from hpc_serverless.core.serialization import loads, pack_exception, unpack_exception
+from hpc_serverless.engines.qpu_slots import QPU_SLOTS
 
 __all__ = ["LocalPool", "TaskSpec"]
 
@@ -64,14 +66,17 @@ class TaskSpec:
     """One call as the pool needs it: function key, pickled arguments, resources."""
 
     __slots__ = ("fn_key", "fn_bytes", "args_blob", "deps", "cpu", "mem_mib", "env",
-                 "time_s", "name", "mpi")
+                 "time_s", "name", "mpi", "qpu_count", "qpu_choices")
 
     def __init__(self, fn_key: str, fn_bytes: bytes, args_blob: bytes, deps: Sequence[TaskRef],
                  cpu: int = 1, mem_mib: int = 0, env: dict[str, str] | None = None,
-                 time_s: int | None = None, name: str = "", mpi: int = 1) -> None:
+                 time_s: int | None = None, name: str = "", mpi: int = 1, qpu_count: int = 0,
+                 qpu_choices: tuple[str, ...] = ()) -> None:
         self.fn_key, self.fn_bytes, self.args_blob = fn_key, fn_bytes, args_blob
         self.deps, self.cpu, self.mem_mib, self.env = list(deps), cpu, mem_mib, env or None
         self.time_s, self.name, self.mpi = time_s, name, mpi
+        #: QPUs the task holds while it runs: `qpu_count` of `qpu_choices` (engines/qpu_slots.py)
+        self.qpu_count, self.qpu_choices = qpu_count, qpu_choices
 
     @property
     def slots(self) -> int:
@@ -81,7 +86,7 @@ class TaskSpec:
 
 class _Task:
     __slots__ = ("id", "spec", "waiting_on", "dependents", "status", "ok", "payload",
-                 "worker", "deadline", "started", "ended", "reason")
+                 "worker", "deadline", "started", "ended", "reason", "qpus")
 
     def __init__(self, task_id: str, spec: TaskSpec) -> None:
         self.id, self.spec = task_id, spec
@@ -95,6 +100,7 @@ class _Task:
         self.started: float | None = None
         self.ended: float | None = None
         self.reason = ""
+        self.qpus: tuple[str, ...] = ()  # the QPUs it holds while running
 
 
 class _Worker:
@@ -150,6 +156,7 @@ class LocalPool:
         self._live = LiveRefs(wake=self._wake)
         #: tasks whose refs all went before they were final: dropped when they end
         self._orphans: set[str] = set()
+        QPU_SLOTS.subscribe(self._wake)  # a QPU freed by any pool may let a task here start
         register_backend(self)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -289,6 +296,12 @@ class LocalPool:
         while self._ready and self._idle:
             for i, candidate in enumerate(itertools.islice(self._ready, 64)):
                 if self._fits(candidate.spec):
+                    spec = candidate.spec
+                    if spec.qpu_count:
+                        got = QPU_SLOTS.take(spec.qpu_count, spec.qpu_choices)
+                        if got is None:
+                            continue  # its QPU is busy: it waits, others may pass
+                        candidate.qpus = got
                     del self._ready[i]
                     self._send(self._idle.pop(), candidate)
                     break
@@ -313,8 +326,8 @@ class LocalPool:
         self._free_slots -= spec.slots
         self._free_mem -= spec.mem_mib
         try:
-            worker.conn.send(("run", task.id, spec.fn_key, fn_bytes, spec.args_blob, deps, spec.env,
-                              spec.mpi))
+            env = {**(spec.env or {}), GRANTED_ENV: ",".join(task.qpus)} if task.qpus else spec.env
+            worker.conn.send(("run", task.id, spec.fn_key, fn_bytes, spec.args_blob, deps, env, spec.mpi))
         except OSError:
             pass  # the dispatcher sees the dead worker and fails the task
 
@@ -329,6 +342,9 @@ class LocalPool:
             worker.task = None
             worker.blocked = False
         task.worker = None
+        if task.qpus:
+            QPU_SLOTS.give(task.qpus)
+            task.qpus = ()
         task.ok, task.payload, task.status, task.reason = ok, payload, status, reason
         task.ended = time.time()
         task.spec.args_blob = b""

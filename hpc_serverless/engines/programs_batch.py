@@ -17,6 +17,7 @@ from hpc_serverless.core.errors import EnvironmentBuildError, HPCServerlessError
 from hpc_serverless.core.jobs import ENVIRONMENT_NOTE_ENV, JOB_DIR_ENV, Job, Program, new_job_id
 from hpc_serverless.core.launch import module_argv
 from hpc_serverless.core.private import check_chain, open_private
+from hpc_serverless.core.qpus import plan_env
 from hpc_serverless.core.refs import TaskStatus
 from hpc_serverless.core.requirements import normalize_requirements
 from hpc_serverless.core.store import ObjectStore
@@ -91,7 +92,8 @@ class BatchJobs:
         provider = self.provider
         target = provider.effective_target(program.resources)
         job_dir = self.dirs.path(job_id)
-        env = {**dict(program.env_vars or {}), **dict(target.env), JOB_DIR_ENV: job_dir,
+        env = {**dict(program.env_vars or {}), **dict(target.env),
+               **plan_env(target.qpu, provider.site.qpu_section, f"site '{provider.site.name}'"), JOB_DIR_ENV: job_dir,
                "HPC_SERVERLESS_STORE": str(provider.store.root), "PYTHONUNBUFFERED": "1"}
         if environment is not None:
             env[ENVIRONMENT_NOTE_ENV] = environment.note()

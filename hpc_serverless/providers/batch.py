@@ -14,6 +14,7 @@ from hpc_serverless.config.site import Site
 from hpc_serverless.core.calls import find_task_refs, pack_arguments
 from hpc_serverless.core.errors import ConfigError, HPCServerlessError
 from hpc_serverless.core.fs import LOCAL
+from hpc_serverless.core.qpus import plan_env
 from hpc_serverless.core.refs import TaskRef, register_store
 from hpc_serverless.core.sessions import Session, session_of, session_task_id
 from hpc_serverless.core.store import ObjectStore
@@ -134,6 +135,7 @@ class BatchProvider(Provider):
 
     def check_target(self, target: Target) -> None:
         effective = self.effective_target(target)
+        self.qpu_env(effective)  # an unknown QPU: named with the site's QPUs
         self.scheduler.check_target(effective)
         if effective.pip:
             # before the call is queued: a requirement that cannot be installed fails the call
@@ -179,7 +181,8 @@ class BatchProvider(Provider):
             if session is not None:  # gc keeps the environment while the session lives
                 session.record_environment(self.environments.ensure(target.pip).key)
         spec = {"task_id": task_id, "name": name, "fn_key": fn_key, "args": blob,
-                "deps": [(d[0], d[1]) for d in deps], "env": dict(target.env) or None,
+                "deps": [(d[0], d[1]) for d in deps],
+                "env": {**target.env, **self.qpu_env(target)} or None,
                 "mpi": target.mpi, "requeue": target.requeue, "versions": versions(),
                 **self.mpi_launch(target)}
         # not fsync'ed: if this process dies before submitting, the task is lost with it anyway
@@ -188,6 +191,11 @@ class BatchProvider(Provider):
         ref = TaskRef(task_id, self.backend.key, self.name, name, backend=self.backend)
         self.backend.enqueue(BatchTask(ref, target, [d[0] for d in deps], name))
         return ref
+
+    def qpu_env(self, target: Target) -> dict[str, str]:
+        """What a job of `target` is told of its QPU ask (core/qpus.py); which QPU it got, it
+        asks the scheduler."""
+        return plan_env(target.qpu, self.site.qpu_section, f"site '{self.site.name}'")
 
     def mpi_launch(self, target: Target) -> dict[str, Any]:
         if target.mpi <= 1:

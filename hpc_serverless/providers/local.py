@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from hpc_serverless.core.calls import find_task_refs, pack_arguments
-from hpc_serverless.core.errors import HPCServerlessError, ResourceError
+from hpc_serverless.core.errors import ConfigError, HPCServerlessError, ResourceError
+from hpc_serverless.core.qpus import LOCAL_COUNTER, PLAN_ENV, QpuSection, qpu_ask
 from hpc_serverless.core.refs import TaskRef, register_store
 from hpc_serverless.core.sessions import Session
 from hpc_serverless.core.store import ObjectStore
@@ -109,18 +110,42 @@ def environment_pool(environment: Environment, cpus: int | None = None, mem_mib:
         return pool
 
 
+def local_qpus(qpus: Mapping[str, Mapping[str, Any]] | None) -> QpuSection:
+    """The local provider's QPUs, checked like a site file's (default: one Aer simulator)."""
+    from pydantic import ValidationError
+
+    from hpc_serverless.config.site import QpusSettings
+
+    devices = {"aer": {"type": "aer"}} if qpus is None else qpus
+    try:
+        section = QpusSettings(counted_by="resource", devices=devices).section()  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(map(str, err["loc"]))
+        raise ConfigError(f"local provider's qpus: {where}: {err['msg'].removeprefix('Value error, ')}") from None
+    for d in section.devices:
+        if d.type == "qrmi":
+            raise ConfigError(f"local provider's qpus: {d.name}: a 'qrmi' QPU is acquired by IBM's scheduler "
+                              "plugin on a cluster; the local provider cannot acquire it")
+    return QpuSection(LOCAL_COUNTER, section.devices)
+
+
 class LocalProvider(Provider):
     """Tasks in a pool of worker processes on this machine; objects in a local directory.
 
     `cpus`/`mem` (GiB) cap what the pool may use (default: the machine, or inside a batch
-    job its allocation). `store` is the object store directory.
+    job its allocation). `store` is the object store directory. `qpus` names this
+    machine's QPUs like a site file's `qpus.devices` (default: one Aer simulator, `aer`);
+    the pool lets one task at a time hold each.
     """
 
     session: Session
 
     def __init__(self, name: str = "local", *, store: str | os.PathLike[str] | None = None,
-                 cpus: int | None = None, mem: float | None = None) -> None:
+                 cpus: int | None = None, mem: float | None = None,
+                 qpus: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.name = name
+        self.qpu_section = local_qpus(qpus)
         root = store or os.environ.get("HPC_SERVERLESS_STORE") or default_home() / "store"
         self._store = ObjectStore(root)
         register_store(self._store)
@@ -182,6 +207,11 @@ class LocalProvider(Provider):
         return self._cpus or cores, self._mem_mib or mem, gpus
 
     def check_target(self, target: Target) -> None:
+        if target.qpu:
+            qpu_ask(target.qpu, self.qpu_section, f"provider '{self.name}'")
+            if current_client() is not None:
+                raise ResourceError("target 'qpu' on a task started inside a local task: start QPU tasks "
+                                    "from the driver (its pool counts the QPUs)")
         if target.pip:
             if current_client() is not None:
                 raise ResourceError(
@@ -226,12 +256,20 @@ class LocalProvider(Provider):
                                else ("another pool", "the same environment ('pip' list)"))
                 raise HPCServerlessError(f"{d!r} belongs to {owner}; a task on '{self.name}' can only depend "
                                          f"on tasks of {same} (pass get(ref) instead)")
+        ask = qpu_ask(target.qpu, self.qpu_section, f"provider '{self.name}'")
+        if ask is not None:
+            env = {**(env or {}), PLAN_ENV: ask.plan()}
         task_id = pool.submit(TaskSpec(fn.key, fn.function_bytes, blob, deps, target.cpu,
-                                       target.mem_mib or 0, env, target.time_s, fn.name, target.mpi))
+                                       target.mem_mib or 0, env, target.time_s, fn.name, target.mpi,
+                                       ask.count if ask else 0, ask.choices if ask else ()))
         return TaskRef(task_id, pool.key, self.name, fn.name)  # (the pool counts it: watch_ref)
 
     # -- programs -------------------------------------------------------------------------
     def run_program(self, program: Program, arguments: Mapping[str, Any] | None = None) -> Job:
+        if program.resources.qpu:
+            raise ResourceError(f"a Program on provider '{self.name}' cannot hold a QPU (local Programs run at "
+                                "once, outside the pool that counts QPUs); have it run QPU tasks "
+                                "(target={'qpu': ...}), or run it on a cluster site")
         return self._programs().run(program, arguments)
 
     def get_job_by_id(self, job_id: str) -> Job:

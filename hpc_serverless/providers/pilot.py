@@ -86,6 +86,11 @@ class PilotProvider(BatchProvider):
                                 f"{key}={getattr(shape.target, key)!r}")
         if target.directives:
             problems.append("scheduler directives apply to batch jobs (mode: jobs)")
+        if target.qpu:
+            problems.append(f"qpu={target.qpu if isinstance(target.qpu, int) else list(target.qpu)}: the "
+                            "scheduler counts QPUs per batch job, and a pilot worker's job cannot take one per "
+                            "task; run QPU tasks on the site in mode: jobs (a second provider entry for the "
+                            "same site file, with mode: jobs, shares its storage)")
         if target.pip:
             problems.append(f"pip={list(target.pip)}: the pilot workers are long-lived, started with the "
                             "site's python, and cannot switch environment per task; run it on the site in "

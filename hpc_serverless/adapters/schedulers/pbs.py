@@ -22,7 +22,9 @@ from typing import Iterable, Mapping
 
 from hpc_serverless.adapters.schedulers import common
 from hpc_serverless.adapters.schedulers.common import JobState
+from hpc_serverless.adapters.schedulers.qpu_requests import pbs_qpu_resources
 from hpc_serverless.core.errors import ResourceError, TargetError
+from hpc_serverless.core.qpus import QpuSection, qpu_ask
 from hpc_serverless.core.target import PBS_REQUEUE_UNSUPPORTED, Target, format_hms
 
 # job_state letters -> our status (final letters resolved by exit status below)
@@ -152,9 +154,10 @@ def split_directives(directives: Iterable[str]) -> tuple[list[str], list[list[st
 
 
 def qsub_options(target: Target, flavor: str, *, directives: Iterable[str] = (), job_name: str = "",
-                 output: str = "", array: int | None = None) -> list[str]:
-    """qsub argv options (without the script). Every `-l` resource is joined into one
-    `-l a,b,c`, which PBS Pro, Torque and Slurm's qsub wrapper all read."""
+                 output: str = "", array: int | None = None, qpus: QpuSection | None = None) -> list[str]:
+    """qsub argv options (without the script), on a site with `qpus`. Every `-l` resource is
+    joined into one `-l a,b,c`, which PBS Pro, Torque and Slurm's qsub wrapper all read;
+    a QPU's resource has an `-l` of its own (the QRMI hook's value may hold commas)."""
     opts: list[str] = []
     if job_name:
         opts += ["-N", job_name]
@@ -168,6 +171,13 @@ def qsub_options(target: Target, flavor: str, *, directives: Iterable[str] = (),
     resources = resource_list(target, flavor) + more
     extra = [piece for parts in others for piece in parts]
     opts += ["-l", ",".join(resources)]
+    ask = qpu_ask(target.qpu, qpus, "this site")
+    if ask is not None:
+        if flavor != "pbspro":
+            raise ResourceError("target 'qpu' needs PBS Pro's custom resources (or its QRMI hook); "
+                                f"this site's pbs_flavor is {flavor!r}")
+        for resource in pbs_qpu_resources(ask):
+            opts += ["-l", resource]
     # (target env is exported inside the script, quoted; `-v` would break on commas)
     if array is not None:
         opts += ["-J" if flavor == "pbspro" else "-t", f"0-{array - 1}"]

@@ -46,12 +46,13 @@ class PBSScheduler(Scheduler):
 
     def check_target(self, target: Target) -> None:
         P.check_fits(target, self.flavor)
+        P.qsub_options(target, self.flavor, directives=self.site.directives, qpus=self.site.qpu_section)
 
     def _run(self, argv: list[str]) -> CommandResult:
         return self.transport.run([self.site.command(argv[0]), *argv[1:]])
 
     def options(self, target: Target, name: str, after: Sequence[str] = (), *, job_name: str = "") -> list[str]:
-        opts = P.qsub_options(target, self.flavor, directives=self.site.directives,
+        opts = P.qsub_options(target, self.flavor, directives=self.site.directives, qpus=self.site.qpu_section,
                               job_name=job_name or _job_name(name))
         if after:
             opts += ["-W", "depend=afterok:" + ":".join(self._native_ids(after))]
@@ -122,7 +123,7 @@ class PBSScheduler(Scheduler):
     # -- programs --------------------------------------------------------------------------------------
     def program_script(self, target: Target, *, job_name: str, job_id: str, job_dir: str,
                        env: Mapping[str, str], workdir: str, command: Sequence[str]) -> str:
-        options = P.qsub_options(target, self.flavor, directives=self.site.directives,
+        options = P.qsub_options(target, self.flavor, directives=self.site.directives, qpus=self.site.qpu_section,
                                  job_name=_job_name(job_name))
         return render_program("pbs.sh", directives=P.directive_lines(options), job_id=job_id, job_dir=job_dir,
                               setup=self.site.setup, env={**self.site.env, **env}, workdir=workdir,
@@ -132,5 +133,5 @@ class PBSScheduler(Scheduler):
         # the options again on the command line: Slurm's qsub wrapper ignores #PBS lines
         token = new_token()[:8]
         name = P.token_job_name(job_name, token)
-        opts = P.qsub_options(target, self.flavor, directives=self.site.directives, job_name=name)
+        opts = P.qsub_options(target, self.flavor, directives=self.site.directives, qpus=self.site.qpu_section, job_name=name)
         return self._once(lambda: self._qsub(["qsub", *opts, "-o", "/dev/null", "-j", "oe", path]), name, token)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from hpc_serverless.adapters.schedulers.common import JobState
+from hpc_serverless.adapters.schedulers.qpu_requests import merge_option, sbatch_qpu_options
 from hpc_serverless.core.errors import ResourceError
+from hpc_serverless.core.qpus import QpuSection, qpu_ask
 from hpc_serverless.core.target import Target, capacity_problems
 
 # Slurm job states (squeue/sacct long names) -> our five statuses
@@ -70,9 +72,11 @@ def status_of(state: str) -> str:
 
 
 # -- targets --------------------------------------------------------------------------------------
-def sbatch_options(target: Target, *, directives: Iterable[str] = ()) -> dict[str, Any]:
+def sbatch_options(target: Target, *, directives: Iterable[str] = (),
+                   qpus: QpuSection | None = None) -> dict[str, Any]:
     """The sbatch long options (name -> value, True for a bare flag) for a target, site
-    defaults already merged in. The one place the target-to-Slurm mapping lives."""
+    defaults already merged in, on a site with `qpus`. The one place the target-to-Slurm
+    mapping lives."""
     per_node = max(1, math.ceil(target.mpi / target.nodes))
     opts: dict[str, Any] = {"nodes": target.nodes, "ntasks-per-node": per_node,
                             "cpus-per-task": target.cpu}
@@ -89,6 +93,10 @@ def sbatch_options(target: Target, *, directives: Iterable[str] = ()) -> dict[st
     for line in [*directives, *target.directives]:
         key, value = parse_directive(line)
         opts[key] = value
+    ask = qpu_ask(target.qpu, qpus, "this site")
+    if ask is not None:
+        for key, value in sbatch_qpu_options(ask).items():
+            merge_option(opts, key, value)
     return opts
 
 
@@ -98,9 +106,10 @@ _SUBMITIT_NATIVE = {"nodes", "ntasks-per-node", "cpus-per-task", "time", "mem", 
                     "partition", "account", "qos", "constraint"}
 
 
-def submitit_parameters(target: Target, *, directives: Iterable[str] = ()) -> dict[str, Any]:
+def submitit_parameters(target: Target, *, directives: Iterable[str] = (),
+                        qpus: QpuSection | None = None) -> dict[str, Any]:
     """submitit SlurmExecutor parameters for a target (site defaults already merged in)."""
-    opts = sbatch_options(target, directives=directives)
+    opts = sbatch_options(target, directives=directives, qpus=qpus)
     params: dict[str, Any] = {"use_srun": False,  # our worker starts MPI ranks itself
                               "stderr_to_stdout": True}
     extra: dict[str, Any] = {}

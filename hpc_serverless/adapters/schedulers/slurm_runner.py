@@ -61,6 +61,7 @@ class SlurmScheduler(Scheduler):
         return self._max_array
 
     def check_target(self, target: Target) -> None:
+        S.sbatch_options(target, directives=self.site.directives, qpus=self.site.qpu_section)  # QPU asks
         S.check_fits(target, self.partitions(), self.site.name)
 
     # -- submission -------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ class SlurmScheduler(Scheduler):
         # shell) reaches our worker, which requeues tasks that ask for it
         ex = TransportSlurmExecutor(folder or self.folder, "exec " + shlex.quote(self.python_for(target)), self.transport,
                                     root=self.site.storage_path)
-        params = S.submitit_parameters(target, directives=self.site.directives)
+        params = S.submitit_parameters(target, directives=self.site.directives, qpus=self.site.qpu_section)
         extra = dict(params.pop("additional_parameters", {}))
         if after:
             params["dependency"] = "afterok:" + ":".join(after)
@@ -116,7 +117,8 @@ class SlurmScheduler(Scheduler):
     def program_script(self, target: Target, *, job_name: str, job_id: str, job_dir: str,
                        env: Mapping[str, str], workdir: str, command: Sequence[str]) -> str:
         options = {"job-name": common.job_name(job_name), "output": f"{job_dir}/output.log",
-                   "open-mode": "append", **S.sbatch_options(target, directives=self.site.directives)}
+                   "open-mode": "append",
+                   **S.sbatch_options(target, directives=self.site.directives, qpus=self.site.qpu_section)}
         return render_program("slurm.sh", directives=S.directive_lines(options), job_id=job_id, job_dir=job_dir,
                               setup=self.site.setup, env={**self.site.env, **env}, workdir=workdir,
                               command=command)
