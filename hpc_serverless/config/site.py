@@ -96,9 +96,12 @@ class PilotSettings(_Frozen):
     @classmethod
     def _pilot_target(cls, v: Any) -> Any:
         try:
-            Target.of(v)
+            target = Target.of(v)
         except TargetError as exc:
             raise ValueError(str(exc)) from None
+        if target.qpu:
+            raise ValueError("pilot workers cannot hold a QPU (each would keep it for its whole life); "
+                             "run QPU tasks in mode: jobs")
         return v
 
 

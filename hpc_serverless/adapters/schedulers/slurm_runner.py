@@ -60,8 +60,12 @@ class SlurmScheduler(Scheduler):
             self._max_array = max(1, (found or 1001) - 1)
         return self._max_array
 
+    def sbatch_options(self, target: Target) -> dict[str, Any]:
+        """The sbatch options of a target on this site (its directives and QPUs)."""
+        return S.sbatch_options(target, directives=self.site.directives, qpus=self.site.qpu_section)
+
     def check_target(self, target: Target) -> None:
-        S.sbatch_options(target, directives=self.site.directives, qpus=self.site.qpu_section)  # QPU asks
+        self.sbatch_options(target)  # (an ask the site's QPU counting cannot express fails here)
         S.check_fits(target, self.partitions(), self.site.name)
 
     # -- submission -------------------------------------------------------------------------------
@@ -117,15 +121,14 @@ class SlurmScheduler(Scheduler):
     def program_script(self, target: Target, *, job_name: str, job_id: str, job_dir: str,
                        env: Mapping[str, str], workdir: str, command: Sequence[str]) -> str:
         options = {"job-name": common.job_name(job_name), "output": f"{job_dir}/output.log",
-                   "open-mode": "append",
-                   **S.sbatch_options(target, directives=self.site.directives, qpus=self.site.qpu_section)}
+                   "open-mode": "append", **self.sbatch_options(target)}
         return render_program("slurm.sh", directives=S.directive_lines(options), job_id=job_id, job_dir=job_dir,
                               setup=self.site.setup, env={**self.site.env, **env}, workdir=workdir,
                               command=command)
 
     def submit_script(self, path: str, target: Target, job_name: str) -> str:
         name, token = common.job_name(job_name), new_token()
-        comment = S.sbatch_options(target, directives=self.site.directives).get("comment")
+        comment = self.sbatch_options(target).get("comment")
         # (on the command line, which wins over the script's own --comment line)
         argv = ["sbatch", "--parsable", f"--comment={S.tagged_comment(comment, token)}", path]
         return self._once(lambda: self._sbatch(argv), name, token)
