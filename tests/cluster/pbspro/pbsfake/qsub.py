@@ -121,7 +121,7 @@ def quantum_names(value: str) -> list[str]:
     return names
 
 
-def licenses(job: "Job") -> dict[str, int]:
+def licenses(job: Job) -> dict[str, int]:
     """Slurm license -> count for sbatch --licenses. A QPU asked both ways (-l aer=1 and
     quantum_resources=aer) is one QPU held once: the larger count, not the sum."""
     out: dict[str, int] = {}
