@@ -12,6 +12,10 @@ dialect and drive the real Slurm underneath:
   and the job's ``Exit_status`` recorded in the spool;
 * ``qstat -f -F json -x`` rebuilds PBS Pro's job attributes from ``sacct``/``squeue``
   and that spool; ``qdel`` is ``scancel``; ``qrerun`` is ``scontrol requeue``.
+* QPUs: the server resources of ``common.SERVER_RESOURCES`` (``-l aer=1``) and the PBS
+  QRMI hook's ``-l quantum_resources=...`` become Slurm licenses (``sbatch --licenses``),
+  so one job at a time holds each QPU; the fake EMULATES the hook (it cannot run here):
+  mom.py exports its QRMI_JOB_QPU_RESOURCES/QRMI_JOB_QPU_TYPES/QRMI_LIST_DELIMITER.
 
 Job ids are Slurm's: ``123.pbsserver`` is Slurm job 123 and ``123[].pbsserver`` the Slurm
 array 123. Everything it cannot emulate it REFUSES (non-zero exit, ``qsub: ...`` on stderr)

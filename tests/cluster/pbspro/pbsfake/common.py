@@ -17,6 +17,15 @@ PBS_VERSION = "2022.1.0 (fake over Slurm)"
 # (OpenPBS src/include/pbs_error.h; the commands exit with the error number modulo 256)
 EXIT_UNKNOWN_JOB = 15001 % 256
 
+# The fake's "server resources": server-level consumable custom resources, as a PBS admin
+# makes them (``qmgr -c "create resource aer type=long, flag=q"``, then lists them on the
+# scheduler's ``resources:`` line in sched_config) -> the Slurm license that counts them.
+# The test cluster's slurm.conf has ``Licenses=aer:1,fake:1``: two QPUs, one job at a time
+# on each, against fake-PBS jobs and plain ``sbatch -L`` jobs alike. The QRMI hook's
+# ``quantum_resources`` names the same QPUs. Add a QPU here and in slurm.conf, nowhere else.
+SERVER_RESOURCES: dict[str, str] = {"aer": "aer", "fake": "fake"}
+QPU_TYPE = "simulator"  # QRMI_JOB_QPU_TYPES entry of every QPU above: both are simulators
+
 
 class Refused(Exception):
     """Something PBS Pro would reject, or the fake cannot emulate: said, never ignored."""

@@ -12,6 +12,11 @@ User's Guide, "Job Exit Status" and "Job Array Exit Status"):
   -29 (JOB_EXEC_KILL_WALLTIME, OpenPBS src/include/job.h);
 * a job killed by a signal has Exit_status 256 + signal; otherwise the shell's status;
 * stdout/stderr are spooled and delivered to Output_Path/Error_Path when the job ends.
+
+And what the PBS QRMI hook (qrmi-community/pbs-integration; a runjob hook, which cannot run
+here) gives a job that asked ``-l quantum_resources=aer,fake``: QRMI_JOB_QPU_RESOURCES
+(``aer:fake``), QRMI_JOB_QPU_TYPES (one type per QPU, ``simulator:simulator``) and
+QRMI_LIST_DELIMITER (``:``). The fake's QPUs are held by Slurm licenses (qsub.py), not QRMI.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pbsfake.common import pbs_id, read_json, slurm, spool, write_json  # noqa: E402
+from pbsfake.common import QPU_TYPE, pbs_id, read_json, slurm, spool, write_json  # noqa: E402
 
 KILL_DELAY = 10  # seconds between SIGTERM and SIGKILL (PBS Pro queue attribute kill_delay)
 JOB_EXEC_KILL_WALLTIME = -29
@@ -43,6 +48,14 @@ def hosts() -> list[tuple[str, str]]:
         host = next((w.split("=", 1)[1] for w in info.split() if w.startswith("NodeHostName=")), name)
         out.append((name, host))
     return out or [(os.uname().nodename, os.uname().nodename)]
+
+
+def qrmi_environment(qpus: list[str]) -> dict[str, str]:
+    """What the QRMI hook exports for the QPUs it acquired; nothing for a job without any."""
+    if not qpus:
+        return {}
+    return {"QRMI_JOB_QPU_RESOURCES": ":".join(qpus), "QRMI_JOB_QPU_TYPES": ":".join(QPU_TYPE for _ in qpus),
+            "QRMI_LIST_DELIMITER": ":"}
 
 
 def main(record_path: str) -> int:
@@ -68,6 +81,7 @@ def main(record_path: str) -> int:
         "PBS_NODENUM": "0", "PBS_TASKNUM": "1", "PBS_MOMPORT": "15003", "PBS_JOBDIR": user.pw_dir,
         "NCPUS": str(chunk["ncpus"]), "OMP_NUM_THREADS": str(chunk["ompthreads"]), "TMPDIR": tmpdir,
     })
+    env.update(qrmi_environment(rec.get("quantum_resources") or []))
     if idx is not None:
         env.update({"PBS_ARRAY_INDEX": idx, "PBS_ARRAY_ID": pbs_id(seq, "")})
     started = time.time()

@@ -89,6 +89,10 @@ def subjob(rec: dict, seq: str, idx: str | None, row: dict[str, str] | None, par
         resources["ngpus"] = chunk["ngpus"] * chunk["N"]
     if rec["walltime"]:
         resources["walltime"] = hms(rec["walltime"])
+    # QPUs (qsub.py): a type=long server resource is a number, the hook's string_array a list
+    resources.update(rec.get("server_resources") or {})
+    if rec.get("quantum_resources"):
+        resources["quantum_resources"] = ",".join(rec["quantum_resources"])
     workdir = rec["env"]["PBS_O_WORKDIR"]
     suffix = seq + ("" if idx is None else f".{idx}")
     out_path = rec["output"] or f"{workdir}/{rec['name']}.o{suffix}"

@@ -4,6 +4,16 @@ What PBS Pro accepts is from its Reference Guide, "qsub" (RG-214 ff. in 2022.1):
 resources as ``-l select=N:chunk[+N:chunk]`` plus job-wide ``walltime``/``place``;
 arrays ``-J X-Y[:Z][%N]``; ``-W depend=type:id[:id][,type:id]``; ``-j oe|eo|n``;
 ``-v var[=val],...`` and ``-V``. Options the fake cannot honour are refused.
+
+QPUs (common.SERVER_RESOURCES) come two ways, both counted by Slurm licenses:
+* ``-l aer=1``: a server-level consumable custom resource (type=long, flag=q), job-wide;
+* ``-l quantum_resources=aer`` or ``-l 'quantum_resources="aer,fake"'``: the resource of
+  the PBS QRMI hook (qrmi-community/pbs-integration), a string_array naming the QPUs. The
+  real runjob hook acquires each QPU through QRMI and exports QRMI_JOB_QPU_RESOURCES,
+  QRMI_JOB_QPU_TYPES and QRMI_LIST_DELIMITER to the job. The hook cannot run here, so the
+  fake EMULATES it: each name holds its Slurm license, and mom.py exports the variables.
+A list value is quoted with double quotes so that its commas stay in it (as PBS parses
+``-l``); in a ``#PBS`` line, quote it as on the command line: ``-l 'quantum_resources="aer,fake"'``.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .common import SERVER, Refused, die, parse_id, slurm, slurm_id, spool, write_json
+from .common import SERVER, SERVER_RESOURCES, Refused, die, parse_id, slurm, slurm_id, spool, write_json
 
 TAKES_VALUE = set("AacCeGJjklMmNoPpqrRSuvW")
 FLAGS = set("fhIVXz")
@@ -34,6 +44,8 @@ PLACE = {"free", "pack", "scatter", "vscatter", "excl", "exclhost", "shared"}
 SIZE = re.compile(r"^(\d+)(b|kb|mb|gb|tb|pb|w|kw|mw|gw|tw|pw)?$", re.I)
 ARRAY = re.compile(r"^(\d+)-(\d+)(?::(\d+))?(?:%(\d+))?$")
 DEPEND_TYPES = {"after", "afterok", "afternotok", "afterany"}
+QUANTUM = "quantum_resources"  # the PBS QRMI hook's string_array resource
+KNOWN = JOB_WIDE | set(SERVER_RESOURCES) | {QUANTUM}  # what -l accepts, for the refusal's list
 
 
 def mib(value: str) -> int:
@@ -75,6 +87,52 @@ def split_options(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
     return opts, []
 
 
+def resource_items(value: str) -> list[str]:
+    """Split an -l value at commas outside double quotes, dropping the quotes:
+    'walltime=60,quantum_resources="aer,fake"' -> ['walltime=60', 'quantum_resources=aer,fake']."""
+    items, word, quoted = [], "", False
+    for ch in value:
+        if ch == '"':
+            quoted = not quoted
+        elif ch == "," and not quoted:
+            items.append(word)
+            word = ""
+        else:
+            word += ch
+    if quoted:
+        raise Refused(f"illegal -l value: {value} (unbalanced double quote)")
+    return [w for w in [*items, word] if w]
+
+
+def server_count(key: str, value: str) -> int:
+    """A server resource's amount: type=long, and a count of QPUs, so a whole number >= 0."""
+    if not re.fullmatch(r"\d+", value.strip()):
+        raise Refused(f"Illegal attribute or resource value for {key}: {value}")
+    return int(value)
+
+
+def quantum_names(value: str) -> list[str]:
+    """The QRMI hook's QPU names, each one of this fake's server resources, each once."""
+    names = [n.strip() for n in value.split(",")]
+    bad = [n for n in names if n not in SERVER_RESOURCES]
+    if bad or len(set(names)) != len(names):
+        raise Refused(f"Illegal attribute or resource value for {QUANTUM}: {value} (the fake's QPUs: "
+                      f"{', '.join(sorted(SERVER_RESOURCES))}, each named once)")
+    return names
+
+
+def licenses(job: Job) -> dict[str, int]:
+    """Slurm license -> count for sbatch --licenses. A QPU asked both ways (-l aer=1 and
+    quantum_resources=aer) is one QPU held once: the larger count, not the sum."""
+    out: dict[str, int] = {}
+    for key, count in job.server.items():
+        if count:
+            out[SERVER_RESOURCES[key]] = max(out.get(SERVER_RESOURCES[key], 0), count)
+    for name in job.quantum:
+        out[SERVER_RESOURCES[name]] = max(out.get(SERVER_RESOURCES[name], 0), 1)
+    return out
+
+
 def directives(script: str) -> list[str]:
     """'#PBS' lines up to the first executable line (RG "qsub": PBS stops reading there)."""
     words = []
@@ -97,6 +155,8 @@ class Job:
         self.resources: dict[str, str] = {}
         self.variables: dict[str, str] = {}
         self.depend = ""
+        self.server: dict[str, int] = {}  # -l aer=1: common.SERVER_RESOURCES -> amount
+        self.quantum: list[str] = []  # -l quantum_resources=...: the QRMI hook's QPUs
 
     def apply(self, flag: str, value: str) -> None:
         if flag in NOT_EMULATED:
@@ -137,14 +197,22 @@ class Job:
                 raise Refused(f"-W {key} is not emulated by this fake PBS Pro (only -W depend=...)")
             self.depend = val
         elif flag == "l":
-            for item in filter(None, value.split(",")):
+            for item in resource_items(value):
                 key, _, val = item.partition("=")
                 if key == "nodes":
                     raise Refused("nodes= is Torque's syntax; PBS Pro takes -l select=N:ncpus=...")
-                if key not in JOB_WIDE:
+                if key not in KNOWN:
                     raise Refused(f"Unknown resource Resource_List.{key} (this fake knows "
-                                  f"{', '.join(sorted(JOB_WIDE))})")
-                self.resources[key] = val
+                                  f"{', '.join(sorted(KNOWN))})")
+                if key in SERVER_RESOURCES and "=" not in item:  # 'quantum_resources=aer,fake' unquoted
+                    raise Refused(f"Illegal attribute or resource value for {key}: (no '='; a list value goes "
+                                  f"in double quotes: -l '{QUANTUM}=\"aer,fake\"')")
+                if key in SERVER_RESOURCES:
+                    self.server[key] = server_count(key, val)
+                elif key == QUANTUM:
+                    self.quantum = quantum_names(val)
+                else:
+                    self.resources[key] = val
 
 
 def parse_select(job: Job) -> dict[str, int]:
@@ -157,6 +225,8 @@ def parse_select(job: Job) -> dict[str, int]:
     chunk = {"N": int(parts[0]) if parts[0].isdigit() else 1}
     for part in parts[1:] if parts[0].isdigit() else parts:
         key, _, val = part.partition("=")
+        if key in SERVER_RESOURCES or key == QUANTUM:
+            raise Refused(f"{key} is a job-wide resource, not a chunk's: request it as -l {key}=...")
         if key not in CHUNK_KEYS:
             raise Refused(f"Unknown resource {key} in select (this fake knows {', '.join(sorted(CHUNK_KEYS))})")
         chunk[key] = mib(val) if key == "mem" else int(val)
@@ -204,6 +274,9 @@ def sbatch_argv(job: Job, chunk: dict[str, int], wall: int | None) -> list[str]:
                     + (f"%{m.group(4)}" if m.group(4) else ""))
     if job.depend:
         argv.append(f"--dependency={slurm_depend(job.depend)}")
+    held = licenses(job)
+    if held:  # Slurm counts them cluster-wide: one job per QPU at a time, sbatch -L jobs too
+        argv.append("--licenses=" + ",".join(f"{name}:{count}" for name, count in held.items()))
     return argv
 
 
@@ -254,6 +327,7 @@ def _main(argv: list[str]) -> int:
         "place": job.resources.get("place", "free" if chunk["N"] == 1 else "free"),
         "output": _path(job.output, cwd), "error": _path(job.error, cwd), "join": job.join,
         "rerunable": job.rerunable, "shell": job.shell, "array": job.array, "depend": job.depend,
+        "server_resources": job.server, "quantum_resources": job.quantum,
         "env": _environment(job, cwd), "submit_args": " ".join(shlex.quote(a) for a in argv),
         "ctime": time.time(), "script": script,
     }
