@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from itertools import pairwise
 
 import numpy as np
 from qiskit import QuantumCircuit
@@ -56,7 +57,7 @@ def energy(problem: tuple[QuantumCircuit, SparsePauliOp], theta: float) -> dict:
     q = qpu()
     isa = generate_preset_pass_manager(backend=q.backend(), optimization_level=1).run(circuit)
     job = q.estimator().run([(isa, hamiltonian.apply_layout(isa.layout), [theta])])
-    value = float(job.result()[0].data.evs) + 0.0  # (+ 0.0: no "-0.000000")
+    value = float(job.result()[0].data.evs)
     return {"theta": theta, "energy": value, "qpu": q.name, "start": start, "end": time.time()}
 
 
@@ -77,7 +78,7 @@ def overlaps(points: list[dict]) -> list[str]:
     for name in sorted({p["qpu"] for p in points}):
         held = sorted((p["start"], p["end"]) for p in points if p["qpu"] == name)
         found += [f"{name}: {s1:.3f}-{e1:.3f} and {s2:.3f}-{e2:.3f}"
-                  for (s1, e1), (s2, e2) in zip(held, held[1:]) if s2 < e1]
+                  for (s1, e1), (s2, e2) in pairwise(held) if s2 < e1]
     return found
 
 
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
           f"minimum {result['e_min']:+.6f} at theta {result['theta_min']:+.4f}, "
           f"exact ground energy {result['exact']:+.6f}")
     busy = sum(p["end"] - p["start"] for p in points)
+    used = sorted({p["qpu"] for p in points})
+    if len(used) > 1:
+        print(f"note: the points ran on {len(used)} QPUs ({', '.join(used)}); --qpu NAME keeps a scan on one")
     print(f"wall time {wall:.2f} s, QPU busy {busy:.2f} s, ratio {busy / wall:.2f}")
 
     clashes = overlaps(points)
