@@ -40,3 +40,17 @@ def test_benchmark_example_as_local_program():
     assert job.status() == "SUCCEEDED"
     assert result["execution_time"] > 0
     assert "Execution time:" in job.logs()
+
+
+def test_qpu_sweep_queues_its_points_for_the_local_qpu():
+    out = subprocess.run([sys.executable, str(ROOT / "examples/qpu_sweep.py"), "--points", "4"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = [ln.split() for ln in out.stdout.splitlines() if re.match(r"\s*[+-]\d\.\d{4} ", ln)]
+    assert [row[2] for row in rows] == ["aer"] * 4  # the local provider's one QPU
+    exact = {-3.1416: -1.0, -1.5708: -1.0, 0.0: 1.0, 1.5708: 1.0}  # 1.0 cos + 1.0 sin, h = 0.5
+    for theta, energy, _, seconds in rows:
+        assert abs(float(energy) - exact[float(theta)]) < 1e-6 and float(seconds) > 0
+    assert re.search(r"minimum -1\.41421\d at theta -2\.356\d, exact ground energy -1\.414214", out.stdout)
+    assert re.search(r"wall time \d+\.\d\d s, QPU busy \d+\.\d\d s, ratio [01]\.\d\d", out.stdout)
+    assert "QPU intervals: 4 tasks, none overlapping on the same QPU" in out.stdout
