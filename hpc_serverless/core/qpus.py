@@ -75,7 +75,7 @@ class QpuDevice:
         return self.resource or self.name
 
     def as_plan(self) -> dict[str, Any]:
-        return {"name": self.name, "type": self.type, "resource": self.scheduler_name,
+        return {"name": self.name, "type": self.type, "resource": self.resource,
                 "backend": self.backend, "options": dict(self.options), "token_env": self.token_env}
 
     @classmethod
@@ -153,6 +153,8 @@ def parse_qpu_target(value: Any) -> int | tuple[str, ...]:
 def qpu_ask(value: int | tuple[str, ...], section: QpuSection | None, where: str) -> QpuAsk | None:
     """What a task's `qpu` asks of the QPUs of `where` (a provider, in words), or a
     TargetError that names the QPUs there are."""
+    if isinstance(value, (str, list)):
+        value = parse_qpu_target(value)
     if not value:
         return None
     if section is None or not section.devices:

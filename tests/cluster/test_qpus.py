@@ -235,3 +235,40 @@ def test_licenses_count_named_qpus_against_plain_jobs_too(site_path, tmp_path):
     assert [h[0] for h in held] == ["fake", "fake"]
     intervals = [(a, b) for _, a, b in held] + [_times(plain_out)]
     assert _apart(intervals) == [], f"QPU holders overlapped: {sorted(intervals)}"
+
+
+# -- PBS Pro (the fake PBS Pro over this Slurm: tests/cluster/pbspro; its server resources
+# `aer` and `fake` and its emulation of IBM's QRMI hook are counted by Slurm licenses) --------
+PBSPRO_SITE = str(ROOT / os.environ.get("HPC_SERVERLESS_TEST_PBSPRO_SITE", "site_configs/localhost-pbspro.yaml"))
+
+
+def test_pbs_pro_custom_resources_count_the_qpu(tmp_path):
+    s = QuantumServerless({"providers": [{"name": "pbsq", "site": PBSPRO_SITE}]})
+    with s.context("pbsq") as provider:
+        script = provider.render_program(Program("p", "quickstart.py", working_dir=str(ROOT / "examples"),
+                                                 target={"qpu": "aer"}))
+        assert "#PBS -l aer=1" in script
+        with pytest.raises(ResourceError, match="name the QPU"):
+            distribute_task(target={"qpu": 1})(lambda: 1)()
+        held = get([hold_aer(HOLD_S) for _ in range(2)])
+    assert [h[0] for h in held] == ["aer", "aer"]  # (from `qstat -f`: Resource_List.aer = 1)
+    assert _apart([(a, b) for _, a, b in held]) == []
+
+
+def test_pbs_qrmi_hook_resources_reach_the_task(tmp_path):
+    qrmi = {"counted_by": "qrmi", "devices": {"aer": {"type": "aer"},
+                                              "fake": {"type": "fake", "backend": "FakeManilaV2"}}}
+    s = QuantumServerless({"providers": [{"name": "qrmi", "site": PBSPRO_SITE, "qpus": qrmi}]})
+
+    @distribute_task(target={"qpu": ["aer", "fake"], "mem": "300M"})
+    def held_qpus() -> list[str]:
+        from hpc_serverless import qpus
+
+        return [q.name for q in qpus()]
+
+    with s.context("qrmi") as provider:
+        script = provider.render_program(Program("p", "quickstart.py", working_dir=str(ROOT / "examples"),
+                                                 target={"qpu": ["aer", "fake"]}))
+        assert "#PBS -l 'quantum_resources=\"aer,fake\"'" in script
+        # (the hook's QRMI_JOB_QPU_RESOURCES=aer:fake, QRMI_LIST_DELIMITER=:)
+        assert get(held_qpus()) == ["aer", "fake"]
