@@ -186,9 +186,12 @@ class QpusSettings(_Frozen):
             for name, d in self.devices.items()))
 
 
-def qpu_problem(settings: QpusSettings, scheduler: str) -> tuple[tuple[str, ...], str] | None:
+def qpu_problem(settings: QpusSettings, scheduler: str, flavor: str) -> tuple[tuple[str, ...], str] | None:
     """(key path, sentence) of what in a valid-looking `qpus:` section cannot work on
     this scheduler or with its devices' types, else None."""
+    if scheduler == "pbs" and flavor != "pbspro":
+        return (("counted_by",), f"QPUs need PBS Pro's custom resources (or its QRMI hook); this site's "
+                f"pbs_flavor is {flavor!r}, which has neither")
     allowed = SLURM_COUNTERS if scheduler == "slurm" else PBS_COUNTERS
     if settings.counted_by not in allowed:
         return (("counted_by",), f"a {scheduler} site counts QPUs by one of {', '.join(allowed)}, "
@@ -421,7 +424,7 @@ def site_from_mapping(data: Mapping[str, Any], *, source: str | None = None,
                       for link in env_settings.find_links)
         site = site.model_copy(update={"environments": env_settings.model_copy(update={"find_links": links})})
     if site.qpus is not None:
-        problem = qpu_problem(site.qpus, site.scheduler)
+        problem = qpu_problem(site.qpus, site.scheduler, site.pbs_flavor)
         if problem is not None:
             full = (*base, "qpus", *problem[0])
             raise ConfigError(problem[1], file=source, key=".".join(map(str, full)), line=key_line(source, full))

@@ -214,3 +214,26 @@ def test_job_search_does_not_prompt_for_a_provider_that_is_not_connected(tmp_pat
             assert "not searched" not in msg and "remote (127.0.0.1:/home/hpcsl/" in msg, msg
         transport.close()
     assert prompts == []
+
+
+@distribute_task(target={"qpu": 1, "mem": "300M"})
+def qpu_name_and_qubits():
+    from hpc_serverless import qpu
+
+    q = qpu()
+    return q.name, q.backend().num_qubits
+
+
+def test_qpu_tasks_from_outside(remote_config):
+    """A laptop's QPU ask is checked and rendered on the login node by the agent, from the
+    same site file (its `qpus:`): an unknown name lists the site's QPUs; a task gets the QPU
+    Slurm granted, told by the scheduler inside the job."""
+    from hpc_serverless.core.errors import TargetError
+
+    s = QuantumServerless.load_configuration(remote_config)
+    with s.context("remote"):
+        with pytest.raises(TargetError, match="has no QPU 'ibm_fez'; its QPUs are: aer, fake"):
+            distribute_task(target={"qpu": "ibm_fez"})(lambda: 1)()
+        name, qubits = get(qpu_name_and_qubits(), timeout=180)
+    assert (name, qubits) in {("aer", qubits), ("fake", 5)} and qubits >= 5
+    s.provider("remote").close()
