@@ -49,6 +49,7 @@ def login_node_checks(provider: BatchProvider) -> list[str]:
             raise HPCServerlessError(f"site '{site.name}': {result.describe()}")
         first = result.stdout.strip().splitlines()[:1]
         lines.append(f"  {' '.join(argv)}: ok{(' - ' + first[0]) if first else ''}")
+    lines += qpu_checks(provider)
     provider.store.fs.makedirs(str(provider.store.root), 0o700)
     provider.store.put("probe", "probe/sites-check", overwrite=True)
     if provider.store.get("probe/sites-check") != "probe":
@@ -57,3 +58,34 @@ def login_node_checks(provider: BatchProvider) -> list[str]:
     provider.store.delete("probe/sites-check")
     lines.append(f"  storage {provider.store.root}: writable, 0700")
     return lines
+
+
+def qpu_checks(provider: BatchProvider) -> list[str]:
+    """Does the scheduler know the QPUs the site file names, the way it says they are
+    counted? (A gres or license missing would leave QPU tasks pending forever.)"""
+    from hpc_serverless.adapters.schedulers.qpu_requests import SLURM_QPU_CHECKS, missing_on_slurm
+    from hpc_serverless.core.qpus import qpu_ask
+
+    site = provider.site
+    section = site.qpu_section
+    if section is None:
+        return []
+    names = ", ".join(section.names)
+    argv = SLURM_QPU_CHECKS.get(section.counted_by) if site.scheduler == "slurm" else None
+    if argv is None:
+        return [f"  qpus ({names}), counted by {section.counted_by}: not checked (ask the admins that "
+                "the resources exist)"]
+    result = provider.transport.run(argv, timeout=60)
+    if not result.ok:
+        raise HPCServerlessError(f"site '{site.name}': {result.describe()}")
+    ask = qpu_ask(section.names, section, f"site '{site.name}'")
+    assert ask is not None
+    missing = missing_on_slurm(ask, result.stdout)
+    if missing:
+        how = {"gres": "no node has the gres qpu:{r} (GresTypes=qpu, gres.conf)",
+               "licenses": "Slurm has no license {r} (Licenses= in slurm.conf)",
+               "spank": "sbatch has no --qpu option: IBM's QPU plugin is not installed ({r})"}[section.counted_by]
+        raise HPCServerlessError(f"site '{site.name}' ({site.source}, key qpus): "
+                                 + "; ".join(how.format(r=r) for r in missing)
+                                 + ". QPU tasks would wait forever: fix the cluster or the site file")
+    return [f"  qpus ({names}), counted by {section.counted_by}: `{' '.join(argv)}` knows them all"]

@@ -170,6 +170,8 @@ def test_sites_check(site_path, scheduler):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "valid" in out.stdout and ("sinfo" if scheduler == "slurm" else "qstat") in out.stdout
+    if scheduler == "slurm":  # the test cluster's QPUs, as its site file says they are counted
+        assert "qpus (aer, fake), counted by gres: `sinfo -h -o %G` knows them all" in out.stdout
 
 
 def test_job_found_from_a_new_process_whichever_provider_ran_it(site_path, tmp_path):

@@ -365,3 +365,17 @@ def test_local_qpu_errors(local_qpus, tmp_path):
         current_provider().run_program(Program("p", "p.py", working_dir=str(tmp_path), target={"qpu": 1}))
     with pytest.raises(ConfigError, match="'qrmi' QPU is acquired by IBM's scheduler plugin"):
         QuantumServerless({"providers": [{"name": "bad", "qpus": {"x": {"type": "qrmi"}}}]})
+
+
+def test_sites_check_finds_qpus_the_scheduler_does_not_know():
+    from hpc_serverless.adapters.schedulers.qpu_requests import missing_on_slurm
+
+    everything = qpu_ask(["aer", "fake"], TWO, "x")
+    assert everything is not None
+    assert missing_on_slurm(everything, "qpu:aer:1,qpu:fake:1\n(null)\n") == []
+    assert missing_on_slurm(everything, "gpu:a100:4,qpu:aer:1\n") == ["fake"]
+    lic = QpuAsk(2, ("aer", "fake"), "licenses", TWO.devices)
+    assert missing_on_slurm(lic, "LicenseName=aer Total=1 Used=0\n") == ["fake"]
+    spank = QpuAsk(2, ("aer", "fake"), "spank", TWO.devices)
+    assert missing_on_slurm(spank, "Usage: sbatch [OPTIONS...] executable\n") == ["aer", "fake"]
+    assert missing_on_slurm(spank, "      --qpu=names   Comma separated list of QPU resources to use.\n") == []

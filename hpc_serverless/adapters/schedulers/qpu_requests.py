@@ -8,12 +8,13 @@ command.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from hpc_serverless.core.errors import ResourceError
 from hpc_serverless.core.qpus import PBS_QRMI_RESOURCE, QpuAsk
 
-__all__ = ["sbatch_qpu_options", "merge_option", "pbs_qpu_resources"]
+__all__ = ["sbatch_qpu_options", "merge_option", "pbs_qpu_resources", "SLURM_QPU_CHECKS", "missing_on_slurm"]
 
 
 def _needs_names(ask: QpuAsk, how: str) -> None:
@@ -61,3 +62,22 @@ def pbs_qpu_resources(ask: QpuAsk) -> list[str]:
         value = resources[0] if len(resources) == 1 else '"' + ",".join(resources) + '"'
         return [f"{PBS_QRMI_RESOURCE}={value}"]
     raise ResourceError(f"QPUs counted by {ask.counted_by!r} cannot be asked of PBS")
+
+
+#: what `hpc-serverless sites check` asks Slurm about each way of counting QPUs
+SLURM_QPU_CHECKS = {"gres": ["sinfo", "-h", "-o", "%G"], "licenses": ["scontrol", "show", "licenses", "-o"],
+                    "spank": ["sbatch", "--help"]}
+
+
+def missing_on_slurm(ask_all: QpuAsk, answer: str) -> list[str]:
+    """The site's QPUs (resource names) that Slurm's answer to SLURM_QPU_CHECKS does not
+    know: no node has the typed gres `qpu:<name>`, no license of that name, or (spank) an
+    sbatch without IBM's `--qpu` option (then all of them)."""
+    resources = [d.scheduler_name for d in ask_all.devices]
+    if ask_all.counted_by == "gres":
+        have = {m.group(1) for m in re.finditer(r"\bqpu:([A-Za-z0-9_]+)", answer)}
+    elif ask_all.counted_by == "licenses":
+        have = set(re.findall(r"LicenseName=([^\s@]+)", answer))
+    else:
+        have = set(resources) if "--qpu" in answer else set()
+    return [r for r in resources if r not in have]
