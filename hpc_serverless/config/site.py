@@ -200,6 +200,11 @@ def qpu_problem(settings: QpusSettings, scheduler: str, flavor: str) -> tuple[tu
         if d.type == "fake" and not (d.backend and re.match(r"^Fake[A-Za-z0-9]+$", d.backend)):
             return (("devices", name, "backend"), "a 'fake' QPU names its fake backend class of "
                     "qiskit_ibm_runtime.fake_provider, e.g. backend: FakeManilaV2")
+        secret = next((k for k in d.options if k.lower() in ("token", "apikey", "api_key", "password")), None)
+        if secret is not None:
+            return (("devices", name, "options", secret), "a credential does not belong in a site file (it "
+                    "reaches batch scripts and job environments): name the environment variable that holds "
+                    "it with token_env")
         if d.type != "qiskit-ibm-runtime" and d.token_env:
             return (("devices", name, "token_env"), f"only a 'qiskit-ibm-runtime' QPU takes a token "
                     f"(this one is {d.type!r})")

@@ -85,6 +85,8 @@ def _site(tmp_path: Path, text: str) -> Path:
     ("qpus:\n  counted_by: gres\n  devices:\n    ibm-fez: {type: aer}\n", "qpus.devices", "'ibm-fez' is not a QPU name"),
     ("qpus:\n  counted_by: gres\n  devices:\n    aer: {type: aer, resource: 'qpu:x'}\n", "qpus.devices.aer.resource",
      "is not a scheduler resource name"),
+    ("qpus:\n  counted_by: gres\n  devices:\n    x: {type: qiskit-ibm-runtime, options: {token: abc}}\n",
+     "qpus.devices.x.options.token", "a credential does not belong in a site file"),
     ("defaults:\n  qpu: 1\nqpus:\n  counted_by: gres\n  devices:\n    aer: {type: aer}\n", "defaults.qpu",
      "a site's defaults cannot ask for a QPU"),
 ])
