@@ -381,3 +381,21 @@ def test_sites_check_finds_qpus_the_scheduler_does_not_know():
     spank = QpuAsk(2, ("aer", "fake"), "spank", TWO.devices)
     assert missing_on_slurm(spank, "Usage: sbatch [OPTIONS...] executable\n") == ["aer", "fake"]
     assert missing_on_slurm(spank, "      --qpu=names   Comma separated list of QPU resources to use.\n") == []
+
+
+def test_a_local_task_that_fails_or_times_out_gives_its_qpu_back(local_qpus):
+    from hpc_serverless.core.errors import TaskTimeoutError
+
+    @distribute_task(target={"qpu": "aer", "time": "00:00:01"})
+    def too_long() -> None:
+        time.sleep(30)
+
+    @distribute_task(target={"qpu": "aer"})
+    def fails() -> None:
+        raise ValueError("on the QPU")
+
+    with pytest.raises(TaskTimeoutError):
+        get(too_long())
+    with pytest.raises(ValueError, match="on the QPU"):
+        get(fails())
+    assert get(_hold(0.1))[0] == "aer"  # not waiting for a QPU that nobody holds
