@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from hpc_serverless.config.files import config_error, read_config_file
-from hpc_serverless.config.site import Site, site_from_mapping
+from hpc_serverless.config.site import Site, paths_beside, site_from_mapping
 from hpc_serverless.core.errors import ConfigError
 
 __all__ = ["CONNECTION_KEYS", "LOCAL_KEYS", "ProviderEntry", "parse_serverless_config"]
@@ -64,30 +64,6 @@ def parse_serverless_config(config: Mapping[str, Any], *,
     return out, default
 
 
-def _paths_beside(data: dict[str, Any], path: Path) -> dict[str, Any]:
-    """A site file's `commands_dir` and `environments.find_links`, when relative, made
-    absolute beside the file (site_from_mapping does this for the file's own source; an
-    entry with inline keys is validated with the configuration as its source)."""
-    import os
-
-    from hpc_serverless.config.site import expand
-
-    def beside(value: Any) -> Any:
-        if isinstance(value, str) and "://" not in value and not os.path.isabs(expand(value)):
-            return str(path.parent.resolve() / value)
-        return value
-
-    out = dict(data)
-    if "commands_dir" in out:
-        out["commands_dir"] = beside(out["commands_dir"])
-    envs = out.get("environments")
-    if isinstance(envs, Mapping) and "find_links" in envs:
-        links = envs["find_links"]
-        out["environments"] = {**envs, "find_links": [beside(x) for x in ([links] if isinstance(links, str) else links)]
-                               if isinstance(links, (str, list, tuple)) else links}
-    return out
-
-
 def provider_entry(entry: dict[str, Any], *, source: str | None = None,
                    where: tuple[Any, ...] = ()) -> ProviderEntry:
     """A local entry (store, cpus, mem, qpus), or a cluster entry: `site` (a path, relative to the
@@ -117,7 +93,7 @@ def provider_entry(entry: dict[str, Any], *, source: str | None = None,
         data = read_config_file(path)
         site_source, base = str(path), ()
         if entry and not data.get("host"):  # inline keys: the file's relative paths stay the file's
-            data = _paths_beside(data, path)
+            data = paths_beside(data, str(path.parent.resolve()))
     overrides = {k: entry.pop(k) for k in list(entry) if k in CONNECTION_KEYS}
     data.update(entry)  # inline site keys win over the file's
     data.update(overrides)

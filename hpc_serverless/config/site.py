@@ -20,10 +20,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from hpc_serverless.config.files import key_line, read_config_file
 from hpc_serverless.core.errors import ConfigError, TargetError
-from hpc_serverless.core.qpus import NAME_RE, PBS_COUNTERS, SLURM_COUNTERS, QpuDevice, QpuSection
+from hpc_serverless.core.qpus import (
+    LOCAL_COUNTER,
+    NAME_RE,
+    PBS_COUNTERS,
+    SLURM_COUNTERS,
+    QpuDevice,
+    QpuSection,
+)
 from hpc_serverless.core.target import PBS_REQUEUE_UNSUPPORTED, Target
 
-__all__ = ["Site", "MpiLauncher", "PilotSettings", "EnvironmentSettings", "QpuSettings", "QpusSettings", "load_site", "site_from_mapping", "expand", "on_cluster",
+__all__ = ["Site", "MpiLauncher", "PilotSettings", "EnvironmentSettings", "QpuSettings", "QpusSettings", "load_site",
+           "site_from_mapping", "paths_beside", "expand", "on_cluster",
            "shell_word", "CLUSTER_SIDE_KEYS"]
 
 #: keys of a site that name things on the cluster: over SSH they expand there, not here
@@ -163,10 +171,10 @@ class QpuSettings(_Frozen):
 
 class QpusSettings(_Frozen):
     """A site's `qpus:` section: how its scheduler counts QPUs (``counted_by``: ``gres``,
-    ``licenses`` or ``spank`` on Slurm; ``resource`` or ``qrmi`` on PBS) and the QPUs, by
-    the name tasks ask for (``devices``)."""
+    ``licenses`` or ``spank`` on Slurm; ``resource`` or ``qrmi`` on PBS; ``slots``: the
+    local provider's own count) and the QPUs, by the name tasks ask for (``devices``)."""
 
-    counted_by: Literal["gres", "licenses", "spank", "resource", "qrmi"]
+    counted_by: Literal["gres", "licenses", "spank", "resource", "qrmi", "slots"]
     devices: Mapping[str, QpuSettings]
 
     @field_validator("devices", mode="before")
@@ -186,13 +194,14 @@ class QpusSettings(_Frozen):
             for name, d in self.devices.items()))
 
 
-def qpu_problem(settings: QpusSettings, scheduler: str, flavor: str) -> tuple[tuple[str, ...], str] | None:
+def qpu_problem(settings: QpusSettings, scheduler: str, flavor: str = "") -> tuple[tuple[str, ...], str] | None:
     """(key path, sentence) of what in a valid-looking `qpus:` section cannot work on
-    this scheduler or with its devices' types, else None."""
+    this scheduler (`slurm`, `pbs`, or `local` for the local provider) or with its
+    devices' types, else None."""
     if scheduler == "pbs" and flavor != "pbspro":
         return (("counted_by",), f"QPUs need PBS Pro's custom resources (or its QRMI hook); this site's "
                 f"pbs_flavor is {flavor!r}, which has neither")
-    allowed = SLURM_COUNTERS if scheduler == "slurm" else PBS_COUNTERS
+    allowed = {"slurm": SLURM_COUNTERS, "pbs": PBS_COUNTERS}.get(scheduler, (LOCAL_COUNTER,))
     if settings.counted_by not in allowed:
         return (("counted_by",), f"a {scheduler} site counts QPUs by one of {', '.join(allowed)}, "
                 f"not {settings.counted_by!r}")
@@ -375,6 +384,28 @@ def _valid_keys(model: type[BaseModel]) -> list[str]:
     return [k for k in model.model_fields if k != "source"]
 
 
+def paths_beside(raw: Mapping[str, Any], directory: str) -> dict[str, Any]:
+    """A site mapping with its relative `commands_dir` and `environments.find_links` made
+    absolute in `directory` (the site file's): they name things beside the file. A site
+    with a host keeps them (they are the cluster's paths, read there)."""
+    out = dict(raw)
+    if out.get("host"):
+        return out
+
+    def beside(value: Any) -> Any:
+        if isinstance(value, str) and value.strip() and "://" not in value and not os.path.isabs(expand(value)):
+            return os.path.join(directory, value)
+        return value
+
+    if "commands_dir" in out:
+        out["commands_dir"] = beside(out["commands_dir"])
+    envs = out.get("environments")
+    if isinstance(envs, Mapping) and isinstance(envs.get("find_links"), (str, list, tuple)):
+        links = envs["find_links"]
+        out["environments"] = {**envs, "find_links": [beside(x) for x in ([links] if isinstance(links, str) else links)]}
+    return out
+
+
 def site_from_mapping(data: Mapping[str, Any], *, source: str | None = None,
                       base: tuple[Any, ...] = (), name: str | None = None) -> Site:
     """Validate a mapping as a Site; errors name the file, the key and the line."""
@@ -384,9 +415,8 @@ def site_from_mapping(data: Mapping[str, Any], *, source: str | None = None,
     if source and "name" not in raw:
         raw["name"] = Path(source).stem
     raw["source"] = source
-    cdir = raw.get("commands_dir")
-    if isinstance(cdir, str) and source and not raw.get("host") and not os.path.isabs(expand(cdir)):
-        raw["commands_dir"] = os.path.join(os.path.dirname(os.path.abspath(source)), cdir)  # beside the file
+    if source:
+        raw = paths_beside(raw, os.path.dirname(os.path.abspath(source)))
     bad = _control_character(raw)
     if bad is not None:
         keys, char = bad
@@ -421,13 +451,6 @@ def site_from_mapping(data: Mapping[str, Any], *, source: str | None = None,
         if err["type"] == "missing":
             full = base
         raise ConfigError(msg, file=source, key=key, line=key_line(source, full)) from None
-    env_settings = site.environments
-    if source and not site.remote and env_settings.find_links:
-        # relative find_links are beside the site file (like commands_dir)
-        links = tuple(link if "://" in link or os.path.isabs(expand(link))
-                      else os.path.join(os.path.dirname(os.path.abspath(source)), link)
-                      for link in env_settings.find_links)
-        site = site.model_copy(update={"environments": env_settings.model_copy(update={"find_links": links})})
     if site.qpus is not None:
         problem = qpu_problem(site.qpus, site.scheduler, site.pbs_flavor)
         if problem is not None:

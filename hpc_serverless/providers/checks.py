@@ -64,8 +64,6 @@ def qpu_checks(provider: BatchProvider) -> list[str]:
     """Does the scheduler know the QPUs the site file names, the way it says they are
     counted? (A gres or license missing would leave QPU tasks pending forever.)"""
     from hpc_serverless.adapters.schedulers.qpu_requests import SLURM_QPU_CHECKS, missing_on_slurm
-    from hpc_serverless.core.qpus import qpu_ask
-
     site = provider.site
     section = site.qpu_section
     if section is None:
@@ -78,9 +76,7 @@ def qpu_checks(provider: BatchProvider) -> list[str]:
     result = provider.transport.run(argv, timeout=60)
     if not result.ok:
         raise HPCServerlessError(f"site '{site.name}': {result.describe()}")
-    ask = qpu_ask(section.names, section, f"site '{site.name}'")
-    assert ask is not None
-    missing = missing_on_slurm(ask, result.stdout)
+    missing = missing_on_slurm(section, result.stdout)
     if missing:
         how = {"gres": "no node has the gres qpu:{r} (GresTypes=qpu, gres.conf)",
                "licenses": "Slurm has no license {r} (Licenses= in slurm.conf)",

@@ -114,20 +114,20 @@ def local_qpus(qpus: Mapping[str, Mapping[str, Any]] | None) -> QpuSection:
     """The local provider's QPUs, checked like a site file's (default: one Aer simulator)."""
     from pydantic import ValidationError
 
-    from hpc_serverless.config.site import QpusSettings
+    from hpc_serverless.config.site import QpusSettings, qpu_problem
 
     devices = {"aer": {"type": "aer"}} if qpus is None else qpus
     try:
-        section = QpusSettings(counted_by="resource", devices=devices).section()  # type: ignore[arg-type]
+        settings = QpusSettings(counted_by=LOCAL_COUNTER, devices=devices)  # type: ignore[arg-type]
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(map(str, err["loc"]))
-        raise ConfigError(f"local provider's qpus: {where}: {err['msg'].removeprefix('Value error, ')}") from None
-    for d in section.devices:
-        if d.type == "qrmi":
-            raise ConfigError(f"local provider's qpus: {d.name}: a 'qrmi' QPU is acquired by IBM's scheduler "
-                              "plugin on a cluster; the local provider cannot acquire it")
-    return QpuSection(LOCAL_COUNTER, section.devices)
+        where, why = ".".join(map(str, err["loc"])), err["msg"].removeprefix("Value error, ")
+    else:
+        problem = qpu_problem(settings, "local")
+        if problem is None:
+            return settings.section()
+        where, why = ".".join(problem[0]), problem[1]
+    raise ConfigError(f"local provider's qpus: {where}: {why}")
 
 
 class LocalProvider(Provider):

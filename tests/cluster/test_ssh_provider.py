@@ -235,5 +235,6 @@ def test_qpu_tasks_from_outside(remote_config):
         with pytest.raises(TargetError, match="has no QPU 'ibm_fez'; its QPUs are: aer, fake"):
             distribute_task(target={"qpu": "ibm_fez"})(lambda: 1)()
         name, qubits = get(qpu_name_and_qubits(), timeout=180)
-    assert (name, qubits) in {("aer", qubits), ("fake", 5)} and qubits >= 5
+    # the simulator has many qubits, the fake device five
+    assert (name == "aer" and qubits > 5) or (name, qubits) == ("fake", 5), (name, qubits)
     s.provider("remote").close()

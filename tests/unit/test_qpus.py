@@ -142,8 +142,8 @@ def test_slurm_gres_licenses_and_spank_requests():
     assert _opts(["aer", "fake"], "gres")["gres"] == "qpu:aer:1,qpu:fake:1"
     assert _opts("aer", "gres", ["--gres=gpu:1"])["gres"] == "gpu:1,qpu:aer:1"  # one option, both lists
     assert _opts("fake", "licenses")["licenses"] == "fake:1"
-    assert _opts(["aer", "fake"], "spank") | {} == {**_opts(["aer", "fake"], "spank"),
-                                                    "qpu": "aer,fake", "gres": "qpu:2"}
+    spank = _opts(["aer", "fake"], "spank")
+    assert (spank["qpu"], spank["gres"]) == ("aer,fake", "qpu:2")
     for how in ("licenses", "spank"):
         with pytest.raises(ResourceError, match="cannot leave the choice to the scheduler; name the QPU"):
             _opts(1, how)
@@ -261,7 +261,9 @@ def test_qpu_and_qpus_from_the_grant(in_job):
     assert [q.name for q in qpus()] == ["aer", "fake"]
     with pytest.raises(QPUError, match=r"holds 2 QPUs \(aer, fake\); .* use qpus\(\)"):
         qpu()
-    in_job(_ask(1, "gres"), **{GRANTED_ENV: ""})
+    # the local pool's grant: the one it chose of the two
+    in_job(QpuAsk(1, ("aer", "fake"), "slots", TWO.devices), **{GRANTED_ENV: "fake"})
+    assert qpu().name == "fake"
     in_job(_ask(["aer"], "spank"), QRMI_JOB_QPU_RESOURCES="", QRMI_PLUGIN_ERROR="acquisition failed: busy")
     with pytest.raises(QPUError, match="it says: acquisition failed: busy"):
         qpus()
@@ -372,13 +374,11 @@ def test_local_qpu_errors(local_qpus, tmp_path):
 def test_sites_check_finds_qpus_the_scheduler_does_not_know():
     from hpc_serverless.adapters.schedulers.qpu_requests import missing_on_slurm
 
-    everything = qpu_ask(["aer", "fake"], TWO, "x")
-    assert everything is not None
-    assert missing_on_slurm(everything, "qpu:aer:1,qpu:fake:1\n(null)\n") == []
-    assert missing_on_slurm(everything, "gpu:a100:4,qpu:aer:1\n") == ["fake"]
-    lic = QpuAsk(2, ("aer", "fake"), "licenses", TWO.devices)
+    assert missing_on_slurm(TWO, "qpu:aer:1,qpu:fake:1\n(null)\n") == []
+    assert missing_on_slurm(TWO, "gpu:a100:4,qpu:aer:1\n") == ["fake"]
+    lic = QpuSection("licenses", TWO.devices)
     assert missing_on_slurm(lic, "LicenseName=aer Total=1 Used=0\n") == ["fake"]
-    spank = QpuAsk(2, ("aer", "fake"), "spank", TWO.devices)
+    spank = QpuSection("spank", TWO.devices)
     assert missing_on_slurm(spank, "Usage: sbatch [OPTIONS...] executable\n") == ["aer", "fake"]
     assert missing_on_slurm(spank, "      --qpu=names   Comma separated list of QPU resources to use.\n") == []
 

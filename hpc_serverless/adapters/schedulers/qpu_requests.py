@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from hpc_serverless.core.errors import ResourceError
-from hpc_serverless.core.qpus import PBS_QRMI_RESOURCE, QpuAsk
+from hpc_serverless.core.qpus import PBS_QRMI_RESOURCE, QpuAsk, QpuSection
 
 __all__ = ["sbatch_qpu_options", "merge_option", "pbs_qpu_resources", "SLURM_QPU_CHECKS", "missing_on_slurm"]
 
@@ -69,14 +69,14 @@ SLURM_QPU_CHECKS = {"gres": ["sinfo", "-h", "-o", "%G"], "licenses": ["scontrol"
                     "spank": ["sbatch", "--help"]}
 
 
-def missing_on_slurm(ask_all: QpuAsk, answer: str) -> list[str]:
+def missing_on_slurm(section: QpuSection, answer: str) -> list[str]:
     """The site's QPUs (resource names) that Slurm's answer to SLURM_QPU_CHECKS does not
     know: no node has the typed gres `qpu:<name>`, no license of that name, or (spank) an
     sbatch without IBM's `--qpu` option (then all of them)."""
-    resources = [d.scheduler_name for d in ask_all.devices]
-    if ask_all.counted_by == "gres":
+    resources = [d.scheduler_name for d in section.devices]
+    if section.counted_by == "gres":
         have = {m.group(1) for m in re.finditer(r"\bqpu:([A-Za-z0-9_]+)", answer)}
-    elif ask_all.counted_by == "licenses":
+    elif section.counted_by == "licenses":
         have = set(re.findall(r"LicenseName=([^\s@]+)", answer))
     else:
         have = set(resources) if "--qpu" in answer else set()
