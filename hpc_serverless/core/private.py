@@ -250,8 +250,3 @@ class CheckedDirs:
         check_chain(*key)
         with self._lock:
             self._until[key] = now + self.ttl
-
-    def forget(self) -> None:
-        """Check everything again at the next use."""
-        with self._lock:
-            self._until.clear()

@@ -54,9 +54,10 @@ from hpc_serverless.core.errors import (
     ObjectNotFoundError,
     SerializationError,
     StoreError,
+    UnsafeStoreError,
 )
 from hpc_serverless.core.fs import LOCAL
-from hpc_serverless.core.private import CheckedDirs, check_chain, make_private, open_private
+from hpc_serverless.core.private import CheckedDirs, check_chain, check_file, make_private
 from hpc_serverless.core.serialization import dumps_oob, loads
 
 __all__ = ["ObjectStore", "new_object_id"]
@@ -142,18 +143,6 @@ class ObjectStore:
         we do not own. Re-checked after CHECK_TTL_S, so a long-lived process sees a root
         swapped for a symlink, or a directory opened to the group, within that time."""
         self._checked.check(self.root, directory)
-
-    def check_object(self, key: str) -> None:
-        """Refuse the object under `key` before it is loaded to be run (a task's call, its
-        function): its chain checked now, not from the cache, and the file itself a regular
-        file of ours that others cannot write, opened without following a link."""
-        path = self.path_of(key)
-        check_chain(self.root, path.parent)
-        open_private(str(path)).close()
-
-    def recheck(self) -> None:
-        """Trust no earlier check: the next load or write checks its chain again."""
-        self._checked.forget()
 
     # -- write ------------------------------------------------------------------------
     def put(self, obj: Any, key: str, *, what: str = "object", overwrite: bool = False,
@@ -264,9 +253,12 @@ class ObjectStore:
         except (ValueError, OSError) as exc:
             raise CorruptObjectError(f"{path} has a damaged header: {exc}") from None
 
-    def get(self, key: str) -> Any:
-        """Load the object under `key`, checking size and checksum first."""
-        data, buffers, header = self.read_parts(key)
+    def get(self, key: str, *, to_run: bool = False) -> Any:
+        """Load the object under `key`, checking size and checksum first. `to_run`: an object
+        this process will run (a task's call, its function, its upstream values): its chain is
+        checked now, not from the cache, and the very file read must be a regular file of ours
+        that others cannot write."""
+        data, buffers, header = self.read_parts(key, to_run=to_run)
         try:
             return loads(data, buffers=buffers)
         except SerializationError as exc:
@@ -276,7 +268,7 @@ class ObjectStore:
                 f"{header.get('host', '?')}, read by Python {sys.version.split()[0]}): "
                 f"{exc.__cause__ or exc}") from exc
 
-    def read_parts(self, key: str) -> tuple[Any, list[Any], dict[str, Any]]:
+    def read_parts(self, key: str, *, to_run: bool = False) -> tuple[Any, list[Any], dict[str, Any]]:
         path = self.path_of(key)
         try:
             f = self.fs.open_read(str(path))
@@ -285,9 +277,16 @@ class ObjectStore:
                 f"object {key} is not in the store at {self.root} (deleted, never written, "
                 "or the store is not the one it was written to)") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # (opened without following links: we wrote no link)
+                raise UnsafeStoreError(f"{path} is a symbolic link (to {os.readlink(path)!r}); refusing to "
+                                       "load it. Fix: remove the link") from None
             raise StoreError(f"cannot read {path}: {exc}") from exc
         with f:
-            self._check_dir(path.parent)
+            if to_run:
+                check_chain(self.root, path.parent)
+                check_file(str(path), os.fstat(f.fileno()))
+            else:
+                self._check_dir(path.parent)
             size = self.fs.stat(str(path)).size
             head = f.read(16)
             fmt = _FORMATS.get(head[:8]) if len(head) == 16 else None

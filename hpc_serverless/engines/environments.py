@@ -161,7 +161,9 @@ class Environments:
         """Refuse an environment others could have changed (UnsafeStoreError): the chain from
         the storage to `envs/` and the build directory its link names, re-checked each second."""
         self._checked.check(os.path.dirname(self.root), self.root)
-        self._checked.check(self.root, os.path.realpath(link))
+        # (the link's own target, a name beside it: realpath would also resolve a symlinked
+        # storage above, e.g. $SCRATCH, and the build directory would seem to be outside it)
+        self._checked.check(self.root, os.path.join(self.root, os.readlink(link)))
 
     def _touch(self, key: str, *, force: bool = False) -> None:
         """Mark use (at most once a minute per process): gc takes environments unused for long."""

@@ -71,7 +71,8 @@ class RemoteStore(ObjectStore):
         return int(self._agent.call("write_parts", key, [pickle.PickleBuffer(p) for p in parts],
                                     overwrite, type_name, meta, durable))
 
-    def read_parts(self, key: str) -> tuple[Any, list[Any], dict[str, Any]]:
+    def read_parts(self, key: str, *, to_run: bool = False) -> tuple[Any, list[Any], dict[str, Any]]:
+        # (to_run is for a job's worker, which reads its own store on the cluster, never this)
         self.path_of(key)
         data, buffers, header = self._agent.call("read_parts", key)
         return data, list(buffers), header

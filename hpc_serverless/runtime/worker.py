@@ -122,8 +122,7 @@ def _load_call(store: ObjectStore, spec: dict[str, Any]) -> tuple[Any, dict[str,
 def _checked_get(store: ObjectStore, key: str) -> Any:
     """An object this worker runs (its call, function, upstream values): checked now, not
     from a cache (a long-lived process too), symlink-safe, then loaded."""
-    store.check_object(key)
-    return store.get(key)
+    return store.get(key, to_run=True)
 
 
 def _load_spec(store: ObjectStore, task_id: str, started: float) -> dict[str, Any]:

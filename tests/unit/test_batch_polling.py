@@ -244,4 +244,10 @@ def test_a_blocked_get_keeps_polls_at_poll_interval(fake):
         assert provider.backend._interval > 1.0  # backed off: nothing changed for 3 s
         t0 = time.monotonic()
         assert get(ref, timeout=20) == "woke"
-        assert time.monotonic() - t0 < 3.0  # the task ends ~1 s after get began; a poll follows
+        t_end = time.monotonic()
+        assert t_end - t0 < 3.0  # the task ends ~1 s after get began; a poll follows
+    # while get waited, polls came at poll_interval (0.2 s; 1 s allows a busy machine), not at
+    # the backed-off interval (> 1 s, checked above)
+    marks = [t0, *(t for t in sched.poll_times if t0 <= t <= t_end)]
+    gaps = [b - a for a, b in zip(marks, marks[1:])]
+    assert len(gaps) >= 2 and max(gaps) < 1.0, gaps

@@ -129,6 +129,16 @@ def test_built_once_then_reused_and_sees_the_site_pythons_packages(tmp_path, whe
         os.path.join(again.path, "install.log")).read()
 
 
+def test_reused_through_a_storage_path_that_is_a_symlink(tmp_path, wheels):
+    """$SCRATCH is often a link to the real filesystem: an environment built under it is
+    reused under it (its check must not resolve the storage's own link)."""
+    (tmp_path / "real").mkdir(mode=0o700)
+    os.symlink(tmp_path / "real", tmp_path / "scratch")
+    first = _envs(tmp_path / "scratch" / "envs", wheels).ensure(["hpcs-tiny==1.0"])
+    again = _envs(tmp_path / "scratch" / "envs", wheels).ensure(["hpcs-tiny==1.0"])
+    assert again.key == first.key and again.built_s is None
+
+
 def test_environments_are_private_under_a_group_umask_and_a_changed_one_is_refused(tmp_path, wheels):
     """Every job of the user runs an environment's python: under a setgid group directory
     and umask 002 nothing in it is writable by others, and an environment someone opened to
