@@ -17,7 +17,6 @@ from hpc_serverless.core.errors import EnvironmentBuildError, HPCServerlessError
 from hpc_serverless.core.jobs import ENVIRONMENT_NOTE_ENV, JOB_DIR_ENV, Job, Program, new_job_id
 from hpc_serverless.core.launch import module_argv
 from hpc_serverless.core.private import check_chain, open_private
-from hpc_serverless.core.qpus import plan_env
 from hpc_serverless.core.refs import TaskStatus
 from hpc_serverless.core.requirements import normalize_requirements
 from hpc_serverless.core.store import ObjectStore
@@ -51,12 +50,13 @@ class ProgramSite(Protocol):
 
     def effective_target(self, target: Target) -> Target: ...
 
-    def check_target(self, target: Target) -> None: ...
+    def check_resources(self, target: Target) -> Target: ...
+
+    def qpu_env(self, target: Target) -> dict[str, str]: ...
 
 
 #: submissions of one program: the first and up to three retries (after 1, 2, 4 s)
 SUBMIT_ATTEMPTS = 4
-log = logging.getLogger("hpc_serverless")
 
 #: scheduler states that say why a job's program was killed better than "signal 15" does
 _SCHEDULER_KNOWS_BETTER = frozenset({"TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "DEADLINE",
@@ -93,7 +93,7 @@ class BatchJobs:
         target = provider.effective_target(program.resources)
         job_dir = self.dirs.path(job_id)
         env = {**dict(program.env_vars or {}), **dict(target.env),
-               **plan_env(target.qpu, provider.site.qpu_section, f"site '{provider.site.name}'"), JOB_DIR_ENV: job_dir,
+               **provider.qpu_env(target), JOB_DIR_ENV: job_dir,
                "HPC_SERVERLESS_STORE": str(provider.store.root), "PYTHONUNBUFFERED": "1"}
         if environment is not None:
             env[ENVIRONMENT_NOTE_ENV] = environment.note()
@@ -110,14 +110,13 @@ class BatchJobs:
         if not isinstance(program, Program):
             raise ProgramError(f"run_program() takes a Program, not {type(program).__name__}")
         wd = program.check()  # before anything is written or submitted
-        self.provider.check_target(program.resources)
+        target = self.provider.check_resources(program.resources)
         # built (or found) before anything is staged or queued: a requirement that cannot
         # be installed fails here, in the installer's words
         job_id = new_job_id(name or self.provider.name)
         try:
             # its dependencies, its target's pip, else a pip the site's defaults give every job
-            reqs = normalize_requirements([*program.requirements,
-                                           *self.provider.effective_target(program.resources).pip])
+            reqs = normalize_requirements([*program.requirements, *target.pip])
             environment = self.provider.environments.ensure(reqs) if reqs else None
         except EnvironmentBuildError as exc:
             raise self.dirs.refuse_environment(exc, job_id, new_record(

@@ -133,10 +133,16 @@ class BatchProvider(Provider):
     def effective_target(self, target: Target) -> Target:
         return target.merged_over(self.site.defaults)
 
-    def check_target(self, target: Target) -> None:
+    def check_resources(self, target: Target) -> Target:
+        """What the site can never give `target` (its QPUs, partitions, sizes), refused now;
+        the target with the site's defaults. (Programs build their environment themselves.)"""
         effective = self.effective_target(target)
         self.qpu_env(effective)  # an unknown QPU: named with the site's QPUs
         self.scheduler.check_target(effective)
+        return effective
+
+    def check_target(self, target: Target) -> None:
+        effective = self.check_resources(target)
         if effective.pip:
             # before the call is queued: a requirement that cannot be installed fails the call
             env = self.environments.ensure(effective.pip)

@@ -384,7 +384,12 @@ def test_site_default_pip_puts_every_program_job_in_its_environment(tmp_path, wh
     script = (tmp_path / "storage" / "programs" / job.job_id / "job.sh").read_text()
     key = provider.environments.key(("hpcs-tiny==1.0",))
     assert f"{tmp_path}/storage/envs/{key}/bin/python" in script
-    # (built by the site-defaults check of run_program, so the job's line says reused)
-    assert f"HPC_SERVERLESS_ENVIRONMENT='environment {key}: reused (hpcs-tiny==1.0)'" in script
+    # built once, by run_program for this job (not first for the target's pip alone)
+    assert f"HPC_SERVERLESS_ENVIRONMENT='environment {key}: built in " in script
     assert [c[0] for c in calls].count("sbatch") == 1
+    # a program with dependencies on that site: one environment for the whole set (and the first one)
+    job = provider.run_program(Program("p", "main.py", working_dir=str(wd), dependencies=["hpcs-other==2.0"]))
+    both = provider.environments.key(("hpcs-other==2.0", "hpcs-tiny==1.0"))
+    assert both in (tmp_path / "storage" / "programs" / job.job_id / "job.sh").read_text()
+    assert sorted(p.name for p in (tmp_path / "storage" / "envs").iterdir() if p.is_symlink()) == sorted([key, both])
     provider.backend.close()
