@@ -324,6 +324,13 @@ def test_local_task_with_pip_runs_in_workers_of_its_environment(tmp_path, wheels
         import hpcs_tiny  # noqa: F401
 
     @distribute_task
+    def main_pool_import():
+        import hpcs_tiny  # noqa: F401
+
+    with pytest.raises(ModuleNotFoundError):
+        get(main_pool_import(), timeout=60)
+
+    @distribute_task
     def plus(v, k):
         return v[0] + k
 

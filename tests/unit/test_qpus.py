@@ -357,6 +357,8 @@ def test_local_tasks_hold_each_qpu_one_at_a_time(local_qpus):
     # any one: both QPUs in use at once, never one twice
     two = get([_any(0.5) for _ in range(2)])
     assert sorted(h[0] for h in two) == ["aer", "fake"]
+    (_, s0, e0), (_, s1, e1) = two
+    assert s0 < e1 and s1 < e0, two  # at the same time
 
 
 def test_local_qpu_errors(local_qpus, tmp_path):

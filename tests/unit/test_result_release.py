@@ -108,12 +108,14 @@ def test_results_whose_refs_went_before_they_finished_leave_the_pool():
     tasks are queued or running) must not stay in the pool."""
     pool = shared_pool()
     before = _tracked(pool)
-    for i in range(300):
-        make(100_000, i)                   # the TaskRef is dropped at once
+    ids = [make(100_000, i).task_id for i in range(300)]  # each TaskRef is dropped at once
     gc.collect()
     _settle(pool)
     after = _tracked(pool)
     assert after <= before, f"{after - before} dropped tasks still held by the pool ({before} -> {after})"
+    # (counted by task id too: other tests' tasks leaving meanwhile cannot hide ours)
+    held = [i for i in ids if i in pool._tasks]
+    assert not held, f"{len(held)} dropped tasks still held by the pool"
 
 
 def test_results_leave_the_pool_when_their_refs_go_and_not_before():

@@ -108,6 +108,7 @@ def test_when_the_lookup_fails_too_the_submission_is_not_retried(tmp_path):
     with pytest.raises(SchedulerError, match="the job may exist.*not submitting it again") as info:
         sched.submit(_tasks(1), Target(), [])
     assert not info.value.transient
+    assert len(c.jobs) == 1 and c.squeues == 1  # made once, asked about once, not submitted again
 
 
 def test_a_refusal_asks_nothing(tmp_path):
@@ -180,9 +181,11 @@ TORQUE_QSTAT = """Job Id:\t{id}
 @pytest.mark.parametrize("flavor", ["torque", "pbspro"])
 def test_pbs_finds_a_timed_out_qsub_by_its_job_name(tmp_path, flavor):
     jobs: dict[str, str] = {}
+    qsubs: list[list[str]] = []
 
     def server(argv, inp):
         if argv[0] == "qsub":
+            qsubs.append(list(argv))
             jobs["55"] = argv[argv.index("-N") + 1]
             return 1, "", "qsub: Request timed out"
         if argv[:2] == ("qstat", "-f"):
@@ -197,6 +200,7 @@ def test_pbs_finds_a_timed_out_qsub_by_its_job_name(tmp_path, flavor):
     sched = PBSScheduler(site, MockTransport(server), str(tmp_path / "store"))
     sched.settle_s = 0
     assert sched.submit(_tasks(2), Target(), []) == ["55_0", "55_1"]
+    assert len(qsubs) == 1  # found by its name, not submitted again
     name = jobs["55"]
     assert len(name) <= 15 and re.fullmatch(r"hf-[0-9a-f]{8}", name)
 
