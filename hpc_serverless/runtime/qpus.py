@@ -73,7 +73,7 @@ class QPU:
         return _primitive(self, "estimator", options)
 
     # -- credentials ------------------------------------------------------------------------------
-    def token(self) -> str:
+    def _token(self) -> str:
         """The API key of a cloud QPU, from the job's environment (the variable the site names)."""
         var = self.device.token_env or DEFAULT_TOKEN_ENV
         value = os.environ.get(var, "").strip()
@@ -193,7 +193,7 @@ def _fake_backend(qpu: QPU) -> Any:
 
 def _service_backend(qpu: QPU) -> Any:
     runtime = _need("qiskit_ibm_runtime", "ibm", qpu)
-    token = qpu.token()
+    token = qpu._token()
     opts = dict(qpu.device.options)
     service = runtime.QiskitRuntimeService(channel=opts.pop("channel", "ibm_quantum_platform"), token=token,
                                            **opts)
